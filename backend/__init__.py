@@ -1,0 +1,1 @@
+"""Server side: the MQTT writer, the database writer and the energy report."""

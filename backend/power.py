@@ -1,0 +1,34 @@
+"""What power to show right now: honest at low and falling load.
+
+With 1 Wh per pulse a 100 W load pulses every 36 s, so the last measured power
+can be stale for a long time. While a channel is idle, the power cannot be
+higher than one pulse over the time since the last one, ``wh·3600/idle``; we
+show that bound once it is below the measurement, and 0 after a timeout.
+
+Example (1 Wh pulses 1.2 s apart = 3 kW, then silence)::
+
+    >>> s = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[1_200_000_000])
+    >>> displayed_power_w(s, now_ns=1_000_000_000, timeout_s=300)
+    3000.0
+    >>> displayed_power_w(s, now_ns=36_000_000_000, timeout_s=300)
+    100.0
+    >>> displayed_power_w(s, now_ns=300_000_000_000, timeout_s=300)
+    0.0
+"""
+
+from __future__ import annotations
+
+from backend.ledger import NS_PER_S, ChannelState
+
+
+def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> float | None:
+    """Power to publish at ``now_ns`` in W, or None when nothing honest can be said."""
+    if state.last_ts_ns is None:
+        return None
+    idle_ns = now_ns - state.last_ts_ns
+    if idle_ns >= timeout_s * NS_PER_S:
+        return 0.0
+    measured = state.power_w()
+    if measured is None or idle_ns <= 0:
+        return measured
+    return min(measured, state.wh * 3600 * NS_PER_S / idle_ns)

@@ -1,0 +1,55 @@
+"""Composition root of ``emdc writer``: RabbitMQ in, ledger and state file, MQTT out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from backend.amqp_consumer import HEARTBEAT_FILE, BatchConsumer
+from backend.mqtt_publisher import MqttPublisher
+from backend.writer import EnergyWriter
+from common.config import Config
+from common.topology import WRITER_BINDINGS
+
+log = logging.getLogger("emdc.writer")
+
+
+def run_writer(config: Config, stop: threading.Event) -> None:
+    """Run until ``stop`` is set; raises StateError if the saved state is unusable."""
+    mqtt = MqttPublisher(config)
+    writer = EnergyWriter.open(config, sink=mqtt)
+    mqtt.start()
+    consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+                             on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
+    try:
+        consumer.run(stop)
+    finally:
+        mqtt.stop()
+        log.info("writer stopped; state saved in %s", writer.store.path)
+
+
+def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:
+    """What the writer does between batches: re-publish after an MQTT reconnect, let idle power decay."""
+    next_refresh = time.monotonic() + refresh_s
+
+    def on_idle() -> None:
+        nonlocal next_refresh
+        if mqtt is not None and mqtt.republish_requested.is_set():
+            mqtt.republish_requested.clear()
+            writer.publish_all()
+        elif time.monotonic() >= next_refresh:
+            next_refresh = time.monotonic() + refresh_s
+            writer.refresh_power()
+
+    return on_idle
+
+
+def heartbeat_age_s(config: Config) -> float | None:
+    """Seconds since the running writer last showed life, or None if it never did."""
+    try:
+        return time.time() - (Path(config.state_dir) / HEARTBEAT_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return None

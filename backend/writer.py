@@ -1,0 +1,137 @@
+"""The MQTT writer's service logic, independent of any broker.
+
+A transport (RabbitMQ in production, an in-process queue in ``emdc simulate``)
+hands :class:`EnergyWriter` batches of deliveries. For each batch it counts the
+valid pulses in the :class:`~backend.ledger.Ledger`, persists the ledger once,
+publishes the changed values once, and tells the transport which deliveries to
+dead-letter. Only then may the transport acknowledge the batch: a crash at any
+point redelivers messages that the ledger recognises as already counted.
+
+Example::
+
+    writer = EnergyWriter.open(config, sink=MemorySink())
+    dead = writer.handle_batch([Delivery(1, "pulse.main.active", body)])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from backend.ledger import Implausible, Ledger
+from backend.power import displayed_power_w
+from backend.state_store import StateStore
+from backend.topics import format_kw, format_kwh, state_topic
+from common.config import Config
+from common.message import MessageError, decode, decode_control
+
+log = logging.getLogger("emdc.writer")
+
+
+class Sink(Protocol):
+    """Where values go: an MQTT client, or memory in a simulation."""
+
+    def publish(self, topic: str, payload: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    tag: int
+    routing_key: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    delivery: Delivery
+    reason: str
+
+
+class EnergyWriter:
+    """Counts pulses into a persisted ledger and publishes the current values."""
+
+    def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
+                 power_timeout_s: float, clock: Callable[[], int] = time.time_ns) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.sink = sink
+        self.topic_prefix = topic_prefix
+        self.power_timeout_s = power_timeout_s
+        self.clock = clock
+        self._published: dict[str, str] = {}
+
+    @classmethod
+    def open(cls, config: Config, sink: Sink, clock: Callable[[], int] = time.time_ns) -> EnergyWriter:
+        """Load the persisted state (raising StateError if it is unusable) and build a writer."""
+        store = StateStore(Path(config.state_dir))
+        doc = store.load()
+        if doc is None:
+            ledger = Ledger(config.max_power_w, config.power_smoothing_pulses)
+            log.info("no saved state in %s: starting a new ledger", store.path)
+        else:
+            ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses)
+            for (meter, channel), state in ledger:
+                log.info("loaded %s/%s total %s k(W|var)h from %s", meter, channel,
+                         format_kwh(state.total_uwh), store.path)
+        return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock)
+
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
+        """Apply a batch, persist and publish; return the deliveries to dead-letter."""
+        dead: list[DeadLetter] = []
+        touched: set[tuple[str, str]] = set()
+        dirty = False
+        for delivery in deliveries:
+            try:
+                if delivery.routing_key.startswith("control."):
+                    touched.add(self._apply_control(delivery.body))
+                    dirty = True
+                    continue
+                pulse = decode(delivery.body)
+                if self.ledger.apply(pulse):
+                    touched.add((pulse.meter, pulse.channel))
+                    dirty = True
+            except (MessageError, Implausible) as exc:
+                log.warning("dead-lettering message %d (%s): %s", delivery.tag, delivery.routing_key, exc)
+                dead.append(DeadLetter(delivery, str(exc)))
+        if dirty:
+            self.store.save(self.ledger.to_json())
+        self._publish(touched, force=False)
+        return dead
+
+    def _apply_control(self, body: bytes) -> tuple[str, str]:
+        command = decode_control(body)
+        old = self.ledger.set_total(command.meter, command.channel, command.total_uwh)
+        log.warning("calibrated %s/%s: total %s -> %s", command.meter, command.channel,
+                    format_kwh(old), format_kwh(command.total_uwh))
+        return command.meter, command.channel
+
+    def refresh_power(self) -> None:
+        """Re-publish power values that changed with time alone (idle decay, timeout)."""
+        self._publish((key for key, _ in self.ledger), force=False, energy=False)
+
+    def publish_all(self) -> None:
+        """Publish every value, e.g. after (re)connecting to MQTT."""
+        self._publish((key for key, _ in self.ledger), force=True)
+
+    def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
+        now = self.clock()
+        for meter, channel in keys:
+            state = self.ledger.channel(meter, channel)
+            values = {}
+            if energy:
+                values[state_topic(self.topic_prefix, meter, channel, "energy")] = format_kwh(state.total_uwh)
+            power = displayed_power_w(state, now, self.power_timeout_s)
+            if power is not None:
+                values[state_topic(self.topic_prefix, meter, channel, "power")] = format_kw(power)
+            for topic, payload in values.items():
+                if force or self._published.get(topic) != payload:
+                    self.sink.publish(topic, payload)
+                    self._published[topic] = payload
+
+    def current_values(self) -> dict[str, str]:
+        """The last value published on each topic."""
+        return dict(self._published)

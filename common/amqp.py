@@ -1,0 +1,33 @@
+"""Connection parameters for RabbitMQ, built from :class:`~common.config.Config`."""
+
+from __future__ import annotations
+
+import ssl
+
+import pika
+
+from common.config import Config, redact_url
+
+HEARTBEAT_S = 30
+# A broker memory/disk alarm blocks publishers; give up on the connection after
+# this long so the reconnect loop (and its log line) takes over.
+BLOCKED_CONNECTION_TIMEOUT_S = 60
+
+
+def connection_parameters(config: Config, name: str) -> pika.URLParameters:
+    """Parameters for ``config.amqp_url``; ``name`` shows in the management UI's connection list."""
+    params = pika.URLParameters(config.amqp_url)
+    params.heartbeat = HEARTBEAT_S
+    params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_S
+    params.connection_attempts = 1
+    params.socket_timeout = 10
+    params.client_properties = {"connection_name": name}
+    if config.amqp_url.startswith("amqps://"):
+        context = ssl.create_default_context(cafile=config.amqp_ca_file or None)
+        params.ssl_options = pika.SSLOptions(context, params.host)
+    return params
+
+
+def describe(config: Config) -> str:
+    """The broker URL without its password, for log lines."""
+    return redact_url(config.amqp_url)

@@ -1,0 +1,323 @@
+"""The ``emdc`` command. Sub-commands import their side lazily: the Pi never
+needs paho-mqtt, the server never needs gpiozero."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common import __version__
+from common.config import Config, ConfigError, load_config
+
+log = logging.getLogger("emdc")
+
+# Settings that may also be given as flags. Secrets are deliberately absent:
+# command lines are visible to every user of the machine (ps, /proc).
+FLAG_SETTINGS = {
+    "state_dir": ("--state-dir", str, "Directory for state files."),
+    "meter_id": ("--meter", str, "Meter id."),
+    "queue": ("--queue", str, "RabbitMQ queue to consume."),
+    "topic_prefix": ("--topic-prefix", str, "MQTT topic prefix."),
+    "mqtt_host": ("--mqtt-host", str, "Mosquitto host."),
+    "mqtt_port": ("--mqtt-port", int, "Mosquitto port."),
+}
+
+
+def setting_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add ``--flag`` options for settings; their values arrive as ``overrides``."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(names):
+            flag, kind, help_text = FLAG_SETTINGS[name]
+            command = click.option(flag, name, type=kind, default=None,
+                                   help=f"{help_text} [env EMDC_{name.upper()}]")(command)
+        return command
+
+    return decorate
+
+
+class Context:
+    def __init__(self, config_path: str | None, log_level: str | None) -> None:
+        self.config_path = config_path
+        self.log_level = log_level
+
+    def config(self, overrides: dict[str, Any]) -> Config:
+        if self.log_level:
+            overrides = {**overrides, "log_level": self.log_level}
+        try:
+            cfg = load_config(self.config_path, overrides=overrides)
+        except ConfigError as exc:
+            raise click.ClickException(f"configuration: {exc}") from None
+        logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        if cfg.log_level.upper() != "DEBUG":
+            logging.getLogger("pika").setLevel(logging.WARNING)
+        return cfg
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so services finish the work in hand and exit 0."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing the work in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", envvar="EMDC_CONFIG", type=click.Path(dir_okay=False),
+              help="TOML configuration file [env EMDC_CONFIG].")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log verbosity [env EMDC_LOG_LEVEL].")
+@click.version_option(__version__, prog_name="emdc")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
+    """EMDC: electricity meter pulses from a Raspberry Pi to RabbitMQ, MQTT and Home Assistant.
+
+    Settings come from defaults, a TOML file, EMDC_* environment variables and
+    flags, later ones winning. `emdc config show` prints the result.
+    """
+    ctx.obj = Context(config_path, log_level)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.pass_obj
+def config_show(obj: Context) -> None:
+    """Print the effective settings (secrets masked) and where each came from."""
+    cfg = obj.config({})
+    for name, value in cfg.redacted().items():
+        source = cfg.sources.get(name, "default")
+        click.echo(f"{name} = {value!r}  # {source}")
+
+
+# -- edge -------------------------------------------------------------------
+
+@main.group()
+def edge() -> None:
+    """The Raspberry Pi side: read pulses and publish them."""
+
+
+@edge.command("run")
+@setting_flags("state_dir", "meter_id")
+@click.pass_obj
+def edge_run(obj: Context, **overrides: Any) -> None:
+    """Read the meter's pulse outputs on GPIO and publish every pulse to RabbitMQ.
+
+    Runs until SIGTERM/SIGINT. Under systemd (Type=notify) it reports READY
+    once the pins and the outbox are open, and feeds the watchdog while its
+    threads are alive.
+    """
+    from edge.service import run_edge
+
+    sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
+
+
+@edge.command("status")
+@setting_flags("state_dir")
+@click.pass_obj
+def edge_status(obj: Context, **overrides: Any) -> None:
+    """Show the pulse counters, the outbox depth and the link to RabbitMQ."""
+    from edge.status import edge_status_lines
+
+    cfg = obj.config(overrides)
+    try:
+        lines = edge_status_lines(Path(cfg.state_dir))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in lines:
+        click.echo(line)
+
+
+def simulation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--power", type=click.FloatRange(min=0, min_open=True),
+                     help="Constant active load in W (default: a household load profile)."),
+        click.option("--reactive-power", type=click.FloatRange(min=0),
+                     help="Constant reactive load in var (enables the reactive channel)."),
+        click.option("--count", type=click.IntRange(min=1), help="Stop after N active pulses."),
+        click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+                     help="Simulated seconds to run (default 3600 unless --count is given)."),
+        click.option("--speed", default=None, help="Time compression factor, or 'max' (as fast as confirmed)."),
+        click.option("--profile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="CSV load profile: seconds,active_w[,reactive_var] per row."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def simulation_plan(*, power: float | None, reactive_power: float | None, count: int | None,
+                    duration: float | None, speed: str | None, profile: Path | None, default_speed: str) -> Any:
+    from edge.simulator import LoadProfile, SimulationPlan
+
+    if profile is not None:
+        try:
+            load = LoadProfile.from_csv(profile)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--profile") from None
+    elif power is not None:
+        load = LoadProfile.constant(power)
+    else:
+        load = LoadProfile.household()
+    if reactive_power is not None:
+        load = load.with_reactive(reactive_power)
+    speed = speed or default_speed
+    try:
+        factor = None if speed == "max" else float(speed)
+    except ValueError:
+        raise click.BadParameter("must be a number or 'max'", param_hint="--speed") from None
+    if factor is not None and factor <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--speed")
+    if count is None and duration is None:
+        duration = 3600.0
+    return SimulationPlan(load, count=count, duration_s=duration, speed=factor)
+
+
+def simulation_config(obj: Context, overrides: dict[str, Any], plan: Any) -> Config:
+    """A load with reactive power needs a reactive input: use mock pin 27 unless one is configured."""
+    cfg = obj.config(overrides)
+    if cfg.reactive_pin < 0 and any(step[2] > 0 for step in plan.profile.steps):
+        cfg = obj.config({**overrides, "reactive_pin": 27})
+    return cfg
+
+
+@edge.command("simulate")
+@simulation_options
+@setting_flags("state_dir", "meter_id")
+@click.pass_obj
+def edge_simulate(obj: Context, power: float | None, reactive_power: float | None, count: int | None,
+                  duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
+    """Publish the pulses of a simulated meter to RabbitMQ, through the real edge code.
+
+    gpiozero mock pins are driven by a load profile with a virtual clock, so
+    timestamps are realistic at any --speed. With --count it exits once all N
+    pulses are confirmed by the broker. Example:
+
+        emdc edge simulate --power 3000 --count 300 --speed max
+    """
+    from edge.simulator import EdgeSimulation
+
+    plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
+                           speed=speed, profile=profile, default_speed="1")
+    cfg = simulation_config(obj, overrides, plan)
+    result = EdgeSimulation(cfg, plan).run(stop_on_signals())
+    click.echo(f"confirmed by the broker; edge counters (epoch {result.epoch}): {result.counters}")
+
+
+# -- backend ----------------------------------------------------------------
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 0 if a running writer showed life recently (health check).")
+@click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
+@setting_flags("state_dir", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
+@click.pass_obj
+def writer(obj: Context, check: bool, max_age: float, **overrides: Any) -> None:
+    """Consume pulses from RabbitMQ, keep exact energy totals, publish them to MQTT.
+
+    State lives in <state dir>/energy_state.json and is saved before each
+    acknowledgement, so restarts never lose or repeat a pulse.
+    """
+    from backend.service import heartbeat_age_s, run_writer
+    from backend.state_store import StateError
+
+    cfg = obj.config(overrides)
+    if check:
+        age = heartbeat_age_s(cfg)
+        if age is None or age > max_age:
+            raise click.ClickException(f"unhealthy: no heartbeat in {cfg.state_dir} for "
+                                       f"{'ever' if age is None else f'{age:.0f} s'}")
+        click.echo(f"healthy: heartbeat {age:.1f} s ago")
+        return
+    try:
+        run_writer(cfg, stop_on_signals())
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def state() -> None:
+    """Inspect or calibrate the writer's saved totals."""
+
+
+@state.command("show")
+@setting_flags("state_dir")
+@click.pass_obj
+def state_show(obj: Context, **overrides: Any) -> None:
+    """Print the persisted total of each meter and channel."""
+    from backend.ledger import Ledger
+    from backend.state_store import StateError, StateStore
+    from backend.topics import format_kwh
+
+    cfg = obj.config(overrides)
+    store = StateStore(Path(cfg.state_dir))
+    try:
+        doc = store.load()
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+    if doc is None:
+        click.echo(f"no state saved in {store.path} yet")
+        return
+    unit = {"active": "kWh", "reactive": "kvarh"}
+    for (meter, channel), st in Ledger.from_json(doc, cfg.max_power_w):
+        click.echo(f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {unit[channel]:<5} "
+                   f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})")
+
+
+@state.command("set-total")
+@click.option("--meter", required=True, help="Meter id, e.g. main.")
+@click.option("--channel", required=True, type=click.Choice(["active", "reactive"]))
+@click.option("--kwh", required=True, type=Decimal, help="The physical meter's reading (kWh or kvarh).")
+@click.pass_obj
+def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> None:
+    """Set a total to the physical meter reading, through the broker.
+
+    The command is queued with the pulses, so the running writer applies it in
+    order, without racing its state file, and logs the old and new value.
+    """
+    from common.control import send_set_total
+    from common.message import MessageError, SetTotal
+
+    cfg = obj.config({})
+    try:
+        send_set_total(cfg, SetTotal(meter, channel, kwh))
+    except MessageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
+
+
+@main.command()
+@simulation_options
+@setting_flags("state_dir", "topic_prefix")
+@click.pass_obj
+def simulate(obj: Context, power: float | None, reactive_power: float | None, count: int | None,
+             duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
+    """Run a simulated meter, the edge and the writer together, and print the final MQTT values.
+
+    Without EMDC_AMQP_URL / EMDC_MQTT_HOST configured, pulses travel through an
+    embedded in-process transport (no broker needed); with them, through the
+    real brokers. By default it simulates an hour of household load in seconds.
+    """
+    from common.simulation import run_simulation
+
+    plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
+                           speed=speed, profile=profile, default_speed="720")
+    cfg = simulation_config(obj, overrides, plan)
+    for topic, value in sorted(run_simulation(cfg, plan, stop_on_signals()).items()):
+        click.echo(f"{topic} = {value}")

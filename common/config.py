@@ -1,0 +1,231 @@
+"""Configuration: the one place settings are defined and loaded.
+
+Precedence, lowest first: built-in defaults, a TOML file (``--config`` or
+``EMDC_CONFIG``), environment variables (``EMDC_<NAME>``), command-line flags.
+Secrets can also be read from a file named by ``EMDC_<NAME>_FILE`` (or the
+TOML key ``<name>_file``), so they never need to appear on a command line.
+
+Example::
+
+    >>> cfg = load_config(env={"EMDC_METER_ID": "garage"}, overrides={"mqtt_port": 8883})
+    >>> cfg.meter_id, cfg.mqtt_port
+    ('garage', 8883)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from common.message import MessageError, validate_meter_id
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it and where it came from."""
+
+
+def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Config:
+    """All EMDC settings. Field ``x`` is TOML key ``x`` and variable ``EMDC_X``."""
+
+    # Brokers
+    amqp_url: str = _setting(DEFAULT_AMQP_URL, "RabbitMQ URL (amqp:// or amqps://); a secret", secret=True)
+    exchange: str = _setting("EMDC", "Topic exchange pulses are published to")
+    queue: str = _setting("queue_mqtt_writer", "Queue the MQTT writer consumes")
+    db_queue: str = _setting("queue_db_writer", "Queue the database writer consumes")
+    declare_topology: bool = _setting(True, "Declare exchange/queues at start (false if a definitions file does)")
+    amqp_ca_file: str = _setting("", "CA bundle for amqps:// (empty: system CAs)")
+    mqtt_host: str = _setting("localhost", "Mosquitto host")
+    mqtt_port: int = _setting(1883, "Mosquitto port (8883 is usual with TLS)")
+    mqtt_username: str = _setting("", "MQTT user name (empty: anonymous)")
+    mqtt_password: str = _setting("", "MQTT password; a secret", secret=True)
+    mqtt_keepalive: int = _setting(60, "MQTT keepalive in seconds (the last will fires after 1.5x this)")
+    mqtt_tls: bool = _setting(False, "Use TLS to Mosquitto")
+    mqtt_ca_file: str = _setting("", "CA bundle for MQTT TLS (empty: system CAs)")
+    mqtt_cert_file: str = _setting("", "Client certificate for MQTT TLS (optional)")
+    mqtt_key_file: str = _setting("", "Client key for MQTT TLS (optional)")
+    # Identity and storage
+    meter_id: str = _setting("main", "Meter id: routing key pulse.<meter>.<channel>, topic sub-level")
+    state_dir: str = _setting("./state", "Directory for energy_state.json (writer) or edge.sqlite3 (edge)")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    # Writer
+    topic_prefix: str = _setting("home/energy", "MQTT topic prefix; other meters get <prefix>/<meter>/...")
+    batch_size: int = _setting(500, "Writer prefetch and largest batch per state write")
+    max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
+    power_refresh_s: float = _setting(10.0, "How often an idle channel's power bound is re-published")
+    power_timeout_s: float = _setting(300.0, "With no pulse for this long, power is published as 0")
+    power_smoothing_pulses: int = _setting(1, "Average power over the last N pulse intervals (1: off)")
+    discovery: str = _setting("device", "Home Assistant discovery: device, entity or off")
+    discovery_prefix: str = _setting("homeassistant", "Home Assistant discovery prefix")
+    ha_status_topic: str = _setting("homeassistant/status", "Home Assistant birth/will topic")
+    ha_legacy_units: bool = _setting(False, "Reactive sensors without device class, in varh/var (HA < 2025.6)")
+    db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
+                           secret=True)
+    # Edge
+    active_pin: int = _setting(17, "BCM pin of the active-energy pulse output")
+    reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none)")
+    pull_up: bool = _setting(True, "Enable the pull-up (S0 open collector); false for LED sensors")
+    wh_per_pulse: float = _setting(1.0, "Energy per pulse in Wh (1000 imp/kWh = 1)")
+    min_pulse_ms: float = _setting(2.0, "Pulses shorter than this are noise")
+    min_interval_ms: float = _setting(20.0, "Pulses closer than this to the previous are noise")
+    outbox_max: int = _setting(1_000_000, "Largest outbox on the Pi; beyond it the oldest timing detail goes")
+    publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
+    # Where each non-default value came from (file, variable or flag); not a setting.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def is_set(self, name: str) -> bool:
+        """True if ``name`` was given explicitly rather than left at its default."""
+        return name in self.sources
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked, safe to log."""
+        out: dict[str, Any] = {}
+        for f in _settings():
+            value = getattr(self, f.name)
+            if f.name == "amqp_url":
+                value = redact_url(value)
+            elif f.metadata["secret"] and value:
+                value = "***"
+            out[f.name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``amqp://user:secret@host/`` → ``amqp://user:***@host/``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _settings() -> list[Any]:
+    return [f for f in fields(Config) if "help" in f.metadata]
+
+
+def env_name(name: str) -> str:
+    return f"EMDC_{name.upper()}"
+
+
+def settings_table() -> list[tuple[str, str, Any, str]]:
+    """(TOML key, environment variable, default, help) for every setting."""
+    return [(f.name, env_name(f.name), f.default, f.metadata["help"]) for f in _settings()]
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, file, environment and overrides.
+
+    ``path`` defaults to ``$EMDC_CONFIG``; ``overrides`` (from CLI flags) whose
+    value is ``None`` are ignored.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, tuple[Any, str]] = {}
+    path = path or env.get("EMDC_CONFIG")
+    if path:
+        for key, value in _read_toml(Path(path)).items():
+            raw[key] = (value, f"{path}: {key}")
+    for f in _settings():
+        for var in (env_name(f.name), env_name(f.name) + "_FILE"):
+            if env.get(var, "") != "":
+                raw[f.name if var == env_name(f.name) else f.name + "_file"] = (env[var], var)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = (value, f"--{key.replace('_', '-')}")
+    return _build(raw)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    # Tables only group keys for the reader: [mqtt] port = 1 means mqtt_port,
+    # [edge] active_pin = 17 means active_pin.
+    known = {f.name for f in _settings()}
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if not isinstance(value, dict):
+            flat[key] = value
+            continue
+        for sub, sub_value in value.items():
+            flat[f"{key}_{sub}" if f"{key}_{sub.removesuffix('_file')}" in known else sub] = sub_value
+    return flat
+
+
+def _build(raw: dict[str, tuple[Any, str]]) -> Config:
+    known = {f.name: f for f in _settings()}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, (value, origin) in raw.items():
+        if key.endswith("_file") and key[:-5] in known and known[key[:-5]].metadata["secret"]:
+            values[key[:-5]] = _read_secret(str(value), origin)
+            sources[key[:-5]] = origin
+            continue
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown setting {key!r}")
+        values[key] = _coerce(value, type(known[key].default), origin)
+        sources[key] = origin
+    cfg = replace(Config(), **values, sources=sources)
+    _check(cfg)
+    return cfg
+
+
+def _read_secret(path: str, origin: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read secret file {path}: {exc.strerror}") from None
+
+
+def _coerce(value: Any, kind: type, origin: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError
+        if kind is int and isinstance(value, float):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _check(cfg: Config) -> None:
+    try:
+        validate_meter_id(cfg.meter_id)
+    except MessageError as exc:
+        raise ConfigError(f"meter_id: {exc}") from None
+    scheme = urlsplit(cfg.amqp_url).scheme
+    if scheme not in {"amqp", "amqps"}:
+        raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
+    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "power_refresh_s",
+                "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.discovery not in {"device", "entity", "off"}:
+        raise ConfigError(f"discovery must be device, entity or off, got {cfg.discovery!r}")
+    if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+    if cfg.topic_prefix.endswith("/") or any(c in cfg.topic_prefix for c in "+#"):
+        raise ConfigError(f"topic_prefix must not end with / or contain + or #, got {cfg.topic_prefix!r}")

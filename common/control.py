@@ -1,0 +1,22 @@
+"""Send control messages (calibration) through RabbitMQ, so the writer applies them in order."""
+
+from __future__ import annotations
+
+import pika
+
+from common.amqp import connection_parameters
+from common.config import Config
+from common.message import CONTENT_TYPE, SetTotal, encode_set_total
+
+
+def send_set_total(config: Config, command: SetTotal) -> None:
+    """Publish ``command`` persistently with confirms; raises if no queue takes it."""
+    body = encode_set_total(command)
+    connection = pika.BlockingConnection(connection_parameters(config, "emdc-control"))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(config.exchange, command.routing_key, body,
+                              pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2), mandatory=True)
+    finally:
+        connection.close()

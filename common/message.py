@@ -1,0 +1,175 @@
+"""The pulse message: the public contract between an edge and the backend.
+
+One JSON object per meter pulse (schema version 1)::
+
+    {"v": 1, "meter": "main", "channel": "active", "epoch": "3f9a0c1d2e4b5a69",
+     "seq": 42, "ts_ns": 1764384000123456789, "wh": 1}
+
+``seq`` is the edge's cumulative pulse count for (meter, channel) within
+``epoch``, so a receiver can count exactly even when it sees a message twice or
+misses one. Example::
+
+    >>> p = Pulse("main", "active", "ab12", 7, 1_700_000_000_000_000_000, 1.0)
+    >>> decode(encode(p)) == p
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+SCHEMA_VERSION = 1
+CONTENT_TYPE = "application/json"
+CHANNELS = ("active", "reactive")
+MAX_BODY_BYTES = 4096
+MAX_WH = 1000.0
+
+_METER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EPOCH_RE = re.compile(r"^[0-9a-f]{1,64}$")
+_FIELDS = {"v", "meter", "channel", "epoch", "seq", "ts_ns", "wh"}
+
+
+class MessageError(ValueError):
+    """A message body is not a valid pulse; the text says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pulse:
+    """One meter pulse: ``wh`` watt-hours (varh for reactive) ended at ``ts_ns``."""
+
+    meter: str
+    channel: str
+    epoch: str
+    seq: int
+    ts_ns: int
+    wh: float = 1.0
+
+    @property
+    def routing_key(self) -> str:
+        return routing_key(self.meter, self.channel)
+
+    @property
+    def message_id(self) -> str:
+        """Unique per pulse, stable across re-sends."""
+        return f"{self.meter}:{self.channel}:{self.epoch}:{self.seq}"
+
+
+def routing_key(meter: str, channel: str) -> str:
+    """The topic routing key a pulse is published under: ``pulse.<meter>.<channel>``."""
+    return f"pulse.{meter}.{channel}"
+
+
+def validate_meter_id(meter: object) -> str:
+    """Return ``meter`` if it is a usable meter id, else raise :class:`MessageError`."""
+    if not isinstance(meter, str) or not _METER_RE.match(meter):
+        raise MessageError(f"meter must be 1-64 characters of A-Z a-z 0-9 _ -, got {meter!r:.80}")
+    return meter
+
+
+def encode(pulse: Pulse) -> bytes:
+    """Serialise a pulse to its JSON body (validating it first)."""
+    _validate(pulse)
+    wh = int(pulse.wh) if float(pulse.wh).is_integer() else pulse.wh
+    doc = {"v": SCHEMA_VERSION, "meter": pulse.meter, "channel": pulse.channel,
+           "epoch": pulse.epoch, "seq": pulse.seq, "ts_ns": pulse.ts_ns, "wh": wh}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode(body: bytes) -> Pulse:
+    """Parse and validate a message body; raise :class:`MessageError` if it is not a pulse."""
+    if not body:
+        raise MessageError("empty body")
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(f"body is {len(body)} bytes, limit is {MAX_BODY_BYTES}")
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except ValueError as exc:
+        raise MessageError(f"body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise MessageError(f"body must be a JSON object, got {type(doc).__name__}")
+    if doc.get("v") != SCHEMA_VERSION or isinstance(doc.get("v"), bool):
+        raise MessageError(f"unsupported schema version v={doc.get('v')!r:.40} (expected {SCHEMA_VERSION})")
+    missing = _FIELDS - doc.keys()
+    if missing:
+        raise MessageError(f"missing field(s): {', '.join(sorted(missing))}")
+    pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"])
+    _validate(pulse)
+    return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(p: Pulse) -> None:
+    validate_meter_id(p.meter)
+    if p.channel not in CHANNELS:
+        raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {p.channel!r:.40}")
+    if not isinstance(p.epoch, str) or not _EPOCH_RE.match(p.epoch):
+        raise MessageError(f"epoch must be 1-64 lowercase hex digits, got {p.epoch!r:.80}")
+    if not _is_int(p.seq) or p.seq < 1:
+        raise MessageError(f"seq must be an integer >= 1, got {p.seq!r:.40}")
+    if not _is_int(p.ts_ns) or not 0 < p.ts_ns < 2**63:
+        raise MessageError(f"ts_ns must be a positive 64-bit integer, got {p.ts_ns!r:.40}")
+    if not isinstance(p.wh, int | float) or isinstance(p.wh, bool) or not 0 < p.wh <= MAX_WH:
+        raise MessageError(f"wh must be a number > 0 and <= {MAX_WH:g}, got {p.wh!r:.40}")
+
+
+@dataclass(frozen=True, slots=True)
+class SetTotal:
+    """Control message: calibrate a channel's total to a physical meter reading.
+
+    Sent through the broker (routing key ``control.<meter>``) so the writer
+    applies it in order with the pulses, without racing its state file.
+    """
+
+    meter: str
+    channel: str
+    kwh: Decimal
+
+    @property
+    def routing_key(self) -> str:
+        return f"control.{self.meter}"
+
+    @property
+    def total_uwh(self) -> int:
+        return int(self.kwh * 10**9)
+
+
+def encode_set_total(command: SetTotal) -> bytes:
+    _validate_set_total(command)
+    doc = {"v": SCHEMA_VERSION, "type": "set_total", "meter": command.meter, "channel": command.channel,
+           "kwh": str(command.kwh)}
+    return json.dumps(doc).encode()
+
+
+def decode_control(body: bytes) -> SetTotal:
+    """Parse a control message; raise :class:`MessageError` if it is not one we know."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MessageError(f"control body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("v") != SCHEMA_VERSION or doc.get("type") != "set_total":
+        raise MessageError("control message must be {\"v\": 1, \"type\": \"set_total\", ...}")
+    try:
+        kwh = Decimal(str(doc["kwh"]))
+        command = SetTotal(doc["meter"], doc["channel"], kwh)
+    except KeyError as exc:
+        raise MessageError(f"control message lacks {exc}") from None
+    except InvalidOperation:
+        raise MessageError(f"kwh must be a decimal number, got {doc['kwh']!r:.40}") from None
+    _validate_set_total(command)
+    return command
+
+
+def _validate_set_total(c: SetTotal) -> None:
+    validate_meter_id(c.meter)
+    if c.channel not in CHANNELS:
+        raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {c.channel!r:.40}")
+    if not c.kwh.is_finite() or c.kwh < 0 or c.kwh > Decimal(10) ** 9:
+        raise MessageError(f"kwh must be a number from 0 to 1e9, got {c.kwh}")

@@ -1,0 +1,1 @@
+"""Raspberry Pi side: read meter pulses from GPIO, count them durably, publish them."""

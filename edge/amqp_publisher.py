@@ -1,0 +1,226 @@
+"""Drain the outbox to RabbitMQ with pipelined publisher confirms.
+
+Runs pika's asynchronous ``SelectConnection`` in its own thread, so heartbeats
+are serviced while idle and up to ``publish_window`` messages are in flight.
+Rows are sent in outbox order with ``mandatory=True`` and deleted only when the
+broker confirms them. A returned (unroutable) or nacked message stays in the
+outbox; once nothing is in flight the publisher pauses with capped backoff
+and resends everything still in the outbox. Resends are harmless: the backend
+counts by ``seq``.
+
+Example::
+
+    publisher = AmqpPublisher(config, outbox.reader)
+    threading.Thread(target=publisher.run, args=(stop,)).start()
+    publisher.wake()     # after recording new pulses
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.channel
+import pika.frame
+import pika.spec
+
+from common.amqp import connection_parameters, describe
+from common.backoff import Backoff
+from common.config import Config
+from common.message import CONTENT_TYPE, encode
+from edge.outbox import OutboxReader
+
+log = logging.getLogger("emdc.publisher")
+
+STATUS_EVERY_S = 5.0
+
+
+class AmqpPublisher:
+    """Publishes outbox rows until ``stop`` is set; reconnects forever."""
+
+    def __init__(self, config: Config, open_reader: Callable[[], OutboxReader]) -> None:
+        self.config = config
+        self._open_reader = open_reader
+        self._backoff = Backoff()
+        self._connection: pika.SelectConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._stop = threading.Event()
+        self._state = ""
+        self._status_due = 0.0
+        self.last_confirm_ns = 0
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        self._ready = False
+        self._paused = False
+        self._tag = 0
+        self._last_id = 0
+        self._inflight: dict[int, tuple[int, str]] = {}
+        self._returned: set[str] = set()
+
+    # -- thread entry points -------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._reader = self._open_reader()
+        try:
+            while not stop.is_set():
+                self._reset_session()
+                self._connection = pika.SelectConnection(
+                    connection_parameters(self.config, "emdc-edge"), on_open_callback=self._on_open,
+                    on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
+                self._connection.ioloop.call_later(0.2, self._tick)
+                self._connection.ioloop.start()
+                if not stop.is_set():
+                    stop.wait(self._backoff.next_delay())
+        finally:
+            self._set_state("stopped")
+            self._reader.close()
+
+    def wake(self) -> None:
+        """Thread-safe: new rows are in the outbox."""
+        connection = self._connection
+        if connection is not None and self._ready:
+            try:
+                connection.ioloop.add_callback_threadsafe(self._pump)
+            except Exception:  # the loop is closing; the next session starts from the outbox anyway
+                pass
+
+    # -- state reporting -----------------------------------------------------
+
+    def _set_state(self, state: str, level: int = logging.INFO) -> None:
+        if state != self._state:
+            self._state = state
+            log.log(level, "%s", state)
+            self._reader.set_status(link_state=state)
+
+    def _tick(self) -> None:
+        """Periodic: notice a stop request, pick up missed rows, save status."""
+        if self._stop.is_set():
+            self._close()
+            return
+        self._pump()
+        if time.monotonic() >= self._status_due and self.last_confirm_ns:
+            self._status_due = time.monotonic() + STATUS_EVERY_S
+            self._reader.set_status(last_confirm_ns=str(self.last_confirm_ns))
+        if self._connection is not None:
+            self._connection.ioloop.call_later(0.2, self._tick)
+
+    def _close(self) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        if connection.is_open:
+            connection.close()
+        elif not connection.is_closing:
+            connection.ioloop.stop()
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def _on_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
+        self._set_state(f"cannot reach RabbitMQ at {describe(self.config)}: {error!r}; spooling to the outbox "
+                        f"({self._reader.depth()} waiting)", logging.WARNING)
+        connection.ioloop.stop()
+
+    def _on_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
+        self._ready = False
+        self._channel = None
+        if not self._stop.is_set():
+            self._set_state(f"lost RabbitMQ at {describe(self.config)}: {reason!r}; spooling to the outbox",
+                            logging.WARNING)
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        if self.config.declare_topology:
+            channel.exchange_declare(self.config.exchange, "topic", durable=True,
+                                     callback=lambda _frame: self._enable_confirms())
+        else:
+            self._enable_confirms()
+
+    def _enable_confirms(self) -> None:
+        assert self._channel is not None
+        self._channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_ready())
+
+    def _on_ready(self) -> None:
+        self._ready = True
+        self._backoff.reset()
+        self._set_state(self._publishing_state())
+        self._pump()
+
+    def _publishing_state(self) -> str:
+        return f"publishing to exchange {self.config.exchange} on {describe(self.config)}"
+
+    def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
+        # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later.
+        self._ready = False
+        if not self._stop.is_set():
+            self._set_state(f"RabbitMQ closed the channel: {reason!r}; retrying", logging.WARNING)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    # -- publishing ----------------------------------------------------------
+
+    def _pump(self) -> None:
+        if not self._ready or self._paused or self._channel is None:
+            return
+        room = self.config.publish_window - len(self._inflight)
+        if room <= 0:
+            return
+        for row_id, pulse in self._reader.pending(self._last_id, room):
+            self._tag += 1
+            properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
+                                              message_id=pulse.message_id)
+            self._channel.basic_publish(self.config.exchange, pulse.routing_key, encode(pulse), properties,
+                                        mandatory=True)
+            self._inflight[self._tag] = (row_id, pulse.message_id)
+            self._last_id = row_id
+
+    def _on_return(self, _channel: Any, method: pika.spec.Basic.Return, properties: pika.BasicProperties,
+                   _body: bytes) -> None:
+        self._returned.add(properties.message_id)
+        self._set_state(f"unroutable: no queue bound to {method.exchange} for {method.routing_key}; "
+                        "keeping pulses in the outbox and retrying", logging.WARNING)
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        if method.multiple:
+            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._inflight))
+        else:
+            tags = [method.delivery_tag] if method.delivery_tag in self._inflight else []
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        done: list[int] = []
+        for tag in tags:
+            row_id, message_id = self._inflight.pop(tag)
+            if acked and message_id not in self._returned:
+                done.append(row_id)
+            else:
+                self._paused = True
+                self._returned.discard(message_id)
+        if done:
+            self._reader.confirm(done)
+            self.last_confirm_ns = time.time_ns()
+            if not self._paused:
+                self._backoff.reset()
+                self._set_state(self._publishing_state())
+        if not self._paused:
+            self._pump()
+        elif not self._inflight:
+            assert self._connection is not None
+            self._connection.ioloop.call_later(self._backoff.next_delay(), self._resend)
+
+    def _resend(self) -> None:
+        """After a return or nack: start again from the oldest row still in the outbox."""
+        self._paused = False
+        self._last_id = 0
+        self._pump()

@@ -1,0 +1,119 @@
+"""GPIO pulse input and the recorder thread that turns edges into stored pulses.
+
+The interrupt side only records edges: :class:`PulseInput` (a gpiozero
+``DigitalInputDevice``) puts ``(channel, ticks, active)`` on a queue, with the
+ticks of the pin event itself (kernel timestamps under the lgpio factory).
+:class:`PulseRecorder` filters the edges, timestamps accepted pulses in UTC
+and records them in the outbox in groups, then wakes the publisher.
+
+Example::
+
+    edges = queue.SimpleQueue()
+    PulseInput(17, channel="active", sink=edges.put, pin_factory=factory)
+    recorder = PulseRecorder(edges, outbox, clock, filters={"active": PulseFilter(0.002, 0.02)}, wh=1.0,
+                             on_recorded=publisher.wake)
+    recorder.start()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gpiozero import DigitalInputDevice
+
+from edge.outbox import Outbox
+from edge.pulse_filter import PulseFilter
+from edge.tick_clock import TickClock
+
+log = logging.getLogger("emdc.reader")
+
+Edge = tuple[str, float, bool]
+_STOP = ("", 0.0, False)
+REANCHOR_EVERY_S = 10.0
+
+
+class PulseInput(DigitalInputDevice):
+    """A digital input that reports every edge with the pin event's own ticks.
+
+    ``pull_up=True`` suits an S0 open-collector output (a pulse pulls the line
+    low); use ``pull_up=False`` for LED sensors that drive the line high.
+    gpiozero's ``bounce_time`` is deliberately unused: it drops edges without
+    telling us, while :class:`~edge.pulse_filter.PulseFilter` judges pulses
+    by their measured width and spacing.
+    """
+
+    def __init__(self, pin: int, *, channel: str, sink: Callable[[Edge], None], pull_up: bool = True,
+                 pin_factory: Any = None) -> None:
+        self._channel = channel
+        self._sink = sink
+        super().__init__(pin, pull_up=pull_up, pin_factory=pin_factory)
+
+    def _fire_events(self, ticks: float, new_active: bool) -> None:
+        previous = self._last_active
+        super()._fire_events(ticks, new_active)
+        if previous is not None and previous != new_active:
+            self._sink((self._channel, ticks, new_active))
+
+
+class PulseRecorder(threading.Thread):
+    """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit."""
+
+    def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
+                 filters: Mapping[str, PulseFilter], wh: float, on_recorded: Callable[[], None] = lambda: None) -> None:
+        super().__init__(name="emdc-recorder", daemon=True)
+        self.edges = edges
+        self.outbox = outbox
+        self.clock = clock
+        self.filters = filters
+        self.wh = wh
+        self.on_recorded = on_recorded
+
+    def stop(self) -> None:
+        """Record every edge queued so far, then end the thread."""
+        self.edges.put(_STOP)
+        self.join()
+
+    def run(self) -> None:
+        stopping = False
+        next_anchor = time.monotonic() + REANCHOR_EVERY_S
+        while not stopping:
+            edges = []
+            try:
+                edges.append(self.edges.get(timeout=REANCHOR_EVERY_S))
+                while True:  # group what arrived meanwhile into one commit
+                    edges.append(self.edges.get_nowait())
+            except queue.Empty:
+                pass
+            stopping = any(e is _STOP for e in edges)
+            self._record([e for e in edges if e is not _STOP])
+            if time.monotonic() >= next_anchor:
+                next_anchor = time.monotonic() + REANCHOR_EVERY_S
+                self._reanchor()
+
+    def _record(self, edges: list[Edge]) -> None:
+        pulses = []
+        for channel, ticks, active in edges:
+            pulse_ticks = self.filters[channel].edge(ticks, active)
+            if pulse_ticks is not None:
+                pulses.append((channel, self.clock.to_utc_ns(pulse_ticks), self.wh))
+        if not pulses:
+            return
+        while True:
+            try:
+                self.outbox.record(pulses)
+                break
+            except Exception:
+                # The disk is the only place a pulse can survive; keep trying rather than lose it.
+                log.exception("cannot write the outbox %s; retrying in 1 s", self.outbox.path)
+                time.sleep(1.0)
+        self.on_recorded()
+
+    def _reanchor(self) -> None:
+        step = self.clock.reanchor()
+        if step:
+            log.warning("wall clock jumped forward by %.1f s (NTP?); pulse timestamps follow it", step / 1e9)

@@ -1,0 +1,147 @@
+"""Composition root of the edge: pins → recorder → outbox → publisher.
+
+Example (real GPIO, the pin factory chosen by ``GPIOZERO_PIN_FACTORY``)::
+
+    service = EdgeService(config)
+    service.start()
+    ...
+    service.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from common.config import Config
+from edge.outbox import FILENAME, Outbox, OutboxReader
+from edge.pulse_filter import PulseFilter
+from edge.reader import Edge, PulseInput, PulseRecorder
+from edge.tick_clock import TickClock
+
+log = logging.getLogger("emdc.edge")
+
+
+class Publisher(Protocol):
+    def run(self, stop: threading.Event) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+def channel_pins(config: Config) -> dict[str, int]:
+    pins = {"active": config.active_pin}
+    if config.reactive_pin >= 0:
+        pins["reactive"] = config.reactive_pin
+    return pins
+
+
+class EdgeService:
+    """Owns the edge's threads; ``publisher_factory`` receives the outbox's reader factory."""
+
+    def __init__(self, config: Config, *, pin_factory: Any = None,
+                 publisher_factory: Callable[[Callable[[], OutboxReader]], Publisher] | None = None,
+                 clock: TickClock | None = None) -> None:
+        if publisher_factory is None:
+            from edge.amqp_publisher import AmqpPublisher
+
+            def publisher_factory(open_reader: Callable[[], OutboxReader]) -> Publisher:
+                return AmqpPublisher(config, open_reader)
+
+        self.config = config
+        self.outbox = Outbox(Path(config.state_dir) / FILENAME, config.meter_id, config.outbox_max)
+        self.publisher = publisher_factory(self.outbox.reader)
+        self._stop_publisher = threading.Event()
+        self._publisher_thread = threading.Thread(target=self.publisher.run, args=(self._stop_publisher,),
+                                                  name="emdc-publisher", daemon=True)
+        pins = channel_pins(config)
+        filters = {channel: PulseFilter(config.min_pulse_ms / 1000, config.min_interval_ms / 1000)
+                   for channel in pins}
+        edges: queue.SimpleQueue[Edge] = queue.SimpleQueue()
+        self.inputs: list[PulseInput] = []
+        try:
+            for channel, pin in pins.items():
+                self.inputs.append(PulseInput(pin, channel=channel, sink=edges.put, pull_up=config.pull_up,
+                                              pin_factory=pin_factory))
+        except Exception:
+            self._close_inputs()
+            self.outbox.close()
+            raise
+        factory = self.inputs[0].pin_factory
+        clock = clock or TickClock(factory.ticks)
+        behind_ns = clock.not_before(self.outbox.last_ts_ns)
+        if behind_ns:
+            log.warning("the wall clock is %.1f s behind the last recorded pulse (no RTC, NTP not synced yet?); "
+                        "timestamps continue from that pulse until the clock catches up", behind_ns / 1e9)
+        self.recorder = PulseRecorder(edges, self.outbox, clock, filters,
+                                      config.wh_per_pulse, on_recorded=self.publisher.wake)
+        log.info("meter %s: %s; counter store %s (epoch %s, counters %s)", config.meter_id,
+                 ", ".join(f"{c} on GPIO{p}" for c, p in pins.items()), self.outbox.path, self.outbox.epoch,
+                 self.outbox.counters() or "new")
+
+    def start(self) -> None:
+        self.recorder.start()
+        self._publisher_thread.start()
+
+    def alive(self) -> bool:
+        """True while the recorder and publisher threads run (for the systemd watchdog)."""
+        return self.recorder.is_alive() and self._publisher_thread.is_alive()
+
+    def wait_drained(self, stop: threading.Event | None = None, poll_s: float = 0.05) -> bool:
+        """Block until every recorded pulse is confirmed by the broker (False if stopped first)."""
+        reader = self.outbox.reader()
+        try:
+            while reader.depth():
+                if stop is not None and stop.is_set():
+                    return False
+                time.sleep(poll_s)
+            return True
+        finally:
+            reader.close()
+
+    def stop(self) -> None:
+        """Stop reading pins, record what is queued, stop publishing; unconfirmed pulses stay in the outbox."""
+        self._close_inputs()
+        if self.recorder.is_alive():
+            self.recorder.stop()
+        self._stop_publisher.set()
+        self.publisher.wake()
+        if self._publisher_thread.is_alive():
+            self._publisher_thread.join(timeout=10)
+        self.outbox.close()
+        log.info("edge stopped; counters %s", self.outbox.counters())
+
+    def _close_inputs(self) -> None:
+        for device in self.inputs:
+            device.close()
+
+
+def run_edge(config: Config, stop: threading.Event) -> int:
+    """``emdc edge run``: real GPIO until ``stop``; talks to systemd when run under it.
+
+    Returns the exit status: 0 after a requested stop, 1 if a worker thread died
+    (systemd's ``Restart=on-failure`` then starts a fresh process).
+    """
+    from edge.systemd_notify import notify, watchdog_interval
+
+    service = EdgeService(config)
+    service.start()
+    notify("READY=1")
+    interval = watchdog_interval()
+    # Feed the watchdog at twice its rate, and only while our threads live:
+    # no pulses is normal, a dead thread is not.
+    tick = interval / 2 if interval else 5.0
+    try:
+        while not stop.wait(tick):
+            if not service.alive():
+                log.error("a worker thread died; exiting so that the service is restarted")
+                return 1
+            notify("WATCHDOG=1")
+        return 0
+    finally:
+        notify("STOPPING=1")
+        service.stop()
