@@ -321,3 +321,7 @@ def simulate(obj: Context, power: float | None, reactive_power: float | None, co
     cfg = simulation_config(obj, overrides, plan)
     for topic, value in sorted(run_simulation(cfg, plan, stop_on_signals()).items()):
         click.echo(f"{topic} = {value}")
+
+
+if __name__ == "__main__":
+    main()
