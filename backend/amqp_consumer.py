@@ -25,7 +25,7 @@ import pika
 import pika.exceptions
 
 from backend.writer import DeadLetter, Delivery
-from common.amqp import connection_parameters, describe
+from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
 from common.topology import ERROR_HEADER, dead_letter_exchange, declare_consumer_queue
@@ -62,7 +62,8 @@ class BatchConsumer:
             try:
                 self._session(stop, backoff)
             except (pika.exceptions.AMQPError, ConsumerCancelled, OSError) as exc:
-                self._log_state(f"disconnected from {describe(self.config)}: {exc!r}; retrying", logging.WARNING)
+                self._log_state(f"disconnected from {describe(self.config)} ({reason(exc)}); retrying",
+                                logging.WARNING)
                 stop.wait(backoff.next_delay())
             except Exception:
                 # Unacked messages are redelivered, so retrying is safe; say loudly why.

@@ -163,9 +163,12 @@ class Ledger:
     def from_json(cls, doc: dict[str, Any], max_power_w: float, smoothing_pulses: int = 1) -> Ledger:
         """Rebuild a ledger; raises KeyError/TypeError/ValueError on a malformed document."""
         ledger = cls(max_power_w, smoothing_pulses)
-        for meter, channels in doc["meters"].items():
-            for channel, state in channels.items():
-                if channel not in CHANNELS:
-                    raise ValueError(f"unknown channel {channel!r}")
-                ledger._channels[(meter, channel)] = ChannelState.from_json(state)
+        try:
+            for meter, channels in doc["meters"].items():
+                for channel, state in channels.items():
+                    if channel not in CHANNELS:
+                        raise ValueError(f"unknown channel {channel!r}")
+                    ledger._channels[(meter, channel)] = ChannelState.from_json(state)
+        except AttributeError as exc:  # a list or number where an object belongs
+            raise TypeError(str(exc)) from None
         return ledger

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from backend.ledger import Implausible, Ledger
 from backend.power import displayed_power_w
-from backend.state_store import StateStore
+from backend.state_store import StateError, StateStore
 from backend.topics import format_kw, format_kwh, state_topic
 from common.config import Config
 from common.message import MessageError, decode, decode_control
@@ -73,7 +73,11 @@ class EnergyWriter:
             ledger = Ledger(config.max_power_w, config.power_smoothing_pulses)
             log.info("no saved state in %s: starting a new ledger", store.path)
         else:
-            ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses)
+            try:
+                ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
+                                 "zero. Inspect it and its .bak copy.") from None
             for (meter, channel), state in ledger:
                 log.info("loaded %s/%s total %s k(W|var)h from %s", meter, channel,
                          format_kwh(state.total_uwh), store.path)

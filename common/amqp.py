@@ -31,3 +31,14 @@ def connection_parameters(config: Config, name: str) -> pika.URLParameters:
 def describe(config: Config) -> str:
     """The broker URL without its password, for log lines."""
     return redact_url(config.amqp_url)
+
+
+def reason(error: BaseException) -> str:
+    """A short, readable cause for a connection failure (pika nests the real one)."""
+    nested = getattr(error, "exceptions", None) or getattr(error, "exception", None)
+    if isinstance(nested, list | tuple) and nested:
+        error = nested[-1]
+    elif isinstance(nested, BaseException):
+        error = nested
+    text = str(error) or type(error).__name__
+    return text if len(text) < 200 else text[:200] + "..."

@@ -275,7 +275,11 @@ def state_show(obj: Context, **overrides: Any) -> None:
         click.echo(f"no state saved in {store.path} yet")
         return
     unit = {"active": "kWh", "reactive": "kvarh"}
-    for (meter, channel), st in Ledger.from_json(doc, cfg.max_power_w):
+    try:
+        ledger = Ledger.from_json(doc, cfg.max_power_w)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise click.ClickException(f"{store.path} does not hold a valid ledger: {exc!r}") from None
+    for (meter, channel), st in ledger:
         click.echo(f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {unit[channel]:<5} "
                    f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})")
 

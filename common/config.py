@@ -131,18 +131,17 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     value is ``None`` are ignored.
     """
     env = os.environ if env is None else env
-    raw: dict[str, tuple[Any, str]] = {}
+    # (key, value, origin) in increasing precedence; within the file and the
+    # environment a secret's _FILE form comes after its plain form.
+    raw: list[tuple[str, Any, str]] = []
     path = path or env.get("EMDC_CONFIG")
     if path:
-        for key, value in _read_toml(Path(path)).items():
-            raw[key] = (value, f"{path}: {key}")
-    for f in _settings():
-        for var in (env_name(f.name), env_name(f.name) + "_FILE"):
-            if env.get(var, "") != "":
-                raw[f.name if var == env_name(f.name) else f.name + "_file"] = (env[var], var)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = (value, f"--{key.replace('_', '-')}")
+        doc = _read_toml(Path(path))
+        raw += sorted(((k, v, f"{path}: {k}") for k, v in doc.items()), key=lambda item: item[0].endswith("_file"))
+    for suffix in ("", "_FILE"):
+        raw += [(f.name + suffix.lower(), env[var], var) for f in _settings()
+                if env.get(var := env_name(f.name) + suffix, "") != ""]
+    raw += [(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items() if v is not None]
     return _build(raw)
 
 
@@ -167,11 +166,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return flat
 
 
-def _build(raw: dict[str, tuple[Any, str]]) -> Config:
+def _build(raw: list[tuple[str, Any, str]]) -> Config:
     known = {f.name: f for f in _settings()}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key, (value, origin) in raw.items():
+    for key, value, origin in raw:
         if key.endswith("_file") and key[:-5] in known and known[key[:-5]].metadata["secret"]:
             values[key[:-5]] = _read_secret(str(value), origin)
             sources[key[:-5]] = origin
@@ -193,21 +192,22 @@ def _read_secret(path: str, origin: str) -> str:
 
 
 def _coerce(value: Any, kind: type, origin: str) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError
-        if kind is int and isinstance(value, float):
-            raise ValueError
+    """Parse text (environment, flags) into ``kind``; typed TOML values must already be of it."""
+    error = ConfigError(f"{origin}: expected {kind.__name__}, got {value!r}")
+    if not isinstance(value, str):
+        numeric = kind is float and isinstance(value, int) and not isinstance(value, bool)
+        if type(value) is not kind and not numeric:
+            raise error
         return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: expected {kind.__name__}, got {value!r}") from None
+    if kind is bool:
+        text = value.strip().lower()
+        if text not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            raise error
+        return text in {"1", "true", "yes", "on"}
+    try:
+        return kind(value)
+    except ValueError:
+        raise error from None
 
 
 def _check(cfg: Config) -> None:
@@ -221,7 +221,7 @@ def _check(cfg: Config) -> None:
     positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.discovery not in {"device", "entity", "off"}:
         raise ConfigError(f"discovery must be device, entity or off, got {cfg.discovery!r}")

@@ -27,8 +27,8 @@ CHANNELS = ("active", "reactive")
 MAX_BODY_BYTES = 4096
 MAX_WH = 1000.0
 
-_METER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_EPOCH_RE = re.compile(r"^[0-9a-f]{1,64}$")
+_METER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_EPOCH_RE = re.compile(r"[0-9a-f]{1,64}")
 _FIELDS = {"v", "meter", "channel", "epoch", "seq", "ts_ns", "wh"}
 
 
@@ -64,7 +64,7 @@ def routing_key(meter: str, channel: str) -> str:
 
 def validate_meter_id(meter: object) -> str:
     """Return ``meter`` if it is a usable meter id, else raise :class:`MessageError`."""
-    if not isinstance(meter, str) or not _METER_RE.match(meter):
+    if not isinstance(meter, str) or not _METER_RE.fullmatch(meter):
         raise MessageError(f"meter must be 1-64 characters of A-Z a-z 0-9 _ -, got {meter!r:.80}")
     return meter
 
@@ -84,22 +84,31 @@ def decode(body: bytes) -> Pulse:
         raise MessageError("empty body")
     if len(body) > MAX_BODY_BYTES:
         raise MessageError(f"body is {len(body)} bytes, limit is {MAX_BODY_BYTES}")
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise MessageError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    except ValueError as exc:
-        raise MessageError(f"body is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise MessageError(f"body must be a JSON object, got {type(doc).__name__}")
-    if doc.get("v") != SCHEMA_VERSION or isinstance(doc.get("v"), bool):
-        raise MessageError(f"unsupported schema version v={doc.get('v')!r:.40} (expected {SCHEMA_VERSION})")
+    doc = _parse_object(body)
+    _check_version(doc)
     missing = _FIELDS - doc.keys()
     if missing:
         raise MessageError(f"missing field(s): {', '.join(sorted(missing))}")
     pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"])
     _validate(pulse)
     return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh))
+
+
+def _parse_object(body: bytes) -> dict[str, object]:
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"body is not JSON: {str(exc)[:100]}") from None
+    if not isinstance(doc, dict):
+        raise MessageError(f"body must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _check_version(doc: dict[str, object]) -> None:
+    if not _is_int(doc.get("v")) or doc.get("v") != SCHEMA_VERSION:
+        raise MessageError(f"unsupported schema version v={doc.get('v')!r:.40} (expected {SCHEMA_VERSION})")
 
 
 def _is_int(value: object) -> bool:
@@ -110,7 +119,7 @@ def _validate(p: Pulse) -> None:
     validate_meter_id(p.meter)
     if p.channel not in CHANNELS:
         raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {p.channel!r:.40}")
-    if not isinstance(p.epoch, str) or not _EPOCH_RE.match(p.epoch):
+    if not isinstance(p.epoch, str) or not _EPOCH_RE.fullmatch(p.epoch):
         raise MessageError(f"epoch must be 1-64 lowercase hex digits, got {p.epoch!r:.80}")
     if not _is_int(p.seq) or p.seq < 1:
         raise MessageError(f"seq must be an integer >= 1, got {p.seq!r:.40}")
@@ -150,12 +159,12 @@ def encode_set_total(command: SetTotal) -> bytes:
 
 def decode_control(body: bytes) -> SetTotal:
     """Parse a control message; raise :class:`MessageError` if it is not one we know."""
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MessageError(f"control body is not UTF-8 JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != SCHEMA_VERSION or doc.get("type") != "set_total":
-        raise MessageError("control message must be {\"v\": 1, \"type\": \"set_total\", ...}")
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(f"body is {len(body)} bytes, limit is {MAX_BODY_BYTES}")
+    doc = _parse_object(body)
+    _check_version(doc)
+    if doc.get("type") != "set_total":
+        raise MessageError(f"unknown control message type {doc.get('type')!r:.40} (expected set_total)")
     try:
         kwh = Decimal(str(doc["kwh"]))
         command = SetTotal(doc["meter"], doc["channel"], kwh)

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -29,7 +30,7 @@ import pika.channel
 import pika.frame
 import pika.spec
 
-from common.amqp import connection_parameters, describe
+from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
 from common.message import CONTENT_TYPE, encode
@@ -86,10 +87,9 @@ class AmqpPublisher:
         """Thread-safe: new rows are in the outbox."""
         connection = self._connection
         if connection is not None and self._ready:
-            try:
+            # If the loop is closing this fails; the next session starts from the outbox anyway.
+            with contextlib.suppress(Exception):
                 connection.ioloop.add_callback_threadsafe(self._pump)
-            except Exception:  # the loop is closing; the next session starts from the outbox anyway
-                pass
 
     # -- state reporting -----------------------------------------------------
 
@@ -126,16 +126,16 @@ class AmqpPublisher:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        self._set_state(f"cannot reach RabbitMQ at {describe(self.config)}: {error!r}; spooling to the outbox "
-                        f"({self._reader.depth()} waiting)", logging.WARNING)
+        self._set_state(f"cannot reach RabbitMQ at {describe(self.config)} ({reason(error)}); "
+                        "spooling pulses in the outbox", logging.WARNING)
         connection.ioloop.stop()
 
-    def _on_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
+    def _on_closed(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self._ready = False
         self._channel = None
         if not self._stop.is_set():
-            self._set_state(f"lost RabbitMQ at {describe(self.config)}: {reason!r}; spooling to the outbox",
-                            logging.WARNING)
+            self._set_state(f"lost RabbitMQ at {describe(self.config)} ({reason(error)}); "
+                            "spooling pulses in the outbox", logging.WARNING)
         connection.ioloop.stop()
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
@@ -161,11 +161,11 @@ class AmqpPublisher:
     def _publishing_state(self) -> str:
         return f"publishing to exchange {self.config.exchange} on {describe(self.config)}"
 
-    def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
+    def _on_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
         # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later.
         self._ready = False
         if not self._stop.is_set():
-            self._set_state(f"RabbitMQ closed the channel: {reason!r}; retrying", logging.WARNING)
+            self._set_state(f"RabbitMQ closed the channel ({reason(error)}); retrying", logging.WARNING)
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
 

@@ -78,6 +78,8 @@ class Outbox:
 
     def record(self, pulses: Sequence[tuple[str, int, float]]) -> list[Pulse]:
         """Number and store ``(channel, ts_ns, wh)`` pulses durably; return them as messages."""
+        if not pulses:
+            return []
         numbered = []
         for channel, ts_ns, wh in pulses:
             self._seq[channel] = self._seq.get(channel, 0) + 1

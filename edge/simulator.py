@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import heapq
 import itertools
+import math
 import random
 import threading
 import time
@@ -98,7 +99,8 @@ class LoadProfile:
     @classmethod
     def from_csv(cls, path: Path) -> LoadProfile:
         """Rows ``seconds,active_w[,reactive_var]``; a header row and ``#`` comments are skipped."""
-        steps = []
+        steps: list[tuple[float, float, float]] = []
+        header_allowed = True
         with path.open(newline="") as fh:
             for lineno, row in enumerate(csv.reader(fh), 1):
                 if not row or row[0].lstrip().startswith("#"):
@@ -106,11 +108,13 @@ class LoadProfile:
                 try:
                     values = [float(x) for x in row[:3]]
                 except ValueError:
-                    if lineno == 1:
+                    if header_allowed:
+                        header_allowed = False
                         continue
                     raise ValueError(f"{path}:{lineno}: expected numbers, got {row}") from None
-                if len(values) < 2 or min(values) < 0:
-                    raise ValueError(f"{path}:{lineno}: expected seconds,active_w[,reactive_var] >= 0")
+                header_allowed = False
+                if len(values) < 2 or not all(math.isfinite(v) and v >= 0 for v in values):
+                    raise ValueError(f"{path}:{lineno}: expected seconds,active_w[,reactive_var], finite and >= 0")
                 steps.append((values[0], values[1], values[2] if len(values) > 2 else 0.0))
         if not steps:
             raise ValueError(f"{path}: no rows")

@@ -76,7 +76,8 @@ class Names:
     def env(self, **extra: object) -> dict[str, str]:
         """Environment for an `emdc` process under test."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMDC_")}
-        env.update({"EMDC_AMQP_URL": AMQP_URL, "EMDC_EXCHANGE": self.exchange, "EMDC_QUEUE": self.queue, "EMDC_TOPIC_PREFIX": self.prefix,
+        env.update({"EMDC_AMQP_URL": AMQP_URL, "EMDC_EXCHANGE": self.exchange, "EMDC_QUEUE": self.queue,
+                    "EMDC_TOPIC_PREFIX": self.prefix,
                     "EMDC_MQTT_HOST": MQTT_HOST, "EMDC_MQTT_PORT": str(MQTT_PORT), "EMDC_DISCOVERY": "off",
                     "PYTHONPATH": str(ROOT)})
         env.update({k: str(v) for k, v in extra.items()})

@@ -1,0 +1,1041 @@
+"""The deployment artifacts in deploy/, checked as far as this machine allows.
+
+No Docker engine runs here, so each piece is exercised on its own:
+
+* the systemd unit: directives, ``systemd-analyze verify`` and ``security``;
+* install-edge.sh: a full install/upgrade/uninstall in a scratch root, with
+  stand-ins for useradd, systemctl and friends;
+* the example TOML: documents every setting, with true defaults, and loads;
+* docker-compose files: parsed, every file/volume/variable reference checked,
+  and validated by a compose implementation when one is installed;
+* the Dockerfile: its install step replayed in a fresh venv;
+* RabbitMQ definitions: compared with common.topology, then imported into a
+  throw-away vhost of the local broker and probed with the users they define;
+* Mosquitto: the real config started on a free port, probed with paho-mqtt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pika
+import pika.exceptions
+import pytest
+import yaml
+
+from common import topology
+from common.config import Config, load_config, settings_table
+
+REPO = Path(__file__).resolve().parent.parent
+EDGE = REPO / "deploy" / "edge"
+COMPOSE = REPO / "deploy" / "compose"
+UNIT = EDGE / "emdc-edge.service"
+EXAMPLE_TOML = EDGE / "emdc.example.toml"
+DEFINITIONS = COMPOSE / "rabbitmq" / "definitions.template.json"
+MOSQUITTO_CONF = COMPOSE / "mosquitto" / "config" / "mosquitto.conf"
+SECRET_SETTINGS = {f.name for f in dataclasses.fields(Config) if f.metadata.get("secret")}
+
+
+def _load_script(path: Path) -> Any:
+    """Import a stand-alone script (deploy/compose is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_secrets = _load_script(COMPOSE / "render_secrets.py")
+
+
+def need(tool: str) -> str:
+    """Path of a tool the checks can't do without; fail (not skip) if it is missing."""
+    path = shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}", f"/usr/bin/{tool}") if os.access(p, os.X_OK)),
+                                      None)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; the deploy checks need it")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_password() -> str:
+    return uuid.uuid4().hex
+
+
+# ====================================================================== systemd unit
+
+
+def unit_directives() -> dict[str, list[str]]:
+    """``Key`` -> values in order (keys may repeat), across sections."""
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_unit_has_the_required_directives():
+    d = unit_directives()
+    one = {k: v[-1] for k, v in d.items()}
+    assert one["Type"] == "notify"
+    assert one["NotifyAccess"] == "main"
+    assert one["Restart"] == "on-failure"
+    assert re.fullmatch(r"\d+s?", one["WatchdogSec"])
+    assert one["User"] == "emdc"  # dedicated, not root
+    assert "gpio" in one["SupplementaryGroups"].split()
+    assert one["StateDirectory"] == "emdc"
+    env = dict(e.split("=", 1) for e in d["Environment"])
+    assert env["GPIOZERO_PIN_FACTORY"] == "lgpio"
+    assert env["EMDC_STATE_DIR"] == "/var/lib/emdc"
+    assert env["EMDC_CONFIG"] == "/etc/emdc/emdc.toml"
+    # lgpio needs a writable working directory: the unit's own runtime or state directory.
+    assert one["WorkingDirectory"] in {f"/run/{one.get('RuntimeDirectory')}", f"/var/lib/{one['StateDirectory']}"}
+    assert one["ExecStart"].split()[:3] == ["/opt/emdc/venv/bin/emdc", "edge", "run"]
+    assert one["ProtectSystem"] == "strict"
+    assert one["ProtectHome"] in {"yes", "true", "read-only", "tmpfs"}
+    assert one["PrivateTmp"] in {"yes", "true"}
+    assert one["NoNewPrivileges"] in {"yes", "true"}
+    assert one["DevicePolicy"] == "closed"
+    assert d["DeviceAllow"] == ["char-gpiochip rw"]
+    assert set(one["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert "PrivateDevices" not in d, "PrivateDevices would hide /dev/gpiochip*"
+
+
+@pytest.fixture
+def verifiable_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at an executable that exists here (verify checks it)."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/emdc/venv/bin/emdc", sys.executable))
+    return unit
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    return path
+
+
+def test_unit_passes_systemd_analyze_verify(verifiable_unit):
+    result = subprocess.run([systemd_analyze(), "verify", str(verifiable_unit)], capture_output=True, text=True,
+                            cwd=verifiable_unit.parent, timeout=60)
+    # verify exits 0 on unknown keys and unparsable values ("..., ignoring"): any output is a finding.
+    findings = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 0 and not findings, "\n".join(findings)
+
+
+def test_unit_exposure_score_is_low(verifiable_unit):
+    analyze = systemd_analyze()
+    result = subprocess.run([analyze, "security", "--offline=true", "--threshold=25", str(verifiable_unit)],
+                            capture_output=True, text=True, cwd=verifiable_unit.parent, timeout=60)
+    if "--offline" in result.stderr and "unrecognized" in result.stderr:
+        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
+    score = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert result.returncode == 0, f"exposure {score.group(1)} is above 2.5:\n{result.stdout}"
+
+
+# ====================================================================== install-edge.sh
+
+FAKE_TOOL = """#!/bin/sh
+echo "{name} $*" >> "$FAKE_LOG"
+"""
+FAKE_DB_ADD = """for last; do :; done
+echo "{kind} $last" >> "$FAKE_DB"
+"""
+
+
+@pytest.fixture
+def scratch_install(tmp_path: Path) -> dict[str, Any]:
+    """A copy of the checkout, a scratch root and stand-ins for the system tools the script calls."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "common", "edge", "backend", "deploy/edge"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (REPO / name).exists():
+            shutil.copy2(REPO / name, src / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"groupadd": FAKE_DB_ADD.format(kind="group"), "useradd": FAKE_DB_ADD.format(kind="passwd"),
+             "usermod": "", "userdel": "", "chown": "", "systemctl": "", "udevadm": ""}
+    for name, extra in tools.items():
+        (bin_dir / name).write_text(FAKE_TOOL.format(name=name) + extra)
+    (bin_dir / "getent").write_text('#!/bin/sh\ngrep -qx "$1 $2" "$FAKE_DB" 2>/dev/null\n')
+    (bin_dir / "id").write_text('#!/bin/sh\necho 0\n')  # "root", whoever runs the tests
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    log, db = tmp_path / "calls.log", tmp_path / "users.db"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "EMDC_ROOT": str(tmp_path / "root"),
+           "PYTHON": sys.executable, "FAKE_LOG": str(log), "FAKE_DB": str(db), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PURGE", None)
+
+    def run(*args: str, **extra_env: str) -> list[str]:
+        log.write_text("")
+        result = subprocess.run(["bash", str(src / "deploy/edge/install-edge.sh"), *args], env={**env, **extra_env},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return log.read_text().splitlines()
+
+    return {"src": src, "root": tmp_path / "root", "run": run}
+
+
+def test_install_script_passes_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(EDGE / "install-edge.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_install_script_is_executable():
+    assert os.access(EDGE / "install-edge.sh", os.X_OK), "make install-edge runs it directly"
+
+
+def test_install_upgrade_uninstall_cycle(scratch_install):
+    run, root, src = scratch_install["run"], scratch_install["root"], scratch_install["src"]
+    etc, unit = root / "etc/emdc", root / "etc/systemd/system/emdc-edge.service"
+    venv = root / "opt/emdc/venv"
+
+    # First install: user, group, venv, config from the example, unit enabled but
+    # not started while the RabbitMQ URL is still empty.
+    calls = run("install")
+    assert "groupadd --system gpio" in calls
+    assert any(c.startswith("useradd --system") and c.endswith(" emdc") for c in calls)
+    assert "usermod --append --groups gpio emdc" in calls
+    assert {"systemctl daemon-reload", "systemctl enable emdc-edge.service"} <= set(calls)
+    assert not any("restart" in c or "start " in c for c in calls), calls
+    assert unit.read_text() == UNIT.read_text()
+    assert (etc / "emdc.toml").read_text() == EXAMPLE_TOML.read_text()
+    assert (etc / "amqp_url").read_text() == ""
+    assert (etc / "amqp_url").stat().st_mode & 0o777 == 0o640
+    assert etc.stat().st_mode & 0o777 == 0o750
+    assert f"chown root:emdc {etc / 'amqp_url'}" in calls
+    probe = subprocess.run([venv / "bin/python", "-c", "import common.config, edge.systemd_notify, gpiozero"],
+                           capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    assert (venv / "bin/emdc").exists()
+    assert not (src / "build").exists() and not list(src.glob("*.egg-info")), "built inside the checkout"
+
+    # Second run = upgrade: nothing re-created, local config kept, new code installed, service restarted.
+    (etc / "emdc.toml").write_text((etc / "emdc.toml").read_text() + "meter_id = \"garage\"\n")
+    (etc / "amqp_url").write_text("amqp://emdc-edge:x@broker:5672/%2F\n")
+    notify_src = src / "edge/systemd_notify.py"
+    notify_src.write_text(notify_src.read_text() + "\nUPGRADE_MARKER = 1\n")
+    calls = run("install")
+    assert not any(c.startswith(("useradd", "groupadd")) for c in calls), calls
+    assert "systemctl restart emdc-edge.service" in calls
+    assert (etc / "emdc.toml").read_text().endswith('meter_id = "garage"\n')
+    installed = next(venv.glob("lib/python*/site-packages/edge/systemd_notify.py"))
+    assert "UPGRADE_MARKER" in installed.read_text()
+
+    # Uninstall keeps config, state and user; PURGE=1 removes them.
+    (root / "var/lib/emdc").mkdir(parents=True)
+    (root / "var/lib/emdc/edge.sqlite3").write_text("state")
+    calls = run("uninstall")
+    assert "systemctl disable --now emdc-edge.service" in calls
+    assert not unit.exists() and not (root / "opt/emdc").exists()
+    assert (etc / "emdc.toml").exists() and (root / "var/lib/emdc/edge.sqlite3").exists()
+    assert not any(c.startswith("userdel") for c in calls)
+    calls = run("uninstall", PURGE="1")
+    assert not etc.exists() and not (root / "var/lib/emdc").exists()
+    assert "userdel emdc" in calls
+
+
+# ====================================================================== example configuration
+
+SETTING_LINE = re.compile(r"^(?P<comment>#\s?)?(?P<key>[a-z_]+) = (?P<value>.+)$")
+
+
+def example_entries() -> list[tuple[str, bool, str, list[str]]]:
+    """(key, active, raw value, comment block above it) for each setting line of the example."""
+    lines = EXAMPLE_TOML.read_text().splitlines()
+    entries = []
+    for i, line in enumerate(lines):
+        m = SETTING_LINE.match(line)
+        if not m:
+            continue
+        block = []
+        for above in reversed(lines[:i]):
+            if not above.startswith("#") or SETTING_LINE.match(above):
+                break
+            block.insert(0, above.lstrip("# ").strip())
+        entries.append((m["key"], m["comment"] is None, m["value"], block))
+    return entries
+
+
+def test_example_documents_every_setting_with_its_help():
+    entries = {key: (active, block) for key, active, _value, block in example_entries()}
+    for name, _env, _default, help_text in settings_table():
+        key = f"{name}_file" if name in SECRET_SETTINGS else name
+        assert key in entries, f"{EXAMPLE_TOML.name} does not document {key}"
+        documented = " ".join(entries[key][1])
+        assert help_text.rstrip(".") in documented, f"{key}: help text missing above it: {help_text!r}"
+
+
+def test_example_shows_true_defaults():
+    defaults = {name: default for name, _env, default, _help in settings_table()}
+    for key, active, value, _block in example_entries():
+        if not active and key in defaults:
+            assert tomllib.loads(f"v = {value}")["v"] == defaults[key], f"{key}: documented default is stale"
+
+
+def test_example_never_holds_a_secret():
+    active = {key for key, is_active, _value, _block in example_entries() if is_active}
+    assert not active & SECRET_SETTINGS, "secrets belong in files named by <name>_file"
+
+
+def test_example_loads_as_shipped_and_fully_uncommented(tmp_path):
+    secrets_dir = tmp_path / "etc"
+    secrets_dir.mkdir()
+    (secrets_dir / "amqp_url").write_text("amqp://emdc-edge:s3cret@broker.example.org:5672/%2F\n")
+    (secrets_dir / "mqtt_password").write_text("mqtt-s3cret\n")
+    (secrets_dir / "db_url").write_text("mysql+pymysql://emdc:x@mariadb/emdc\n")
+    text = EXAMPLE_TOML.read_text().replace("/etc/emdc/", f"{secrets_dir}/")
+
+    shipped = tmp_path / "shipped.toml"
+    shipped.write_text(text)
+    cfg = load_config(shipped, env={})
+    assert cfg.amqp_url == "amqp://emdc-edge:s3cret@broker.example.org:5672/%2F"
+    assert cfg.declare_topology is False
+    assert cfg.state_dir == "/var/lib/emdc"
+
+    # Every commented setting, uncommented, must be valid TOML of the right type.
+    known = {name for name, *_ in settings_table()} | {f"{name}_file" for name in SECRET_SETTINGS}
+    uncommented = []
+    for line in text.splitlines():
+        m = SETTING_LINE.match(line)
+        uncommented.append(line[len(m["comment"]):] if m and m["comment"] and m["key"] in known else line)
+    everything = tmp_path / "everything.toml"
+    everything.write_text("\n".join(uncommented) + "\n")
+    cfg = load_config(everything, env={})
+    assert cfg.mqtt_password == "mqtt-s3cret"
+
+
+# ====================================================================== docker compose
+
+VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?:[:?-][^}]*)?\}")
+
+
+def compose_doc(name: str = "docker-compose.yml") -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / name).read_text())
+
+
+def env_example(commented: bool = True) -> dict[str, str]:
+    """Variables of .env.example; with ``commented``, also the commented-out ones."""
+    pairs = {}
+    for line in (COMPOSE / ".env.example").read_text().splitlines():
+        if commented:
+            line = line.lstrip("# ").strip()
+        if re.match(r"^[A-Z][A-Z0-9_]*=", line):
+            key, value = line.split("=", 1)
+            pairs[key] = value
+    return pairs
+
+
+def test_compose_services_and_profiles_split_the_two_hosts():
+    services = compose_doc()["services"]
+    profiles = {name: set(svc.get("profiles", [])) for name, svc in services.items()}
+    assert all(profiles.values()), "every service has a profile, so each host picks its part"
+    assert profiles["rabbitmq"] == profiles["rabbitmq-init"] == {"rabbitmq"}
+    assert profiles["mosquitto"] == profiles["mosquitto-init"] == profiles["writer"] == {"mqtt"}
+    assert profiles["db-writer"] == profiles["mariadb"] == {"db"}
+    assert services["rabbitmq"]["image"] == "rabbitmq:3.13-management"
+    assert services["mosquitto"]["image"] == "eclipse-mosquitto:2.0"
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", []):
+            assert profiles[dep] <= profiles[name], f"{name} depends on {dep} from another profile"
+
+
+def test_compose_writers_run_the_emdc_commands_without_declaring_topology():
+    services = compose_doc()["services"]
+    assert services["writer"]["command"] == ["emdc", "writer"]
+    assert services["db-writer"]["command"] == ["emdc", "db-writer"]
+    for name in ("writer", "db-writer"):
+        env = services[name]["environment"]
+        assert env["EMDC_DECLARE_TOPOLOGY"] == "false"
+        assert env["EMDC_STATE_DIR"] == "/app/state"
+        assert any(v.endswith(":/app/state") for v in services[name]["volumes"])
+        assert services[name]["build"]["dockerfile"] == "deploy/compose/Dockerfile"
+        assert (COMPOSE / services[name]["build"]["context"]).resolve() == REPO
+    assert services["db-writer"]["environment"]["EMDC_DB_URL"].startswith("mysql+pymysql://emdc:${MARIADB_PASSWORD")
+    assert services["writer"]["environment"]["EMDC_MQTT_USERNAME"] == "emdc-writer"
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.tls.yml"])
+def test_compose_references_resolve(name):
+    """Bind-mount sources exist, named volumes are declared, EMDC_* variables are real settings."""
+    doc, base = compose_doc(name), compose_doc()
+    settings = {env for _n, env, _d, _h in settings_table()}
+    settings |= {f"EMDC_{s.upper()}_FILE" for s in SECRET_SETTINGS} | {"EMDC_CONFIG"}
+    for svc_name, svc in doc["services"].items():
+        assert svc_name in base["services"], f"{name} overrides unknown service {svc_name}"
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                path = COMPOSE / source
+                if "certs" in path.relative_to(COMPOSE).parts:
+                    continue  # made by the operator (certs/README.md); git-ignored
+                assert path.exists(), f"{svc_name}: {source} does not exist"
+            else:
+                assert source in base["volumes"], f"{svc_name}: volume {source} is not declared"
+            assert target.startswith("/")
+        for key in svc.get("environment", {}):
+            if key.startswith("EMDC_"):
+                assert key in settings, f"{svc_name}: {key} is not an EMDC setting"
+
+
+def test_compose_variables_are_all_in_env_example():
+    used = set()
+    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+        used |= set(VARIABLE.findall((COMPOSE / name).read_text()))
+    documented = set(env_example())
+    assert used - documented == set(), "add these to .env.example"
+    unused = documented - used - {"COMPOSE_PROFILES", "COMPOSE_FILE"}
+    assert unused == set(), "not used by any compose file"
+    # Every password is required (no compose default), and .env.example ships none.
+    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+        for var, rest in re.findall(r"\$\{(\w*PASSWORD\w*)([^}]*)\}", (COMPOSE / name).read_text()):
+            assert rest.startswith(":?"), f"{name}: ${{{var}}} must be required (:?)"
+    assert all(value == "" for key, value in env_example().items() if key.endswith("_PASSWORD"))
+
+
+def test_compose_config_mounts_match_broker_configs():
+    """Paths named inside the broker configs are where compose mounts things."""
+    services = compose_doc()["services"]
+    conf = (COMPOSE / "rabbitmq/20-emdc.conf").read_text()
+    definitions = re.search(r"^load_definitions = (\S+)$", conf, re.M)[1]
+    assert f"rabbitmq-definitions:{Path(definitions).parent}:ro" in services["rabbitmq"]["volumes"]
+    assert "rabbitmq-definitions:/out" in services["rabbitmq-init"]["volumes"]
+    assert "/out/" + Path(definitions).name in services["rabbitmq-init"]["command"]
+    mosquitto = MOSQUITTO_CONF.read_text()
+    for key in ("password_file", "acl_file"):
+        path = re.search(rf"^{key} (\S+)$", mosquitto, re.M)[1]
+        assert f"mosquitto-secrets:{Path(path).parent}:ro" in services["mosquitto"]["volumes"]
+    tls = compose_doc("docker-compose.tls.yml")["services"]
+    include_dir = re.search(r"^include_dir (\S+)$", mosquitto, re.M)[1]
+    assert f"./mosquitto/tls:{include_dir}:ro" in tls["mosquitto"]["volumes"]
+    assert (COMPOSE / "mosquitto/config" / Path(include_dir).name).is_dir(), "mosquitto refuses a missing include_dir"
+    for cert in re.findall(r"^(?:certfile|keyfile) (\S+)$", (COMPOSE / "mosquitto/tls/tls.conf").read_text(), re.M):
+        assert any(v.endswith(f":{Path(cert).parent}:ro") for v in tls["mosquitto"]["volumes"])
+    for cert in re.findall(r"^ssl_options\.\w+ = (\S+)$", (COMPOSE / "rabbitmq/30-tls.conf").read_text(), re.M):
+        if cert.startswith("/"):
+            assert any(v.endswith(f":{Path(cert).parent}:ro") for v in tls["rabbitmq"]["volumes"])
+
+
+def compose_config(env_file: Path, *files: str) -> subprocess.CompletedProcess[str]:
+    """``compose config -q`` by whichever compose implementation is installed (no engine needed)."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        compose = ["docker", "compose"]
+    elif shutil.which("docker-compose"):
+        compose = ["docker-compose"]
+    else:
+        pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+    args = [*compose, "--env-file", str(env_file), "--project-directory", str(COMPOSE)]
+    for name in files:
+        args += ["-f", str(COMPOSE / name)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "RABBITMQ_", "MQTT", "MARIADB_"))}
+    return subprocess.run([*args, "config", "-q"], capture_output=True, text=True, cwd=COMPOSE, env=env)
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"]])
+def test_compose_files_validate_with_a_compose_implementation(tmp_path, files):
+    env_file = tmp_path / "env"
+    env_file.write_text("".join(f"{k}={v or random_password()}\n" for k, v in env_example(commented=False).items()))
+    result = compose_config(env_file, *files)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_passwords(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text((COMPOSE / ".env.example").read_text())
+    result = compose_config(env_file, "docker-compose.yml")
+    assert result.returncode != 0 and "set it in .env" in result.stderr, result.stderr
+
+
+# ====================================================================== Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", (COMPOSE / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_contract():
+    ins = dockerfile_instructions()
+    args = {k: v for k, _, v in (a.partition("=") for i, a in ins if i == "ARG")}
+    froms = [a for i, a in ins if i == "FROM"]
+    assert len(froms) == 2, "multi-stage: build, then a runtime without build leftovers"
+    base = froms[-1].replace("${PYTHON_IMAGE}", args["PYTHON_IMAGE"])
+    assert re.fullmatch(r"python:3\.1[1-9]-slim", base)
+    runs = " ".join(a for i, a in ins if i == "RUN")
+    assert "--no-cache-dir" in runs
+    assert args["EXTRAS"] == "backend", "the writer image installs emdc[backend] only"
+    user = [a for i, a in ins if i == "USER"][-1]
+    assert user not in {"root", "0"}
+    health = next(a for i, a in ins if i == "HEALTHCHECK")
+    assert health.endswith('CMD ["emdc", "writer", "--check"]')
+    assert next(a for i, a in ins if i == "CMD") == '["emdc", "writer"]'
+    env = " ".join(a for i, a in ins if i == "ENV")
+    assert "EMDC_STATE_DIR=/app/state" in env
+    assert next(a for i, a in ins if i == "VOLUME") == '["/app/state"]'
+
+
+def test_packaging_paths_stay_in_step_with_pyproject():
+    """The Dockerfile, its ignore file and install-edge.sh copy every package setuptools looks for."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {a.split()[0] for i, a in dockerfile_instructions() if i == "COPY" and not a.startswith("--from")}
+    ignore = (COMPOSE / "Dockerfile.dockerignore").read_text()
+    script = (EDGE / "install-edge.sh").read_text()
+    paths = re.search(r"PACKAGE_PATHS=\(([^)]*)\)", script)[1].split()
+    for package in packages:
+        assert package in copied and f"!{package}/" in ignore and package in paths, package
+    if pyproject["project"].get("readme"):
+        assert any(pyproject["project"]["readme"] in a.split() for i, a in dockerfile_instructions() if i == "COPY")
+
+
+def test_dockerfile_install_step_in_a_fresh_venv(tmp_path):
+    """Replay the build stage: its COPYs, then its pip command, in a new venv; check the result."""
+    ins = dockerfile_instructions()
+    build_stage = ins[: [i for i, (word, _) in enumerate(ins) if word == "FROM"][1]]
+    args = {k: v for k, _, v in (a.partition("=") for i, a in build_stage if i == "ARG")}
+    context = tmp_path / "src"
+    context.mkdir()
+    for word, rest in build_stage:
+        if word == "COPY":
+            *sources, dest = rest.split()
+            for source in sources:
+                assert (REPO / source).exists(), f"the Dockerfile copies {source}, which the repository lacks"
+                target = context / dest / source if len(sources) > 1 or dest.endswith("/") else context / dest
+                if (REPO / source).is_dir():
+                    shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy2(REPO / source, target)
+    pip_step = next(s for _, rest in build_stage for s in rest.split("&&") if "pip install" in s)
+    pip_args = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], pip_step))
+    pip_args = pip_args[pip_args.index("install") + 1:]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    result = subprocess.run([venv / "bin/pip", "install", *pip_args], cwd=context, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = dict(capture_output=True, text=True, timeout=60, env={"PATH": f"{venv}/bin:/usr/bin:/bin"})
+    help_ = subprocess.run([venv / "bin/emdc", "--help"], **run)
+    assert help_.returncode == 0, help_.stderr
+    no_gpio = subprocess.run([venv / "bin/python", "-c", "import gpiozero"], **run)
+    assert no_gpio.returncode != 0, "the backend image must not carry the edge's GPIO stack"
+    # The HEALTHCHECK's meaning: healthy iff the writer's heartbeat is fresh.
+    state = tmp_path / "state"
+    state.mkdir()
+    check = [venv / "bin/emdc", "writer", "--check"]
+    env = {**run["env"], "EMDC_STATE_DIR": str(state)}
+    assert subprocess.run(check, **{**run, "env": env}).returncode != 0, "no heartbeat yet: unhealthy"
+    (state / "writer.heartbeat").touch()
+    fresh = subprocess.run(check, **{**run, "env": env})
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    old = time.time() - 3600
+    os.utime(state / "writer.heartbeat", (old, old))
+    assert subprocess.run(check, **{**run, "env": env}).returncode != 0, "stale heartbeat: unhealthy"
+
+
+# ====================================================================== render_secrets.py
+
+
+def test_render_refuses_missing_or_url_unsafe_passwords():
+    template = json.loads(DEFINITIONS.read_text())
+    with pytest.raises(render_secrets.RenderError, match="RABBITMQ_ADMIN_PASSWORD is not set"):
+        render_secrets.render_definitions(template, {})
+    env = {u["password_env"]: random_password() for u in template["users"]}
+    env["RABBITMQ_EDGE_PASSWORD"] = "has@and/in-it"
+    with pytest.raises(render_secrets.RenderError, match="RABBITMQ_EDGE_PASSWORD must be"):
+        render_secrets.render_definitions(template, env)
+
+
+def test_render_writes_private_files_with_hashes_only(tmp_path):
+    env = {u["password_env"]: random_password() for u in json.loads(DEFINITIONS.read_text())["users"]}
+    out = tmp_path / "out" / "definitions.json"
+    assert render_secrets.main(["rabbitmq", str(DEFINITIONS), str(out)], env=env) == 0
+    text = out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert not any(p in text for p in env.values()), "plain password in the output"
+    assert "password_env" not in text
+    env = {"W": random_password()}
+    assert render_secrets.main(["mosquitto", str(COMPOSE / "mosquitto/config/acl"), str(tmp_path / "m"),
+                                "emdc-writer=W"], env=env) == 0
+    assert (tmp_path / "m/passwd").read_text().startswith("emdc-writer:$7$101$")
+    assert env["W"] not in (tmp_path / "m/passwd").read_text()
+    assert (tmp_path / "m/acl").read_text() == (COMPOSE / "mosquitto/config/acl").read_text()
+    assert (tmp_path / "m/acl").stat().st_mode & 0o777 == 0o600
+
+
+def test_init_env_generates_every_password(tmp_path):
+    target = tmp_path / ".env"
+    names = render_secrets.init_env(COMPOSE / ".env.example", target)
+    assert set(names) == {k for k in env_example() if k.endswith("_PASSWORD")}
+    values = dict(line.split("=", 1) for line in target.read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
+    for name in names:
+        assert render_secrets.PASSWORD_RE.match(values[name])
+    assert target.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(render_secrets.RenderError, match="exists"):
+        render_secrets.init_env(COMPOSE / ".env.example", target)
+
+
+# ====================================================================== RabbitMQ definitions
+
+
+def test_definitions_match_common_topology():
+    d = json.loads(DEFINITIONS.read_text())
+    exchange = Config().exchange
+    dlx = topology.dead_letter_exchange(exchange)
+    consumers = {Config().queue: topology.WRITER_BINDINGS, Config().db_queue: topology.DB_WRITER_BINDINGS}
+
+    assert {(x["name"], x["type"], x["durable"], x["auto_delete"], x["internal"]) for x in d["exchanges"]} == {
+        (exchange, "topic", True, False, False), (dlx, "direct", True, False, False)}
+    expected_queues = {}
+    expected_bindings = set()
+    for q, keys in consumers.items():
+        expected_queues[q] = topology.queue_arguments(exchange, q)
+        expected_queues[topology.dead_letter_queue(q)] = {}
+        expected_bindings |= {(exchange, q, key) for key in keys}
+        expected_bindings.add((dlx, topology.dead_letter_queue(q), q))
+    assert {q["name"]: q["arguments"] for q in d["queues"]} == expected_queues
+    assert all(q["durable"] and not q["auto_delete"] for q in d["queues"])
+    assert {(b["source"], b["destination"], b["routing_key"]) for b in d["bindings"]} == expected_bindings
+    assert all(b["destination_type"] == "queue" for b in d["bindings"])
+
+
+def test_definitions_grant_least_privilege():
+    d = json.loads(DEFINITIONS.read_text())
+    users = {u["name"]: u for u in d["users"]}
+    assert "guest" not in users
+    assert [u for u, v in users.items() if v["tags"]] == ["emdc-admin"]
+    perms = {p["user"]: p for p in d["permissions"]}
+    assert set(perms) == set(users)
+    for name in set(users) - {"emdc-admin"}:
+        assert perms[name]["configure"] == "^$", f"{name} may not declare or delete anything"
+    assert (perms["emdc-edge"]["write"], perms["emdc-edge"]["read"]) == ("^EMDC$", "^$")
+    assert perms["emdc-writer"]["read"] == f"^{Config().queue}$"
+    assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}$"
+
+
+def rabbitmqctl(*args: str, stdin: str | None = None) -> str:
+    result = subprocess.run([need("rabbitmqctl"), "-q", *args], input=stdin, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+@dataclasses.dataclass
+class Broker:
+    vhost: str
+    users: dict[str, str]  # definitions' user name -> its name here
+    passwords: dict[str, str]  # definitions' user name -> password
+
+    def connect(self, user: str) -> pika.BlockingConnection:
+        credentials = pika.PlainCredentials(self.users[user], self.passwords[user])
+        return pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672, self.vhost, credentials,
+                                                                 connection_attempts=1, socket_timeout=10))
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    """The rendered definitions imported into a throw-away vhost, with throw-away user names."""
+    template = json.loads(DEFINITIONS.read_text())
+    tag = uuid.uuid4().hex[:8]
+    vhost = f"emdc-test-{tag}"
+    users = {u["name"]: f"{u['name']}-test-{tag}" for u in template["users"]}
+    passwords = {u["name"]: random_password() for u in template["users"]}
+    env = {u["password_env"]: passwords[u["name"]] for u in template["users"]}
+    rendered = render_secrets.render_definitions(template, env)
+    # Definitions name their vhost and users; point both at throw-away ones.
+    for section in rendered.values():
+        for item in section:
+            if item.get("vhost") == "/":
+                item["vhost"] = vhost
+            if "user" in item:
+                item["user"] = users[item["user"]]
+    rendered["vhosts"] = [{"name": vhost}]
+    for user in rendered["users"]:
+        user["name"] = users[user["name"]]
+    rabbitmqctl("import_definitions", stdin=json.dumps(rendered))  # stdin: the server can't read our tmp files
+    try:
+        deadline = time.monotonic() + 30
+        expected = {q["name"] for q in template["queues"]}
+        while True:  # the import is asynchronous
+            with contextlib.suppress(AssertionError):
+                queues = set(rabbitmqctl("list_queues", "-p", vhost, "name").split())
+                if expected <= queues:
+                    break
+            assert time.monotonic() < deadline, "definitions import did not finish"
+            time.sleep(0.2)
+        yield Broker(vhost, users, passwords)
+    finally:
+        # Users are global, not per vhost: delete them too (in parallel; each CLI call boots an Erlang VM).
+        cleanup = [["delete_vhost", vhost]] + [["delete_user", name] for name in users.values()]
+        procs = [subprocess.Popen([need("rabbitmqctl"), "-q", *args], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for args in cleanup]
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+def refused(action) -> bool:
+    """True if the broker answers ``action`` (a synchronous call) with 403 ACCESS_REFUSED."""
+    try:
+        action()
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == 403, exc
+        return True
+    return False
+
+
+def publish_refused(conn: pika.BlockingConnection, exchange: str, routing_key: str) -> bool:
+    """Publish on a fresh confirming channel, so a refusal arrives before this returns."""
+    ch = conn.channel()
+    ch.confirm_delivery()
+    return refused(lambda: ch.basic_publish(exchange, routing_key, "{}"))
+
+
+def purge_all(broker: Broker) -> None:
+    with broker.connect("emdc-admin") as conn:
+        ch = conn.channel()
+        for q in ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_db_writer", "queue_db_writer.dead"):
+            ch.queue_purge(q)
+
+
+PULSE = json.dumps({"v": 1, "meter": "main", "channel": "active", "epoch": "ab", "seq": 1, "ts_ns": 1, "wh": 1})
+
+
+def test_definitions_import_with_every_password(broker):
+    for name in broker.users:
+        broker.connect(name).close()  # each user logs in with the password from "its" .env variable
+    assert f"{broker.users['emdc-admin']}\t[administrator]" in rabbitmqctl("list_users")
+    policies = rabbitmqctl("list_policies", "-p", broker.vhost)
+    assert "emdc-backlog-cap" in policies and "emdc-dead-letter-cap" in policies
+
+
+def test_edge_may_only_publish_pulses(broker):
+    purge_all(broker)
+    with broker.connect("emdc-edge") as conn:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        # As edge/amqp_publisher.py does: mandatory, confirmed; reaches both writers' queues.
+        ch.basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2), mandatory=True)
+        ch.exchange_declare("EMDC", passive=True)  # a passive check needs no configure right
+        assert publish_refused(conn, "EMDC", "control.main")
+        assert publish_refused(conn, "EMDC.dead", "queue_mqtt_writer")
+        assert publish_refused(conn, "amq.topic", "pulse.main.active")
+        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer"))
+        assert refused(lambda: conn.channel().exchange_declare("EMDC", "topic", durable=True))
+        assert refused(lambda: conn.channel().queue_declare("edge-private"))
+    with broker.connect("emdc-admin") as conn:
+        ch = conn.channel()
+        for q in ("queue_mqtt_writer", "queue_db_writer"):
+            method, _props, body = ch.basic_get(q, auto_ack=True)
+            assert method is not None and body.decode() == PULSE, f"pulse did not reach {q}"
+
+
+def test_writer_consumes_its_queue_and_publishes_control_and_dead_letters_only(broker):
+    purge_all(broker)
+    with broker.connect("emdc-admin") as conn:
+        conn.channel().basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2))
+    with broker.connect("emdc-writer") as conn:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare("queue_mqtt_writer", passive=True)
+        method, _props, _body = ch.basic_get("queue_mqtt_writer")
+        assert method is not None
+        # A bad message, as backend/amqp_consumer.py parks it: to the dead-letter exchange, keyed by queue.
+        ch.basic_publish("EMDC.dead", "queue_mqtt_writer", "bad", pika.BasicProperties(delivery_mode=2),
+                         mandatory=True)
+        ch.basic_ack(method.delivery_tag)
+        # `emdc state set-total` runs with the writer's credentials: control.<meter> to EMDC.
+        ch.basic_publish("EMDC", "control.main", "{}", pika.BasicProperties(delivery_mode=2), mandatory=True)
+        assert publish_refused(conn, "EMDC", "pulse.main.active")  # no forged pulses
+        assert publish_refused(conn, "amq.topic", "control.main")
+        assert publish_refused(conn, "", "queue_mqtt_writer")
+        assert refused(lambda: conn.channel().basic_get("queue_db_writer"))
+        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer.dead"))
+        assert refused(lambda: conn.channel().queue_delete("queue_mqtt_writer"))
+        assert refused(lambda: conn.channel().queue_declare("writer-private"))
+    with broker.connect("emdc-admin") as conn:
+        ch = conn.channel()
+        assert ch.basic_get("queue_mqtt_writer.dead", auto_ack=True)[2] == b"bad"
+        assert ch.basic_get("queue_mqtt_writer", auto_ack=True)[0].routing_key == "control.main"
+
+
+def test_db_writer_consumes_its_queue_only_and_rejections_dead_letter(broker):
+    purge_all(broker)
+    with broker.connect("emdc-admin") as conn:
+        conn.channel().basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2))
+    with broker.connect("emdc-db-writer") as conn:
+        ch = conn.channel()
+        method, _props, _body = ch.basic_get("queue_db_writer")
+        ch.basic_reject(method.delivery_tag, requeue=False)  # the queue's own dead-letter arguments apply
+        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer"))
+        assert publish_refused(conn, "EMDC", "control.main")
+        assert publish_refused(conn, "EMDC", "pulse.main.active")
+    with broker.connect("emdc-admin") as conn:
+        ch = conn.channel()
+        deadline = time.monotonic() + 5
+        while (got := ch.basic_get("queue_db_writer.dead", auto_ack=True))[0] is None:
+            assert time.monotonic() < deadline, "rejected message was not dead-lettered"
+            time.sleep(0.05)
+        assert got[2].decode() == PULSE
+
+
+def rabbitmq_schema_keys() -> list[re.Pattern[str]]:
+    """Every config key the local RabbitMQ's cuttlefish schemas accept, as patterns."""
+    need("rabbitmqctl")
+    roots = [Path(p) for p in (os.environ.get("RABBITMQ_HOME", ""), "/usr/lib/rabbitmq", "/opt/rabbitmq") if p]
+    schemas = {p for root in roots if root.is_dir() for p in root.rglob("*.schema")}
+    assert schemas, "no RabbitMQ cuttlefish schema found"
+    keys = set()
+    for schema in schemas:
+        keys |= set(re.findall(r'\{mapping,\s*"([^"]+)"', schema.read_text(errors="replace")))
+    return [re.compile("^" + re.sub(r"\\\$\w+", r"[^.]+", re.escape(k)) + "$") for k in keys]
+
+
+@pytest.mark.parametrize("conf", ["20-emdc.conf", "30-tls.conf"])
+def test_rabbitmq_conf_keys_are_known_to_rabbitmq(conf):
+    patterns = rabbitmq_schema_keys()
+    lines = (COMPOSE / "rabbitmq" / conf).read_text().splitlines()
+    # Commented-out settings too: they are meant to be switched on.
+    keys = [m[1] for line in lines if (m := re.match(r"^#?\s*([a-z_][\w.]*) = \S", line))]
+    assert keys
+    for key in keys:
+        assert any(p.match(key) for p in patterns), f"{conf}: RabbitMQ does not know {key}"
+
+
+# ====================================================================== Mosquitto
+
+
+@dataclasses.dataclass
+class Mosquitto:
+    port: int
+    tls_port: int
+    passwords: dict[str, str]
+    ca: Path
+    log: Path
+
+
+def run_recipe(certs: Path) -> None:
+    """Make certificates with the recipe of certs/README.md (minus its sudo lines)."""
+    readme = (COMPOSE / "certs/README.md").read_text()
+    script = re.search(r"```sh\n(.*?)```", readme, re.S)[1]
+    script = "\n".join(line for line in script.splitlines() if not line.startswith("sudo "))
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=certs, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def mosquitto_broker(tmp_path_factory) -> Iterator[Mosquitto]:
+    """deploy/compose/mosquitto as compose runs it, moved to a temp dir and free ports, with TLS on."""
+    need("openssl")
+    root = tmp_path_factory.mktemp("mosquitto")
+    shutil.copytree(COMPOSE / "mosquitto/config", root / "config")
+    for sub in ("data", "log", "secrets", "certs"):
+        (root / sub).mkdir()
+    run_recipe(root / "certs")
+    shutil.copytree(root / "certs/mosquitto", root / "tls-certs")
+    # An observer that may read everything, so the test can see what the ACL drops.
+    acl = root / "config/acl"
+    acl.write_text(acl.read_text() + "\nuser emdc-test-observer\ntopic read #\n")
+    passwords = {u: random_password() for u in ("emdc-writer", "homeassistant", "emdc-test-observer")}
+    users = [f"{u}=PW_{i}" for i, u in enumerate(passwords)]
+    env = {f"PW_{i}": p for i, p in enumerate(passwords.values())}
+    assert render_secrets.main(["mosquitto", str(acl), str(root / "secrets"), *users], env=env) == 0
+    # The TLS listener, as docker-compose.tls.yml mounts it over conf.d/.
+    shutil.copy(COMPOSE / "mosquitto/tls/tls.conf", root / "config/conf.d/tls.conf")
+    port, tls_port = free_port(), free_port()
+    for conf in (root / "config/mosquitto.conf", root / "config/conf.d/tls.conf"):
+        text = conf.read_text().replace("/mosquitto/certs/", f"{root}/tls-certs/").replace("/mosquitto/", f"{root}/")
+        text = re.sub(r"^listener 1883$", f"listener {port} 127.0.0.1", text, flags=re.M)
+        text = re.sub(r"^listener 8883$", f"listener {tls_port} 127.0.0.1", text, flags=re.M)
+        conf.write_text(text)
+    # Started as root, Mosquitto would switch to user "mosquitto", who can't read the temp dir.
+    conf = root / "config/mosquitto.conf"
+    if os.geteuid() == 0:
+        conf.write_text("user root\n" + conf.read_text())
+    log = root / "log/mosquitto.log"
+    proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", tls_port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mosquitto did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+                            f"{log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+        yield Mosquitto(port, tls_port, passwords, root / "certs/ca.crt", log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Client:
+    """A paho client (API v2) that records its CONNACK and every message it receives."""
+
+    def __init__(self, port: int, user: str | None, password: str | None, ca: Path | None = None):
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connack = threading.Event()
+        self.reason: Any = None
+        self.mqtt = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"emdc-test-{uuid.uuid4().hex[:8]}",
+                                protocol=mqtt.MQTTv311)
+        if user is not None:
+            self.mqtt.username_pw_set(user, password)
+        if ca is not None:
+            self.mqtt.tls_set(ca_certs=str(ca))
+            self.mqtt.tls_insecure_set(True)  # names are checked by test_tls_listener_certificate
+        self.mqtt.on_connect = self._on_connect
+        self.mqtt.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
+        self.mqtt.connect("127.0.0.1", port, keepalive=10)
+        self.mqtt.loop_start()
+        assert self.connack.wait(10), "no CONNACK"
+
+    def _on_connect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        self.reason = reason_code
+        self.connack.set()
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reason.is_failure
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.mqtt.on_subscribe = lambda *_args: done.set()
+        self.mqtt.subscribe(topic, qos=1)
+        assert done.wait(5)
+
+    def publish(self, topic: str, payload: str, retain: bool = False) -> None:
+        self.mqtt.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def received_until(self, sentinel: str) -> list[tuple[str, bytes]]:
+        """Messages up to the sentinel topic; QoS 1 from one publisher arrives in order."""
+        got = []
+        while True:
+            topic, payload = self.messages.get(timeout=5)
+            if topic == sentinel:
+                return got
+            got.append((topic, payload))
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
+
+
+@contextlib.contextmanager
+def clients(broker: Mosquitto, *users: str, tls: bool = False) -> Iterator[list[Client]]:
+    made = []
+    try:
+        for user in users:
+            made.append(Client(broker.tls_port if tls else broker.port, user, broker.passwords[user],
+                               broker.ca if tls else None))
+        yield made
+    finally:
+        for c in made:
+            c.close()
+
+
+def test_mosquitto_refuses_anonymous_and_wrong_passwords(mosquitto_broker):
+    anonymous = Client(mosquitto_broker.port, None, None)
+    wrong = Client(mosquitto_broker.port, "emdc-writer", "not-the-password")
+    unknown = Client(mosquitto_broker.port, "guest", "guest")
+    try:
+        assert not anonymous.accepted and not wrong.accepted and not unknown.accepted
+    finally:
+        for c in (anonymous, wrong, unknown):
+            c.close()
+    with clients(mosquitto_broker, "emdc-writer", "homeassistant") as (writer, ha):
+        assert writer.accepted and ha.accepted
+
+
+def test_mosquitto_acl_lets_the_writer_feed_home_assistant(mosquitto_broker):
+    tag = uuid.uuid4().hex[:8]  # fresh topics: retained messages of other tests stay out of the way
+    with clients(mosquitto_broker, "emdc-writer", "homeassistant") as (writer, ha):
+        ha.subscribe(f"home/energy/{tag}/#")
+        ha.subscribe(f"homeassistant/sensor/{tag}/#")
+        writer.subscribe("homeassistant/status")
+        writer.publish(f"homeassistant/sensor/{tag}/active_energy/config", "{}", retain=True)
+        writer.publish(f"home/energy/{tag}/active_energy", "1.234", retain=True)
+        writer.publish(f"home/energy/{tag}/status", "online", retain=True)
+        writer.publish(f"home/energy/{tag}/sentinel", "")
+        assert ha.received_until(f"home/energy/{tag}/sentinel") == [
+            (f"homeassistant/sensor/{tag}/active_energy/config", b"{}"),
+            (f"home/energy/{tag}/active_energy", b"1.234"),
+            (f"home/energy/{tag}/status", b"online"),
+        ]
+        ha.publish("homeassistant/status", "online")  # Home Assistant's birth message
+        assert writer.messages.get(timeout=5) == ("homeassistant/status", b"online")
+
+
+def test_mosquitto_acl_drops_what_a_user_may_not_publish(mosquitto_broker):
+    tag = uuid.uuid4().hex[:8]
+    with clients(mosquitto_broker, "emdc-writer", "homeassistant", "emdc-test-observer") as (writer, ha, observer):
+        for topic in (f"home/energy/{tag}/#", f"homeassistant/{tag}/#", f"other/{tag}/#", "homeassistant/status"):
+            observer.subscribe(topic)
+        ha.publish(f"home/energy/{tag}/active_energy", "999")  # HA may read states, not forge them
+        ha.publish(f"homeassistant/{tag}/config", "{}")  # nor write discovery
+        ha.publish("homeassistant/status", "online")
+        assert observer.received_until("homeassistant/status") == []
+        writer.publish(f"other/{tag}/topic", "x")  # the writer stays inside its topics
+        writer.publish(f"home/energy/{tag}/sentinel", "")
+        assert observer.received_until(f"home/energy/{tag}/sentinel") == []
+
+
+def test_mosquitto_tls_listener_takes_the_same_users(mosquitto_broker):
+    with clients(mosquitto_broker, "emdc-writer", tls=True) as (writer,):
+        assert writer.accepted
+    anonymous = Client(mosquitto_broker.tls_port, None, None, mosquitto_broker.ca)
+    try:
+        assert not anonymous.accepted
+    finally:
+        anonymous.close()
+
+
+def test_tls_listener_certificate_names_the_service(mosquitto_broker):
+    """The README recipe's certificate verifies against its CA under the compose service name."""
+    context = ssl.create_default_context(cafile=str(mosquitto_broker.ca))
+    # Python 3.13+ (Home Assistant) verifies strictly by default; the recipe's certificates must pass.
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    with socket.create_connection(("127.0.0.1", mosquitto_broker.tls_port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="mosquitto") as tls:
+        assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+    with socket.create_connection(("127.0.0.1", mosquitto_broker.tls_port), timeout=5) as raw, \
+            pytest.raises(ssl.SSLCertVerificationError):
+        context.wrap_socket(raw, server_hostname="not-the-broker.example.net")

@@ -1,0 +1,282 @@
+"""edge.outbox: the durable per-channel counter and the outbox of numbered pulses (SQLite)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from common.message import Pulse
+from edge.outbox import FILENAME, Outbox, OutboxReader
+
+T0 = 1_764_000_000_000_000_000
+S = 1_000_000_000
+
+
+class Opened:
+    """Opens outboxes and readers on one database file and closes them all at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._open: list[Outbox | OutboxReader] = []
+
+    def outbox(self, meter: str = "main", max_rows: int = 1_000_000, path: Path | None = None) -> Outbox:
+        box = Outbox(path or self.path, meter=meter, max_rows=max_rows)
+        self._open.append(box)
+        return box
+
+    def reader(self, box: Outbox) -> OutboxReader:
+        reader = box.reader()
+        self._open.append(reader)
+        return reader
+
+    def close_all(self) -> None:
+        for thing in reversed(self._open):
+            thing.close()
+        self._open.clear()
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Iterator[Opened]:
+    o = Opened(tmp_path / "state" / FILENAME)
+    yield o
+    o.close_all()
+
+
+def active(n: int, start_s: int = 0) -> list[tuple[str, int, float]]:
+    return [("active", T0 + (start_s + i) * S, 1.0) for i in range(n)]
+
+
+# --- a fresh outbox -------------------------------------------------------------------------------
+
+def test_fresh_outbox_is_empty_with_a_random_hex_epoch(opened: Opened):
+    box = opened.outbox()
+    assert box.counters() == {}
+    assert box.last_ts_ns == 0
+    assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
+    assert box.path.exists()
+    assert opened.reader(box).depth() == 0
+
+
+def test_record_numbers_pulses_per_channel(opened: Opened):
+    box = opened.outbox(meter="garage")
+    pulses = box.record([("active", T0, 1.0), ("reactive", T0 + 1, 0.5), ("active", T0 + 2, 1.0)])
+    assert pulses == [Pulse("garage", "active", box.epoch, 1, T0, 1.0),
+                      Pulse("garage", "reactive", box.epoch, 1, T0 + 1, 0.5),
+                      Pulse("garage", "active", box.epoch, 2, T0 + 2, 1.0)]
+    assert box.counters() == {"active": 2, "reactive": 1}
+
+
+def test_seq_continues_across_batches(opened: Opened):
+    box = opened.outbox()
+    box.record(active(3))
+    assert [p.seq for p in box.record(active(2, start_s=3))] == [4, 5]
+
+
+def test_counters_returns_a_copy(opened: Opened):
+    box = opened.outbox()
+    box.record(active(1))
+    box.counters()["active"] = 99
+    assert box.counters() == {"active": 1}
+
+
+def test_last_ts_ns_tracks_the_newest_pulse_of_any_channel(opened: Opened):
+    box = opened.outbox()
+    box.record([("active", T0 + 5, 1.0), ("reactive", T0 + 9, 1.0)])
+    assert box.last_ts_ns == T0 + 9
+
+
+def test_recording_an_empty_batch_is_a_no_op(opened: Opened):
+    box = opened.outbox()
+    assert box.record([]) == []
+    assert box.counters() == {}
+
+
+# --- persistence across restarts ------------------------------------------------------------------
+
+def test_counters_epoch_and_last_ts_survive_reopening(opened: Opened):
+    box = opened.outbox()
+    box.record([*active(3), ("reactive", T0 + 100 * S, 1.0)])
+    epoch = box.epoch
+    box.close()
+    again = opened.outbox()
+    assert again.epoch == epoch
+    assert again.counters() == {"active": 3, "reactive": 1}
+    assert again.last_ts_ns == T0 + 100 * S
+    assert [p.seq for p in again.record(active(2, start_s=200))] == [4, 5]
+    assert {p.epoch for _, p in opened.reader(again).pending(0, 100)} == {epoch}
+
+
+def test_unconfirmed_pulses_survive_reopening(opened: Opened):
+    box = opened.outbox()
+    recorded = box.record(active(3))
+    box.close()
+    again = opened.outbox()
+    assert [p for _, p in opened.reader(again).pending(0, 100)] == recorded
+
+
+def test_a_new_database_file_gets_a_new_epoch_and_starts_at_one(opened: Opened, tmp_path: Path):
+    first = opened.outbox()
+    first.record(active(5))
+    second = opened.outbox(path=tmp_path / "other" / FILENAME)
+    assert second.epoch != first.epoch
+    assert second.record(active(1))[0].seq == 1
+
+
+def test_meters_sharing_a_file_have_separate_counters(opened: Opened):
+    main = opened.outbox(meter="main")
+    main.record(active(3))
+    main.close()
+    garage = opened.outbox(meter="garage")
+    assert garage.counters() == {}
+    assert garage.record(active(1))[0] == Pulse("garage", "active", garage.epoch, 1, T0, 1.0)
+    assert opened.reader(garage).counters() == {("main", "active"): 3, ("garage", "active"): 1}
+
+
+# --- the publisher's reader -----------------------------------------------------------------------
+
+def test_pending_returns_rows_in_recording_order(opened: Opened):
+    box = opened.outbox()
+    recorded = box.record(active(3)) + box.record([("reactive", T0 + 10 * S, 1.0)]) + box.record(active(1, 20))
+    rows = opened.reader(box).pending(after_id=0, limit=100)
+    assert [p for _, p in rows] == recorded
+    ids = [row_id for row_id, _ in rows]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_pending_pages_with_after_id_and_limit(opened: Opened):
+    box = opened.outbox()
+    recorded = box.record(active(5))
+    reader = opened.reader(box)
+    first = reader.pending(after_id=0, limit=2)
+    second = reader.pending(after_id=first[-1][0], limit=2)
+    third = reader.pending(after_id=second[-1][0], limit=2)
+    assert [p for _, p in first + second + third] == recorded
+    assert reader.pending(after_id=third[-1][0], limit=2) == []
+
+
+def test_reader_sees_pulses_recorded_after_it_opened(opened: Opened):
+    box = opened.outbox()
+    reader = opened.reader(box)
+    assert reader.pending(0, 10) == []
+    box.record(active(1))
+    assert len(reader.pending(0, 10)) == 1
+
+
+def test_confirm_deletes_exactly_the_confirmed_rows(opened: Opened):
+    box = opened.outbox()
+    box.record(active(4))
+    reader = opened.reader(box)
+    rows = reader.pending(0, 100)
+    reader.confirm([rows[0][0], rows[2][0]])
+    assert [p.seq for _, p in reader.pending(0, 100)] == [2, 4]
+    assert reader.depth() == 2
+    assert box.counters() == {"active": 4}  # confirming never touches the counter
+
+
+def test_confirm_of_unknown_or_already_deleted_ids_is_harmless(opened: Opened):
+    box = opened.outbox()
+    box.record(active(2))
+    reader = opened.reader(box)
+    row_id = reader.pending(0, 10)[0][0]
+    reader.confirm([row_id])
+    reader.confirm([row_id, 10_000])
+    assert reader.depth() == 1
+
+
+def test_confirmed_rows_stay_deleted_after_reopening(opened: Opened):
+    box = opened.outbox()
+    box.record(active(3))
+    reader = opened.reader(box)
+    reader.confirm([row_id for row_id, _ in reader.pending(0, 2)])
+    opened.close_all()
+    again = opened.outbox()
+    assert [p.seq for _, p in opened.reader(again).pending(0, 10)] == [3]
+
+
+def test_reader_knows_the_epoch(opened: Opened):
+    box = opened.outbox()
+    assert opened.reader(box).epoch == box.epoch
+
+
+def test_status_is_stored_and_read_back(opened: Opened):
+    box = opened.outbox()
+    reader = opened.reader(box)
+    reader.set_status(broker="connected", last_publish_ns="123")
+    reader.set_status(broker="down")
+    status = reader.status()
+    assert status["broker"] == "down"
+    assert status["last_publish_ns"] == "123"
+    assert status["epoch"] == box.epoch
+    box.close()
+    assert opened.reader(opened.outbox()).status()["broker"] == "down"
+
+
+def test_status_does_not_change_the_epoch(opened: Opened):
+    box = opened.outbox()
+    opened.reader(box).set_status(other="x")
+    box.close()
+    assert opened.outbox().epoch == box.epoch
+
+
+# --- the row cap ----------------------------------------------------------------------------------
+
+def test_max_rows_keeps_the_newest_rows_and_an_exact_counter(opened: Opened):
+    box = opened.outbox(max_rows=3)
+    for i in range(5):
+        box.record(active(1, start_s=i))
+    reader = opened.reader(box)
+    assert reader.depth() == 3
+    assert [p.seq for _, p in reader.pending(0, 100)] == [3, 4, 5]
+    assert box.counters() == {"active": 5}
+    assert box.record(active(1, start_s=10))[0].seq == 6
+
+
+def test_one_batch_larger_than_max_rows(opened: Opened):
+    box = opened.outbox(max_rows=2)
+    pulses = box.record(active(7))
+    assert [p.seq for p in pulses] == list(range(1, 8))
+    assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [6, 7]
+    assert box.counters() == {"active": 7}
+
+
+def test_confirmed_rows_make_room_under_the_cap(opened: Opened):
+    box = opened.outbox(max_rows=3)
+    box.record(active(3))
+    reader = opened.reader(box)
+    reader.confirm([row_id for row_id, _ in reader.pending(0, 100)])
+    box.record(active(2, start_s=3))
+    assert [p.seq for _, p in reader.pending(0, 100)] == [4, 5]
+
+
+def test_trimming_is_logged_once_per_episode(opened: Opened, caplog):
+    box = opened.outbox(max_rows=1)
+    with caplog.at_level("INFO", logger="emdc.outbox"):
+        box.record(active(3))
+        box.record(active(3, start_s=3))
+    assert sum("outbox is full" in r.message for r in caplog.records) == 1
+
+
+# --- a failed commit ------------------------------------------------------------------------------
+
+def test_failed_commit_takes_the_numbers_back(opened: Opened):
+    box = opened.outbox()
+    box.record(active(2))
+    with closing(sqlite3.connect(box.path)) as db:  # make every insert fail, like a full disk would
+        db.execute("CREATE TRIGGER fail BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        db.commit()
+    with pytest.raises(sqlite3.Error, match="disk full"):
+        box.record(active(3, start_s=2))
+    assert box.counters() == {"active": 2}
+    assert box.last_ts_ns == T0 + 1 * S
+    with closing(sqlite3.connect(box.path)) as db:
+        db.execute("DROP TRIGGER fail")
+        db.commit()
+    assert [p.seq for p in box.record(active(1, start_s=5))] == [3]  # no seq skipped or reused
+    assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [1, 2, 3]
+    box.close()
+    assert opened.outbox().counters() == {"active": 3}

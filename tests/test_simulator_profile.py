@@ -1,0 +1,200 @@
+"""edge.simulator.LoadProfile: piecewise-constant loads and the pulse times they produce."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.simulator import LoadProfile
+
+
+def times_until(profile: LoadProfile, end_s: float, channel: str = "active", wh: float = 1.0) -> list[float]:
+    return list(itertools.takewhile(lambda t: t <= end_s, profile.pulse_times(channel, wh)))
+
+
+def energy_wh(profile: LoadProfile, end_s: float, column: int = 1) -> float:
+    """Integral of a step column from 0 to end_s, in Wh."""
+    starts = [s[0] for s in profile.steps]
+    ends = [*starts[1:], float("inf")]
+    return sum(step[column] * max(0.0, min(end, end_s) - step[0]) / 3600
+               for step, end in zip(profile.steps, ends, strict=True))
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path):
+    def write(text: str) -> Path:
+        path = tmp_path / "load.csv"
+        path.write_text(text)
+        return path
+    return write
+
+
+# --- pulse times ----------------------------------------------------------------------------------
+
+def test_constant_3kw_with_1wh_pulses_every_1_2_seconds():
+    times = list(itertools.islice(LoadProfile.constant(3000).pulse_times("active", 1.0), 5))
+    assert times == pytest.approx([1.2, 2.4, 3.6, 4.8, 6.0])
+
+
+def test_pulse_interval_scales_with_wh():
+    times = list(itertools.islice(LoadProfile.constant(3000).pulse_times("active", 0.5), 3))
+    assert times == pytest.approx([0.6, 1.2, 1.8])
+
+
+def test_reactive_channel_uses_the_reactive_column():
+    profile = LoadProfile.constant(3000, reactive_var=1800)
+    assert list(itertools.islice(profile.pulse_times("reactive", 1.0), 2)) == pytest.approx([2.0, 4.0])
+
+
+def test_zero_load_produces_no_pulses_and_terminates():
+    assert list(LoadProfile.constant(3000).pulse_times("reactive", 1.0)) == []
+    assert list(LoadProfile.constant(0).pulse_times("active", 1.0)) == []
+
+
+def test_unknown_channel_is_an_error():
+    with pytest.raises(KeyError):
+        next(LoadProfile.constant(100).pulse_times("apparent", 1.0))
+
+
+def test_energy_carries_over_a_step_change():
+    # 1800 W for 1 s stores 0.5 Wh; at 3600 W the other 0.5 Wh takes 0.5 s more.
+    profile = LoadProfile(((0.0, 1800.0, 0.0), (1.0, 3600.0, 0.0)))
+    assert next(profile.pulse_times("active", 1.0)) == pytest.approx(1.5)
+
+
+def test_energy_carries_over_an_idle_step():
+    # 0.5 Wh before the load stops; the pulse completes 1 s after it resumes at 1800 W.
+    profile = LoadProfile(((0.0, 1800.0, 0.0), (1.0, 0.0, 0.0), (100.0, 1800.0, 0.0)))
+    assert next(profile.pulse_times("active", 1.0)) == pytest.approx(101.0)
+
+
+def test_last_step_that_stops_the_load_ends_the_pulses():
+    profile = LoadProfile(((0.0, 3600.0, 0.0), (10.0, 0.0, 0.0)))
+    assert list(profile.pulse_times("active", 1.0)) == pytest.approx([float(i) for i in range(1, 11)])
+
+
+steps_strategy = st.lists(st.tuples(st.floats(0.5, 120), st.sampled_from([0.0, 40.0, 150.0, 999.0, 3000.0, 5000.0])),
+                          min_size=1, max_size=8)
+
+
+def profile_from(durations_and_powers: list[tuple[float, float]]) -> LoadProfile:
+    starts = itertools.accumulate((d for d, _ in durations_and_powers), initial=0.0)
+    return LoadProfile(tuple((start, w, 0.0) for start, (_, w) in zip(starts, durations_and_powers, strict=False)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps_strategy, st.sampled_from([0.5, 1.0, 2.0, 10.0]), st.floats(0, 1200))
+def test_number_of_pulses_matches_the_energy(steps: list[tuple[float, float]], wh: float, end_s: float):
+    profile = profile_from(steps)
+    expected = energy_wh(profile, end_s) / wh
+    count = len(times_until(profile, end_s, wh=wh))
+    assert expected - 1 <= count <= expected + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps_strategy, st.sampled_from([0.5, 1.0, 2.0]))
+def test_pulse_times_increase_and_each_pulse_holds_wh(steps: list[tuple[float, float]], wh: float):
+    profile = profile_from(steps)
+    times = times_until(profile, 400, wh=wh)
+    assert times == sorted(times)
+    # The n-th pulse completes when n*wh have been used.
+    wrong = [(n, t) for n, t in enumerate(times, start=1)
+             if not math.isclose(energy_wh(profile, t), n * wh, rel_tol=1e-9, abs_tol=1e-6)]
+    assert wrong == []
+
+
+def test_with_reactive_replaces_the_reactive_column():
+    profile = LoadProfile(((0.0, 100.0, 5.0), (10.0, 200.0, 6.0))).with_reactive(50.0)
+    assert profile.steps == ((0.0, 100.0, 50.0), (10.0, 200.0, 50.0))
+
+
+# --- CSV profiles ---------------------------------------------------------------------------------
+
+def test_csv_with_header_comments_and_blank_lines(csv_file):
+    path = csv_file("seconds,active_w,reactive_var\n# morning\n0,180,60\n\n  # kettle\n600,2180,60\n900,180\n")
+    assert LoadProfile.from_csv(path).steps == ((0.0, 180.0, 60.0), (600.0, 2180.0, 60.0), (900.0, 180.0, 0.0))
+
+
+def test_csv_without_header(csv_file):
+    assert LoadProfile.from_csv(csv_file("0,1000\n")).steps == ((0.0, 1000.0, 0.0),)
+
+
+def test_csv_rows_are_sorted_by_time(csv_file):
+    assert [s[0] for s in LoadProfile.from_csv(csv_file("60,1\n0,2\n30,3\n")).steps] == [0.0, 30.0, 60.0]
+
+
+def test_csv_extra_columns_are_ignored(csv_file):
+    assert LoadProfile.from_csv(csv_file("0,100,10,note\n")).steps == ((0.0, 100.0, 10.0),)
+
+
+def test_csv_non_number_after_the_first_line_names_file_and_line(csv_file):
+    path = csv_file("0,100\n60,lots\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: expected numbers"):
+        LoadProfile.from_csv(path)
+
+
+def test_csv_single_column_is_an_error(csv_file):
+    path = csv_file("0,100\n60\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: expected seconds,active_w"):
+        LoadProfile.from_csv(path)
+
+
+@pytest.mark.parametrize("row", ["-1,100", "0,-100", "0,100,-5"])
+def test_csv_negative_values_are_errors(csv_file, row: str):
+    with pytest.raises(ValueError, match=">= 0"):
+        LoadProfile.from_csv(csv_file(row + "\n"))
+
+
+@pytest.mark.parametrize("text", ["", "seconds,active_w\n", "# nothing\n\n"])
+def test_csv_without_data_rows_is_an_error(csv_file, text: str):
+    with pytest.raises(ValueError, match="no rows"):
+        LoadProfile.from_csv(csv_file(text))
+
+
+def test_csv_missing_file_is_an_error(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        LoadProfile.from_csv(tmp_path / "absent.csv")
+
+
+def test_csv_header_after_a_comment_is_skipped(csv_file):
+    assert LoadProfile.from_csv(csv_file("# exported from the logger\nseconds,active_w\n0,100\n")).steps == (
+        (0.0, 100.0, 0.0),)
+
+
+@pytest.mark.parametrize("row", ["0,nan", "0,inf", "0,100,nan"])
+def test_csv_non_finite_values_are_errors(csv_file, row: str):
+    with pytest.raises(ValueError):
+        LoadProfile.from_csv(csv_file(row + "\n"))
+
+
+# --- the household hour ---------------------------------------------------------------------------
+
+def test_household_is_deterministic_for_a_seed():
+    assert LoadProfile.household(seed=7) == LoadProfile.household(seed=7)
+    assert LoadProfile.household(seed=7) != LoadProfile.household(seed=8)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("duration_s", [600.0, 3600.0, 7200.0])
+def test_household_is_within_sane_ranges(seed: int, duration_s: float):
+    profile = LoadProfile.household(duration_s=duration_s, seed=seed)
+    assert profile.steps[0] == (0.0, 180.0, 60.0)
+    starts = [s[0] for s in profile.steps]
+    assert starts == sorted(starts)
+    assert all(0 <= t < duration_s for t in starts)
+    assert all(179.999 <= w <= 6100.001 for _, w, _ in profile.steps)  # base load .. everything on
+    assert all(59.999 <= var <= 610.001 for _, _, var in profile.steps)
+    mean_w = energy_wh(profile, duration_s) * 3600 / duration_s
+    assert 180 <= mean_w <= 4000
+
+
+def test_household_produces_a_realistic_number_of_pulses():
+    profile = LoadProfile.household()
+    pulses = len(times_until(profile, 3600.0))
+    assert pulses == pytest.approx(energy_wh(profile, 3600.0), abs=1)
+    assert 200 < pulses < 4000

@@ -1,0 +1,164 @@
+"""edge.tick_clock.TickClock: monotonic ticks to UTC nanoseconds, re-anchored only forwards."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.tick_clock import TickClock
+
+S = 1_000_000_000
+WALL0 = 1_764_000_000 * S
+
+
+class FakeClocks:
+    """A monotonic tick source and a wall clock the test moves independently."""
+
+    def __init__(self, ticks: float = 100.0, wall_ns: int = WALL0) -> None:
+        self.ticks = ticks
+        self.wall = wall_ns
+
+    def advance(self, seconds: float) -> None:
+        self.ticks += seconds
+        self.wall += round(seconds * S)
+
+    def clock(self, follow: bool = True) -> TickClock:
+        return TickClock(ticks_now=lambda: self.ticks, wall_ns=lambda: self.wall, follow_wall_clock=follow)
+
+
+@pytest.fixture
+def clocks() -> FakeClocks:
+    return FakeClocks()
+
+
+def test_docstring_example():
+    clock = TickClock(ticks_now=lambda: 10.0, wall_ns=lambda: 1_000_000_000_000)
+    assert clock.to_utc_ns(10.5) == 1_000_500_000_000
+
+
+def test_ticks_map_linearly_around_the_anchor(clocks: FakeClocks):
+    clock = clocks.clock()
+    assert clock.to_utc_ns(100.0) == WALL0
+    assert clock.to_utc_ns(101.25) == WALL0 + 1_250_000_000
+    assert clock.to_utc_ns(99.0) == WALL0 - S
+
+
+def test_mapping_is_unchanged_when_both_clocks_advance_together(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.advance(3600)
+    assert clock.reanchor() == 0
+    assert clock.to_utc_ns(100.0) == WALL0
+
+
+def test_reanchor_follows_a_forward_wall_clock_jump(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.advance(10)
+    clocks.wall += 3600 * S  # NTP sets the clock
+    assert clock.reanchor() == 3600 * S
+    assert clock.to_utc_ns(clocks.ticks) == clocks.wall
+
+
+def test_reanchor_ignores_a_backward_wall_clock_jump(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.wall -= 3600 * S
+    assert clock.reanchor() == 0
+    assert clock.to_utc_ns(100.0) == WALL0
+
+
+def test_reanchor_ignores_steps_below_the_threshold(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.wall += 499_999_999
+    assert clock.reanchor() == 0
+    assert clock.to_utc_ns(100.0) == WALL0
+
+
+def test_reanchor_takes_a_step_of_exactly_the_threshold(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.wall += 500_000_000
+    assert clock.reanchor() == 500_000_000
+    assert clock.to_utc_ns(100.0) == WALL0 + 500_000_000
+
+
+def test_reanchor_threshold_is_configurable(clocks: FakeClocks):
+    clock = clocks.clock()
+    clocks.wall += 2 * S
+    assert clock.reanchor(min_step_ns=5 * S) == 0
+    assert clock.reanchor(min_step_ns=S) == 2 * S
+
+
+def test_small_steps_are_followed_once_they_add_up_to_the_threshold(clocks: FakeClocks):
+    clock = clocks.clock()
+    for _ in range(4):
+        clocks.wall += 100_000_000
+        assert clock.reanchor() == 0  # each difference is measured from the anchor, not the last call
+    clocks.wall += 100_000_000
+    assert clock.reanchor() == 500_000_000
+    assert clock.to_utc_ns(clocks.ticks) == clocks.wall
+
+
+def test_clock_that_does_not_follow_the_wall_never_reanchors(clocks: FakeClocks):
+    clock = clocks.clock(follow=False)
+    clocks.wall += 3600 * S
+    assert clock.reanchor() == 0
+    assert clock.to_utc_ns(100.0) == WALL0
+
+
+def test_not_before_shifts_now_just_after_the_floor(clocks: FakeClocks):
+    clock = clocks.clock()
+    floor = WALL0 + 86_400 * S  # the last recorded pulse is a day "in the future": clock not set yet
+    shift = clock.not_before(floor)
+    assert shift == 86_400 * S + 1_000_000
+    assert clock.to_utc_ns(clocks.ticks) == floor + 1_000_000
+    assert clock.to_utc_ns(clocks.ticks + 1) == floor + 1_000_000 + S
+
+
+def test_not_before_does_nothing_when_now_is_already_later(clocks: FakeClocks):
+    clock = clocks.clock()
+    assert clock.not_before(WALL0 - S) == 0
+    assert clock.not_before(WALL0 - 1_000_000) == 0  # now is exactly floor + 1 ms
+    assert clock.to_utc_ns(100.0) == WALL0
+
+
+def test_not_before_shifts_by_one_ns_when_floor_is_just_short_of_now(clocks: FakeClocks):
+    clock = clocks.clock()
+    assert clock.not_before(WALL0 - 999_999) == 1
+
+
+def test_reanchor_after_not_before_waits_for_the_wall_clock_to_catch_up(clocks: FakeClocks):
+    clock = clocks.clock()
+    clock.not_before(WALL0 + 3600 * S)
+    clocks.wall += 1800 * S  # NTP moves the clock, but not past the shifted mapping
+    assert clock.reanchor() == 0
+    clocks.wall += 3600 * S
+    assert clock.reanchor() == pytest.approx(5400 * S - 3600 * S - 1_000_000, abs=1)
+
+
+operations = st.lists(st.one_of(
+    st.tuples(st.just("advance"), st.floats(0, 1000)),
+    st.tuples(st.just("jump"), st.integers(-10**13, 10**13)),
+    st.tuples(st.just("reanchor"), st.integers(0, 10**10)),
+    st.tuples(st.just("not_before"), st.integers(-10**13, 10**13)),
+), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations)
+def test_timestamps_never_go_back(ops: list[tuple[str, float]]):
+    clocks = FakeClocks()
+    clock = clocks.clock()
+    last = clock.to_utc_ns(clocks.ticks)
+    for op, value in ops:
+        if op == "advance":
+            clocks.advance(value)
+        elif op == "jump":
+            clocks.wall += int(value)
+        elif op == "reanchor":
+            assert clock.reanchor(int(value)) >= 0
+        else:
+            floor = clock.to_utc_ns(clocks.ticks) + int(value)
+            assert clock.not_before(floor) >= 0
+            assert clock.to_utc_ns(clocks.ticks) > floor
+        now = clock.to_utc_ns(clocks.ticks)
+        assert now >= last
+        last = now
