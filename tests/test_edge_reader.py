@@ -1,0 +1,133 @@
+"""The edge on gpiozero's MockFactory: pin events in, numbered pulses in the outbox out."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from common.config import load_config
+from edge.outbox import FILENAME, Outbox
+from edge.pulse_filter import PulseFilter
+from edge.reader import PulseInput, PulseRecorder
+from edge.service import EdgeService
+from edge.simulator import LoadProfile, SimulatedMeter, VirtualClockFactory
+from edge.tick_clock import TickClock
+
+
+@pytest.fixture
+def factory():
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+def test_pulse_input_reports_edges_with_the_pin_events_own_ticks(factory: MockFactory) -> None:
+    edges: list[tuple[str, float, bool]] = []
+    device = PulseInput(17, channel="active", sink=edges.append, pull_up=True, pin_factory=factory)
+    pin = factory.pin(17)
+    pin.drive_low()  # S0 with pull-up: a pulse pulls the line low
+    pin.drive_high()
+    assert [(c, a) for c, _, a in edges] == [("active", True), ("active", False)]
+    # The ticks are the ones the pin recorded for its own state changes.
+    assert edges[1][1] - edges[0][1] == pytest.approx(pin.states[-1].timestamp, abs=1e-6)
+    device.close()
+
+
+def test_led_sensor_without_pull_up_is_active_high(factory: MockFactory) -> None:
+    edges: list[tuple[str, float, bool]] = []
+    device = PulseInput(4, channel="reactive", sink=edges.append, pull_up=False, pin_factory=factory)
+    factory.pin(4).drive_high()
+    assert edges[-1][2] is True
+    device.close()
+
+
+def _virtual(tmp_path: Path):
+    clock_factory = VirtualClockFactory()
+    edges: queue.SimpleQueue = queue.SimpleQueue()
+    outbox = Outbox(tmp_path / FILENAME, "main", 1000)
+    clock = TickClock(clock_factory.ticks, wall_ns=lambda: 1_700_000_000_000_000_000)
+    recorder = PulseRecorder(edges, outbox, clock, {"active": PulseFilter(0.002, 0.02)}, wh=1.0)
+    device = PulseInput(17, channel="active", sink=edges.put, pin_factory=clock_factory)
+    return clock_factory, outbox, recorder, device
+
+
+def test_recorder_stores_filtered_pulses_with_utc_timestamps_from_ticks(tmp_path: Path) -> None:
+    clock_factory, outbox, recorder, device = _virtual(tmp_path)
+    pin = clock_factory.pin(17)
+    recorder.start()
+    for start, width in [(1.0, 0.03), (1.001 + 0.03, 0.0005), (2.2, 0.03), (2.21, 0.03)]:
+        clock_factory.now = start
+        pin.drive_low()
+        clock_factory.now = start + width
+        pin.drive_high()
+    recorder.stop()
+    rows = outbox.reader().pending(0, 10)
+    # The 0.5 ms glitch and the pulse 10 ms after another are noise; two real pulses remain.
+    assert [(p.seq, p.ts_ns) for _, p in rows] == [(1, 1_700_000_001_030_000_000), (2, 1_700_000_002_230_000_000)]
+    assert recorder.filters["active"].rejected == 2
+    device.close()
+    outbox.close()
+
+
+def test_simulated_meter_at_3600_w_pulses_once_a_second_through_the_real_reader(tmp_path: Path) -> None:
+    clock_factory, outbox, recorder, device = _virtual(tmp_path)
+    meter = SimulatedMeter(clock_factory, {"active": 17}, LoadProfile.constant(3600), wh=1.0)
+    recorder.start()
+    assert meter.run(count=50) == 50
+    recorder.stop()
+    rows = outbox.reader().pending(0, 100)
+    times = [p.ts_ns for _, p in rows]
+    assert [p.seq for _, p in rows] == list(range(1, 51))
+    assert {b - a for a, b in zip(times, times[1:], strict=False)} == {1_000_000_000}
+    device.close()
+    outbox.close()
+
+
+class RecordingPublisher:
+    """Confirms every row immediately, like a broker that never fails."""
+
+    def __init__(self, open_reader) -> None:
+        self.open_reader = open_reader
+        self.sent: list = []
+        self.woken = threading.Event()
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def run(self, stop: threading.Event) -> None:
+        reader = self.open_reader()
+        while not stop.is_set():
+            self.woken.wait(0.05)
+            self.woken.clear()
+            rows = reader.pending(0, 100)
+            self.sent += [p for _, p in rows]
+            reader.confirm([i for i, _ in rows])
+        reader.close()
+
+
+def test_edge_service_counter_continues_across_restarts(tmp_path: Path) -> None:
+    config = load_config(env={"EMDC_STATE_DIR": str(tmp_path)})
+    publishers: list[RecordingPublisher] = []
+
+    def make(open_reader):
+        publishers.append(RecordingPublisher(open_reader))
+        return publishers[-1]
+
+    for _ in range(2):
+        clock_factory = VirtualClockFactory()
+        service = EdgeService(config, pin_factory=clock_factory, publisher_factory=make)
+        service.start()
+        SimulatedMeter(clock_factory, {"active": 17}, LoadProfile.constant(3600), wh=1.0).run(count=5)
+        service.recorder.stop()
+        assert service.wait_drained()
+        service.stop()
+    seqs = [p.seq for pub in publishers for p in pub.sent]
+    assert seqs == list(range(1, 11))
+    assert len({p.epoch for pub in publishers for p in pub.sent}) == 1
+    # The second run started after the first one's last pulse, whatever the clock said.
+    times = [p.ts_ns for pub in publishers for p in pub.sent]
+    assert times == sorted(times)
