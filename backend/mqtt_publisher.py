@@ -3,8 +3,9 @@
 Values are retained at QoS 1. While the broker is unreachable nothing is
 queued in memory (the state file, not paho's queue, is what survives); after
 every (re)connect the owner re-publishes the current values, which is
-signalled through :attr:`MqttPublisher.republish_requested` so that all ledger
-access stays on the writer's own thread.
+signalled through :meth:`MqttPublisher.take_republish` so that all ledger
+access stays on the writer's own thread. The same happens, after a short
+random delay, when Home Assistant announces itself with its birth message.
 
 Example::
 
@@ -16,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,8 +38,9 @@ class MqttPublisher:
     def __init__(self, config: Config, client_name: str = "emdc-writer") -> None:
         self.config = config
         self.availability = availability_topic(config.topic_prefix)
-        self.republish_requested = threading.Event()
         self.connected = threading.Event()
+        self._republish_at: float | None = None
+        self._lock = threading.Lock()
         self._extra_subscriptions: dict[str, Any] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_name}-{secrets.token_hex(4)}")
         if config.mqtt_username:
@@ -49,6 +53,25 @@ class MqttPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    def request_republish(self, delay_s: float = 0.0) -> None:
+        """Ask the owner to re-publish everything after ``delay_s`` (thread-safe)."""
+        with self._lock:
+            due = time.monotonic() + delay_s
+            self._republish_at = due if self._republish_at is None else min(self._republish_at, due)
+
+    def take_republish(self) -> bool:
+        """True once when a requested re-publication is due."""
+        with self._lock:
+            if self._republish_at is None or time.monotonic() < self._republish_at:
+                return False
+            self._republish_at = None
+            return True
+
+    def on_home_assistant_birth(self, payload: bytes) -> None:
+        """Home Assistant (re)started: re-announce after a random delay, so many devices don't answer at once."""
+        if payload == b"online":
+            self.request_republish(random.uniform(0, self.config.ha_birth_delay_s))
 
     def subscribe(self, topic: str, callback: Any) -> None:
         """Call ``callback(payload: bytes)`` for messages on ``topic`` (renewed on every connect)."""
@@ -83,7 +106,7 @@ class MqttPublisher:
         client.publish(self.availability, "online", qos=1, retain=True)
         for topic in self._extra_subscriptions:
             client.subscribe(topic, qos=1)
-        self.republish_requested.set()
+        self.request_republish()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self.connected.is_set():
@@ -95,3 +118,28 @@ class MqttPublisher:
         callback = self._extra_subscriptions.get(message.topic)
         if callback:
             callback(message.payload)
+
+
+def publish_once(config: Config, messages: list[tuple[str, str]], timeout_s: float = 10.0) -> None:
+    """Connect, publish ``messages`` retained at QoS 1, wait for the broker's acks, disconnect.
+
+    Deliberately a separate client without a last will, so it can run beside
+    a writer without touching the writer's availability.
+    """
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"emdc-cli-{secrets.token_hex(4)}")
+    if config.mqtt_username:
+        client.username_pw_set(config.mqtt_username, config.mqtt_password or None)
+    if config.mqtt_tls:
+        client.tls_set(ca_certs=config.mqtt_ca_file or None, certfile=config.mqtt_cert_file or None,
+                       keyfile=config.mqtt_key_file or None)
+    client.connect(config.mqtt_host, config.mqtt_port, config.mqtt_keepalive)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=timeout_s)
+            if not info.is_published():
+                raise TimeoutError(f"MQTT broker did not acknowledge {len(messages)} messages in {timeout_s} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()

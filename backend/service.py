@@ -21,6 +21,8 @@ def run_writer(config: Config, stop: threading.Event) -> None:
     """Run until ``stop`` is set; raises StateError if the saved state is unusable."""
     mqtt = MqttPublisher(config)
     writer = EnergyWriter.open(config, sink=mqtt)
+    if config.discovery != "off":
+        mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
     mqtt.start()
     consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
                              on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
@@ -37,8 +39,7 @@ def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: fl
 
     def on_idle() -> None:
         nonlocal next_refresh
-        if mqtt is not None and mqtt.republish_requested.is_set():
-            mqtt.republish_requested.clear()
+        if mqtt is not None and mqtt.take_republish():
             writer.publish_all()
         elif time.monotonic() >= next_refresh:
             next_refresh = time.monotonic() + refresh_s

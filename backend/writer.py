@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from backend.discovery import Discovery
 from backend.ledger import Implausible, Ledger
 from backend.power import displayed_power_w
 from backend.state_store import StateError, StateStore
@@ -55,13 +56,17 @@ class EnergyWriter:
     """Counts pulses into a persisted ledger and publishes the current values."""
 
     def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
-                 power_timeout_s: float, clock: Callable[[], int] = time.time_ns) -> None:
+                 power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
+                 discovery: Discovery | None = None, meters: Iterable[str] = ()) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
         self.topic_prefix = topic_prefix
         self.power_timeout_s = power_timeout_s
         self.clock = clock
+        self.discovery = discovery
+        self._meters = set(meters)
+        self._announced: set[str] = set()
         self._published: dict[str, str] = {}
 
     @classmethod
@@ -81,7 +86,10 @@ class EnergyWriter:
             for (meter, channel), state in ledger:
                 log.info("loaded %s/%s total %s k(W|var)h from %s", meter, channel,
                          format_kwh(state.total_uwh), store.path)
-        return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock)
+        discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
+                              config.ha_legacy_units)
+        return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
+                   meters=[config.meter_id])
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -118,12 +126,24 @@ class EnergyWriter:
         self._publish((key for key, _ in self.ledger), force=False, energy=False)
 
     def publish_all(self) -> None:
-        """Publish every value, e.g. after (re)connecting to MQTT."""
+        """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
+        self._announced.clear()
+        for meter in sorted(self._meters | {meter for (meter, _), _ in self.ledger}):
+            self._announce(meter)
         self._publish((key for key, _ in self.ledger), force=True)
+
+    def _announce(self, meter: str) -> None:
+        if meter in self._announced:
+            return
+        self._announced.add(meter)
+        self._meters.add(meter)
+        for topic, payload in self.discovery.messages(meter) if self.discovery else []:
+            self.sink.publish(topic, payload)
 
     def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
         now = self.clock()
         for meter, channel in keys:
+            self._announce(meter)
             state = self.ledger.channel(meter, channel)
             values = {}
             if energy:

@@ -306,6 +306,42 @@ def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> Non
     click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
 
 
+@main.group()
+def ha() -> None:
+    """Home Assistant integration."""
+
+
+@ha.command("remove")
+@click.option("--meter", "meters", multiple=True, help="Meter id (repeatable; default: every meter in the state "
+              "file and the configured meter).")
+@setting_flags("state_dir", "topic_prefix", "mqtt_host", "mqtt_port")
+@click.pass_obj
+def ha_remove(obj: Context, meters: tuple[str, ...], **overrides: Any) -> None:
+    """Remove EMDC's devices from Home Assistant (empty retained discovery configs).
+
+    Stop the writer first, or it announces them again when it reconnects or
+    Home Assistant restarts; or set EMDC_DISCOVERY=off for it.
+    """
+    from backend.discovery import Discovery
+    from backend.mqtt_publisher import publish_once
+    from backend.state_store import StateError, StateStore
+
+    cfg = obj.config(overrides)
+    if not meters:
+        try:
+            doc = StateStore(Path(cfg.state_dir)).load() or {"meters": {}}
+        except StateError as exc:
+            raise click.ClickException(str(exc)) from None
+        meters = tuple(sorted({cfg.meter_id, *doc.get("meters", {})}))
+    discovery = Discovery(cfg.discovery_prefix, cfg.topic_prefix)
+    topics = [topic for meter in meters for topic in discovery.topics(meter)]
+    try:
+        publish_once(cfg, [(topic, "") for topic in topics])
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(f"MQTT {cfg.mqtt_host}:{cfg.mqtt_port}: {exc}") from None
+    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(topics)} topics)")
+
+
 @main.command()
 @simulation_options
 @setting_flags("state_dir", "topic_prefix")

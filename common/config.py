@@ -69,7 +69,8 @@ class Config:
     discovery: str = _setting("device", "Home Assistant discovery: device, entity or off")
     discovery_prefix: str = _setting("homeassistant", "Home Assistant discovery prefix")
     ha_status_topic: str = _setting("homeassistant/status", "Home Assistant birth/will topic")
-    ha_legacy_units: bool = _setting(False, "Reactive sensors without device class, in varh/var (HA < 2025.6)")
+    ha_legacy_units: bool = _setting(False, "Reactive sensors without device class (Home Assistant < 2025.6)")
+    ha_birth_delay_s: float = _setting(5.0, "Re-announce within this many seconds (random) of HA's birth message")
     db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
                            secret=True)
     # Edge
@@ -162,7 +163,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             flat[key] = value
             continue
         for sub, sub_value in value.items():
-            flat[f"{key}_{sub}" if f"{key}_{sub.removesuffix('_file')}" in known else sub] = sub_value
+            prefixed = f"{key}_{sub}"
+            is_known = prefixed in known or (prefixed.endswith("_file") and prefixed[:-5] in known)
+            flat[prefixed if is_known else sub] = sub_value
     return flat
 
 

@@ -1,6 +1,6 @@
 """RabbitMQ topology: the names and arguments every component must agree on.
 
-``deploy/rabbitmq/definitions.json`` declares the same objects for production;
+``deploy/compose/rabbitmq/definitions.template.json`` declares the same objects for production;
 a test keeps the two in step. Example (a pika ``BlockingChannel``)::
 
     declare_consumer_queue(channel, "EMDC", "queue_mqtt_writer", WRITER_BINDINGS)

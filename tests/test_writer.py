@@ -1,0 +1,170 @@
+"""EnergyWriter with an in-memory sink and an injectable clock: what gets published, and when."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backend.memory_transport import MemorySink
+from backend.writer import Delivery, EnergyWriter
+from common.config import load_config
+from common.message import Pulse, SetTotal, encode, encode_set_total
+
+T0 = 1_800_000_000_000_000_000
+S = 1_000_000_000
+
+
+class FakeClock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class RecordingSink(MemorySink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str]] = []
+
+    def publish(self, topic: str, payload: str) -> None:
+        super().publish(topic, payload)
+        self.log.append((topic, payload))
+
+
+def make_writer(tmp_path: Path, clock: FakeClock, **settings_: str) -> tuple[EnergyWriter, RecordingSink]:
+    env = {"EMDC_STATE_DIR": str(tmp_path), "EMDC_DISCOVERY": "off", **settings_}
+    sink = RecordingSink()
+    return EnergyWriter.open(load_config(env=env), sink=sink, clock=clock), sink
+
+
+def deliveries(*pulses: Pulse) -> list[Delivery]:
+    return [Delivery(i, p.routing_key, encode(p)) for i, p in enumerate(pulses, 1)]
+
+
+def pulse(seq: int, ts_ns: int, meter: str = "main", channel: str = "active", epoch: str = "e1") -> Pulse:
+    return Pulse(meter, channel, epoch, seq, ts_ns, 1.0)
+
+
+def test_a_batch_is_counted_persisted_and_published_once(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + 3 * S)
+    writer, sink = make_writer(tmp_path, clock)
+    dead = writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S), pulse(3, T0 + 2 * S)))
+    assert dead == []
+    assert sink.log == [("home/energy/active_energy", "0.003"), ("home/energy/active_power", "3.600")]
+    saved = json.loads((tmp_path / "energy_state.json").read_text())
+    assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 3_000_000
+
+
+def test_malformed_and_implausible_messages_are_returned_as_dead_letters(tmp_path: Path) -> None:
+    writer, sink = make_writer(tmp_path, FakeClock())
+    batch = [Delivery(1, "pulse.main.active", b"{"), *deliveries(pulse(1, T0)),
+             Delivery(3, "pulse.main.active", encode(pulse(5000, T0 + S)))]
+    dead = writer.handle_batch(batch)
+    assert [d.delivery.tag for d in dead] == [1, 3]
+    assert "not JSON" in dead[0].reason and "kW limit" in dead[1].reason
+    assert sink.retained["home/energy/active_energy"] == "0.001"
+
+
+def test_nothing_is_published_at_start_until_asked(tmp_path: Path) -> None:
+    writer, _ = make_writer(tmp_path, FakeClock())
+    writer.handle_batch(deliveries(pulse(1, T0)))
+    again, sink = make_writer(tmp_path, FakeClock())
+    assert sink.log == []
+    again.publish_all()
+    assert sink.retained["home/energy/active_energy"] == "0.001"
+
+
+def test_idle_power_decays_as_an_upper_bound_then_drops_to_zero(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + S)
+    writer, sink = make_writer(tmp_path, clock, EMDC_POWER_TIMEOUT_S="300")
+    writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S)))  # 1 Wh per second = 3.6 kW
+    assert sink.retained["home/energy/active_power"] == "3.600"
+
+    clock.now = T0 + S + S // 2  # idle 0.5 s: the bound (7.2 kW) is above the measurement
+    writer.refresh_power()
+    assert sink.retained["home/energy/active_power"] == "3.600"
+
+    clock.now = T0 + 37 * S  # idle 36 s: no more than 1 Wh in 36 s = 100 W
+    writer.refresh_power()
+    assert sink.retained["home/energy/active_power"] == "0.100"
+
+    clock.now = T0 + 301 * S
+    writer.refresh_power()
+    assert sink.retained["home/energy/active_power"] == "0.000"
+    published = [float(v) for t, v in sink.log if t.endswith("active_power")]
+    assert published == sorted(published, reverse=True), "an idle channel's power only goes down"
+
+
+def test_refresh_publishes_only_changes(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + S)
+    writer, sink = make_writer(tmp_path, clock)
+    writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S)))
+    before = len(sink.log)
+    writer.refresh_power()
+    writer.refresh_power()
+    assert len(sink.log) == before
+
+
+def test_after_a_backlog_only_the_present_power_is_published(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + 3600 * S)  # the pulses below are an hour old
+    writer, sink = make_writer(tmp_path, clock)
+    writer.handle_batch(deliveries(*(pulse(i, T0 + i * S) for i in range(1, 100))))
+    assert [v for t, v in sink.log if t.endswith("active_power")] == ["0.000"]
+
+
+def test_calibration_sets_the_total_in_order_and_logs_old_and_new(tmp_path: Path, caplog) -> None:
+    writer, sink = make_writer(tmp_path, FakeClock())
+    command = SetTotal("main", "active", Decimal("12345.678"))
+    batch = [*deliveries(pulse(1, T0)), Delivery(2, command.routing_key, encode_set_total(command)),
+             Delivery(3, "pulse.main.active", encode(pulse(2, T0 + S)))]
+    with caplog.at_level(logging.WARNING):
+        assert writer.handle_batch(batch) == []
+    assert sink.retained["home/energy/active_energy"] == "12345.679"
+    assert "calibrated main/active: total 0.001 -> 12345.678" in caplog.text
+
+
+def test_bad_control_message_is_dead_lettered(tmp_path: Path) -> None:
+    writer, _ = make_writer(tmp_path, FakeClock())
+    dead = writer.handle_batch([Delivery(1, "control.main", b'{"v": 1, "type": "reset"}')])
+    assert len(dead) == 1 and "unknown control message type" in dead[0].reason
+
+
+def test_two_meters_get_their_own_topics_and_devices(tmp_path: Path) -> None:
+    writer, sink = make_writer(tmp_path, FakeClock(T0 + S), EMDC_DISCOVERY="device")
+    writer.handle_batch(deliveries(pulse(1, T0), pulse(1, T0, meter="garage", epoch="e2")))
+    assert sink.retained["home/energy/active_energy"] == "0.001"
+    assert sink.retained["home/energy/garage/active_energy"] == "0.001"
+    assert "homeassistant/device/emdc_main/config" in sink.retained
+    garage = json.loads(sink.retained["homeassistant/device/emdc_garage/config"])
+    assert garage["components"]["active_energy"]["state_topic"] == "home/energy/garage/active_energy"
+
+
+def test_discovery_is_announced_once_and_again_on_publish_all(tmp_path: Path) -> None:
+    writer, sink = make_writer(tmp_path, FakeClock(T0 + 2 * S), EMDC_DISCOVERY="device")
+    writer.handle_batch(deliveries(pulse(1, T0)))
+    writer.handle_batch(deliveries(pulse(2, T0 + S)))
+    topic = "homeassistant/device/emdc_main/config"
+    assert [t for t, _ in sink.log].count(topic) == 1
+    writer.publish_all()
+    assert [t for t, _ in sink.log].count(topic) == 2
+    # Discovery goes out before the values it describes.
+    assert [t for t, _ in sink.log].index(topic) < [t for t, _ in sink.log].index("home/energy/active_energy")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=20), min_size=1,
+                max_size=10))
+def test_published_energy_never_goes_down(tmp_path_factory: pytest.TempPathFactory, batches: list[list[int]]) -> None:
+    writer, sink = make_writer(tmp_path_factory.mktemp("w"), FakeClock())
+    for batch in batches:  # arbitrary seqs, duplicates and reorderings included
+        writer.handle_batch(deliveries(*(pulse(seq, T0 + seq * S) for seq in batch)))
+    energies = [Decimal(v) for t, v in sink.log if t.endswith("active_energy")]
+    assert energies == sorted(energies)
+    assert energies[-1] == Decimal(max(max(b) for b in batches)) / 1000
