@@ -126,11 +126,11 @@ def run_edge(config: Config, stop: threading.Event) -> int:
     Returns the exit status: 0 after a requested stop, 1 if a worker thread died
     (systemd's ``Restart=on-failure`` then starts a fresh process).
     """
-    from edge.systemd_notify import notify, watchdog_interval
+    from edge.systemd_notify import READY, STOPPING, WATCHDOG, notify, watchdog_interval
 
     service = EdgeService(config)
     service.start()
-    notify("READY=1")
+    notify(READY)
     interval = watchdog_interval()
     # Feed the watchdog at twice its rate, and only while our threads live:
     # no pulses is normal, a dead thread is not.
@@ -140,8 +140,8 @@ def run_edge(config: Config, stop: threading.Event) -> int:
             if not service.alive():
                 log.error("a worker thread died; exiting so that the service is restarted")
                 return 1
-            notify("WATCHDOG=1")
+            notify(WATCHDOG)
         return 0
     finally:
-        notify("STOPPING=1")
+        notify(STOPPING)
         service.stop()

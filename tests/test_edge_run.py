@@ -1,0 +1,36 @@
+"""`emdc edge run` as systemd sees it: READY after set-up, watchdog pings while alive, clean stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+from tests.conftest import Names, wait_until
+
+
+def test_edge_run_notifies_systemd_and_feeds_the_watchdog(names: Names, spawn, tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(0.2)
+    received: list[str] = []
+
+    def drain() -> list[str]:
+        try:
+            while True:
+                received.append(sock.recv(256).decode())
+        except TimeoutError:
+            return received
+
+    env = names.env(EMDC_STATE_DIR=names.edge_dir, GPIOZERO_PIN_FACTORY="mock", NOTIFY_SOCKET=str(notify_path),
+                    WATCHDOG_USEC="1000000")
+    edge = spawn(["edge", "run"], env, "edge")
+    wait_until(lambda: "READY=1" in drain(), 30, "READY=1")
+    wait_until(lambda: drain().count("WATCHDOG=1") >= 3, 10, "three watchdog pings")
+    assert (names.edge_dir / "edge.sqlite3").exists(), "READY is sent only once the outbox is open"
+
+    assert edge.stop(signal.SIGTERM) == 0, edge.log()
+    assert "STOPPING=1" in drain()
+    assert "edge stopped" in edge.log()
+    sock.close()
