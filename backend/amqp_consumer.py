@@ -87,20 +87,20 @@ class BatchConsumer:
                 declare_consumer_queue(channel, self.config.exchange, self.queue, self.bindings)
             channel.basic_qos(prefetch_count=self.config.batch_size)
             pending: list[Delivery] = []
+            cancelled: list[object] = []
 
             def on_message(_ch: object, method: pika.spec.Basic.Deliver, _props: object, body: bytes) -> None:
                 pending.append(Delivery(method.delivery_tag, method.routing_key, body))
 
-            def on_cancel(_frame: object) -> None:
-                raise ConsumerCancelled(f"consumer on {self.queue} cancelled by the broker")
-
-            channel.add_on_cancel_callback(on_cancel)
+            channel.add_on_cancel_callback(cancelled.append)
             channel.basic_consume(self.queue, on_message)
             self._log_state(f"consuming {self.queue} on {describe(self.config)}")
             backoff.reset()
             next_idle = 0.0
             while not stop.is_set():
                 connection.process_data_events(time_limit=min(self.idle_interval_s, 0.5))
+                if cancelled:
+                    raise ConsumerCancelled(f"consumer on {self.queue} cancelled by the broker")
                 while pending and len(pending) < self.config.batch_size:
                     before = len(pending)
                     connection.process_data_events(time_limit=0)

@@ -37,8 +37,12 @@ from tests.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.slow
 
 
-def saved_total_uwh(state_dir: Path, channel: str = "active") -> int:
-    doc = json.loads((state_dir / "energy_state.json").read_text())
+def saved_total_uwh(state_dir: Path, channel: str = "active") -> int | None:
+    """The writer's persisted total, or None before its first save."""
+    try:
+        doc = json.loads((state_dir / "energy_state.json").read_text())
+    except FileNotFoundError:
+        return None
     return doc["state"]["meters"]["main"][channel]["total_uwh"]
 
 
