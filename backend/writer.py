@@ -96,6 +96,7 @@ class EnergyWriter:
         dead: list[DeadLetter] = []
         touched: set[tuple[str, str]] = set()
         dirty = False
+        saved = self.ledger.to_json()
         for delivery in deliveries:
             try:
                 if delivery.routing_key.startswith("control."):
@@ -110,7 +111,12 @@ class EnergyWriter:
                 log.warning("dead-lettering message %d (%s): %s", delivery.tag, delivery.routing_key, exc)
                 dead.append(DeadLetter(delivery, str(exc)))
         if dirty:
-            self.store.save(self.ledger.to_json())
+            try:
+                self.store.save(self.ledger.to_json())
+            except BaseException:
+                # The batch will be redelivered; counting it again must not look like a duplicate.
+                self.ledger = Ledger.from_json(saved, self.ledger.max_power_w, self.ledger.smoothing_pulses)
+                raise
         self._publish(touched, force=False)
         return dead
 

@@ -10,7 +10,11 @@ from common.message import CONTENT_TYPE, SetTotal, encode_set_total
 
 
 def send_set_total(config: Config, command: SetTotal) -> None:
-    """Publish ``command`` persistently with confirms; raises if no queue takes it."""
+    """Publish ``command`` persistently with confirms.
+
+    Raises ``pika.exceptions.UnroutableError`` if no queue takes it, or an
+    ``AMQPError`` if the broker cannot be reached.
+    """
     body = encode_set_total(command)
     connection = pika.BlockingConnection(connection_parameters(config, "emdc-control"))
     try:

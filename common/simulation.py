@@ -86,8 +86,11 @@ def _wait_counted(writer: EnergyWriter, meter: str, epoch: str, counters: dict[s
     """Wait until the writer has counted every pulse the edge had confirmed."""
     deadline = time.monotonic() + timeout_s
     for channel, seq in counters.items():
-        cursor = writer.ledger.channel(meter, channel).epochs
-        while (cursor.get(epoch) is None or cursor[epoch].seq < seq) and not stop.is_set():
+        while not stop.is_set():
+            cursor = writer.ledger.channel(meter, channel).epochs.get(epoch)
+            if cursor is not None and cursor.seq >= seq:
+                break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the writer did not count {meter}/{channel} up to seq {seq} in {timeout_s} s")
+                raise TimeoutError(f"the writer did not count {meter}/{channel} up to seq {seq} in {timeout_s:.0f} s; "
+                                   "see the dead-lettering lines in the log above")
             time.sleep(0.02)

@@ -168,3 +168,20 @@ def test_published_energy_never_goes_down(tmp_path_factory: pytest.TempPathFacto
     energies = [Decimal(v) for t, v in sink.log if t.endswith("active_energy")]
     assert energies == sorted(energies)
     assert energies[-1] == Decimal(max(max(b) for b in batches)) / 1000
+
+
+def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: Path, monkeypatch) -> None:
+    writer, sink = make_writer(tmp_path, FakeClock())
+    batch = deliveries(pulse(1, T0), pulse(2, T0 + S))
+
+    def disk_full(_state: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.store, "save", disk_full)
+    with pytest.raises(OSError):
+        writer.handle_batch(batch)
+    assert sink.log == [], "nothing is published for a batch that was not saved"
+    monkeypatch.undo()
+    writer.handle_batch(batch)  # the broker redelivers the unacknowledged batch
+    saved = json.loads((tmp_path / "energy_state.json").read_text())
+    assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 2_000_000
