@@ -296,3 +296,30 @@ def test_sigterm_finishes_the_work_in_hand_and_exits_0(names: Names, spawn) -> N
     # Everything counted was acknowledged, and everything acknowledged was counted.
     assert 0 < counted < 5000
     assert counted + queue_depth(names.queue) == 5000
+
+
+def test_dns_failure_at_the_edge_spools_pulses_and_says_so(names: Names, spawn) -> None:
+    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir, EMDC_AMQP_URL="amqp://guest:guest@broker.invalid:5672/%2F")
+    edge = spawn(["edge", "simulate", "--power", "3600", "--count", "20", "--speed", "max"], edge_env, "edge")
+    wait_until(lambda: (names.edge_dir / "edge.sqlite3").exists(), 30, "the edge to open its outbox")
+    wait_until(lambda: "outbox: 20 pulses waiting" in run_emdc(["edge", "status"], edge_env).stdout, 30,
+               "the pulses to be spooled")
+    assert edge.proc.poll() is None
+    assert "cannot reach RabbitMQ" in run_emdc(["edge", "status"], edge_env).stdout
+
+
+def test_broker_memory_alarm_blocks_publishing_without_losing_pulses(names: Names, watch: MqttWatcher,
+                                                                     spawn) -> None:
+    start_writer(spawn, names, writer_env(names))
+    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir)
+    subprocess.run(["rabbitmqctl", "set_vm_memory_high_watermark", "0"], check=True, capture_output=True)
+    try:
+        edge = spawn(["edge", "simulate", "--power", "3600", "--count", "100", "--speed", "max"], edge_env, "edge")
+        time.sleep(3)
+        assert edge.proc.poll() is None, "the edge waits while the broker blocks publishers"
+        assert f"{names.prefix}/active_energy" not in watch.values or watch.values[
+            f"{names.prefix}/active_energy"] != "0.1"
+    finally:
+        subprocess.run(["rabbitmqctl", "set_vm_memory_high_watermark", "0.4"], check=True, capture_output=True)
+    assert edge.proc.wait(60) == 0, edge.log()
+    assert watch.wait_for(f"{names.prefix}/active_energy", lambda v: v == "0.1") == "0.1"
