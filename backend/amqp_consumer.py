@@ -94,8 +94,6 @@ class BatchConsumer:
 
             channel.add_on_cancel_callback(cancelled.append)
             channel.basic_consume(self.queue, on_message)
-            self._log_state(f"consuming {self.queue} on {describe(self.config)}")
-            backoff.reset()
             next_idle = 0.0
             while not stop.is_set():
                 connection.process_data_events(time_limit=min(self.idle_interval_s, 0.5))
@@ -110,6 +108,10 @@ class BatchConsumer:
                     batch, pending[:] = list(pending), []
                     self._finish(channel, batch)
                 if time.monotonic() >= next_idle:
+                    # Healthy only once a pass, and any batch in it, went through: a handler that
+                    # fails every time (database down, disk full) backs off like a lost connection.
+                    self._log_state(f"consuming {self.queue} on {describe(self.config)}")
+                    backoff.reset()
                     next_idle = time.monotonic() + self.idle_interval_s
                     self.heartbeat_path.touch()
                     if self.on_idle:

@@ -295,6 +295,9 @@ def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> Non
     The command is queued with the pulses, so the running writer applies it in
     order, without racing its state file, and logs the old and new value.
     """
+    import pika.exceptions
+
+    from common.amqp import reason
     from common.control import send_set_total
     from common.message import MessageError, SetTotal
 
@@ -303,6 +306,11 @@ def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> Non
         send_set_total(cfg, SetTotal(meter, channel, kwh))
     except MessageError as exc:
         raise click.BadParameter(str(exc)) from None
+    except pika.exceptions.UnroutableError:
+        raise click.ClickException(f"no queue is bound for control.{meter} on exchange {cfg.exchange}: start "
+                                   "the writer once so that it declares its queue") from None
+    except pika.exceptions.AMQPError as exc:
+        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
     click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
 
 
@@ -359,8 +367,131 @@ def simulate(obj: Context, power: float | None, reactive_power: float | None, co
     plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
                            speed=speed, profile=profile, default_speed="720")
     cfg = simulation_config(obj, overrides, plan)
-    for topic, value in sorted(run_simulation(cfg, plan, stop_on_signals()).items()):
+    try:
+        values = run_simulation(cfg, plan, stop_on_signals())
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    for topic, value in sorted(values.items()):
         click.echo(f"{topic} = {value}")
+
+
+# -- database and reports ---------------------------------------------------
+
+@main.command("db-writer")
+@click.option("--check", is_flag=True, help="Exit 0 if a running db-writer showed life recently (health check).")
+@click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
+@click.option("--queue", "db_queue", default=None, help="RabbitMQ queue to consume. [env EMDC_DB_QUEUE]")
+@setting_flags("state_dir")
+@click.pass_obj
+def db_writer(obj: Context, check: bool, max_age: float, **overrides: Any) -> None:
+    """Consume pulses from their own RabbitMQ queue and store each one once in a database.
+
+    EMDC_DB_URL selects the database (empty: SQLite in <state dir>/pulses.sqlite3):
+
+    \b
+        EMDC_DB_URL=mysql+pymysql://emdc:PASSWORD@host/emdc emdc db-writer
+
+    The schema is created on first start; each batch is committed before it is
+    acknowledged, so restarts never lose or repeat a pulse.
+    """
+    cfg = obj.config(overrides)
+    try:
+        from sqlalchemy.exc import OperationalError
+
+        from backend.database import DatabaseError
+        from backend.db_writer import heartbeat_age_s, run_db_writer
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: install the database extra, pip install 'emdc[db]'") from None
+    if check:
+        age = heartbeat_age_s(cfg)
+        if age is None or age > max_age:
+            raise click.ClickException(f"unhealthy: no db-writer heartbeat in {cfg.state_dir} for "
+                                       f"{'ever' if age is None else f'{age:.0f} s'}")
+        click.echo(f"healthy: heartbeat {age:.1f} s ago")
+        return
+    try:
+        run_db_writer(cfg, stop_on_signals())
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot use the database: {str(exc.orig)[:300]}") from None
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["hour", "day", "month"]), default="day", show_default=True,
+              help="Period of each row.")
+@click.option("--from", "from_", metavar="TIME",
+              help="Start: 2026-11-16, 2026-11-16T08:00 or 2026-11 (default: the last 24 hours, 7 days or "
+                   "12 months, by --by).")
+@click.option("--to", metavar="TIME", help="End, exclusive (default: the end of the current period).")
+@click.option("--tz", "tz_name", metavar="ZONE", help="Time zone of the periods, e.g. Europe/Berlin "
+              "(default: local time).")
+@click.option("--utc", is_flag=True, help="Periods in UTC.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV for spreadsheets instead of the table.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also draw the periods as a bar chart with the average power into this PNG.")
+@click.option("--gap-minutes", type=click.FloatRange(min=15), default=30.0, show_default=True,
+              help="A silence this long with no pulse on any channel is shown as no data.")
+@setting_flags("state_dir", "meter_id")
+@click.pass_obj
+def report(obj: Context, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
+           as_csv: bool, plot: Path | None, gap_minutes: float, **overrides: Any) -> None:
+    """Energy per hour, day or month from the db-writer's database, active and reactive.
+
+    Periods without any pulse and pulses whose timing was lost are flagged, not
+    hidden. Example, one week by day in Berlin time with a chart:
+
+    \b
+        emdc report --by day --from 2026-11-16 --to 2026-11-23 --tz Europe/Berlin --plot week.png
+    """
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    cfg = obj.config(overrides)
+    try:
+        from sqlalchemy.exc import OperationalError
+
+        from backend.database import DatabaseError, PulseStore, database_url
+        from backend.report import load_report, local_zone, parse_time, render_csv, render_table, report_window
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: install the database extra, pip install 'emdc[db]'") from None
+    if utc and tz_name:
+        raise click.BadParameter("give --tz or --utc, not both", param_hint="--utc")
+    try:
+        tz = UTC if utc else ZoneInfo(tz_name) if tz_name else local_zone()
+    except (ZoneInfoNotFoundError, ValueError):
+        raise click.BadParameter(f"unknown time zone {tz_name!r}", param_hint="--tz") from None
+    now = datetime.now(UTC)
+    try:
+        start = None if from_ is None else parse_time(from_, tz)
+        end = None if to is None else parse_time(to, tz)
+        start, end = report_window(by, tz, now, start, end)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--from/--to") from None
+    if start >= now:
+        raise click.BadParameter("the report starts in the future", param_hint="--from")
+    try:
+        store = PulseStore.open(database_url(cfg), create=False)
+        try:
+            result = load_report(store, meter=cfg.meter_id, by=by, tz=tz, start=start, end=end, now=now,
+                                 gap_s=gap_minutes * 60)
+        finally:
+            store.close()
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot read the database: {str(exc.orig)[:300]}") from None
+    click.echo(render_csv(result) if as_csv else render_table(result), nl=False)
+    if plot is not None:
+        from backend.report import plot as draw
+
+        try:
+            draw(result, plot)  # imports matplotlib
+        except ImportError as exc:
+            raise click.ClickException(f"{exc}: install the report extra, pip install 'emdc[report]'") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {plot}: {exc.strerror}") from None
+        click.echo(f"chart written to {plot}", err=True)
 
 
 if __name__ == "__main__":

@@ -383,6 +383,7 @@ def test_compose_writers_run_the_emdc_commands_without_declaring_topology():
         assert services[name]["build"]["dockerfile"] == "deploy/compose/Dockerfile"
         assert (COMPOSE / services[name]["build"]["context"]).resolve() == REPO
     assert services["db-writer"]["environment"]["EMDC_DB_URL"].startswith("mysql+pymysql://emdc:${MARIADB_PASSWORD")
+    assert services["db-writer"]["healthcheck"]["test"] == ["CMD", "emdc", "db-writer", "--check"]
     assert services["writer"]["environment"]["EMDC_MQTT_USERNAME"] == "emdc-writer"
 
 

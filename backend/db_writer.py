@@ -1,0 +1,132 @@
+"""``emdc db-writer``: every pulse from its own queue into the database, exactly once.
+
+:class:`DbWriter` is transport-agnostic, like :class:`~backend.writer.EnergyWriter`:
+a transport (:class:`~backend.amqp_consumer.BatchConsumer` in production) hands it
+a batch, it decodes each pulse with the shared message code, lets the shared
+:class:`~backend.ledger.Ledger` refuse what the MQTT writer would refuse
+(implausible counter jumps, time running backwards), stores the rest in one
+transaction and returns the dead letters. Only then is the batch acknowledged;
+after a crash the redelivered pulses hit the unique key and change nothing.
+
+Example::
+
+    store = PulseStore.open("sqlite:///state/pulses.sqlite3")
+    writer = DbWriter(store, max_power_w=100_000)
+    dead = writer.handle_batch([Delivery(1, "pulse.main.active", body)])
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+
+from backend.amqp_consumer import BatchConsumer
+from backend.database import PulseStore, database_url
+from backend.ledger import Cursor, Implausible, Ledger
+from backend.writer import DeadLetter, Delivery
+from common.config import Config
+from common.message import MessageError, Pulse, decode
+from common.topology import DB_WRITER_BINDINGS
+
+log = logging.getLogger("emdc.db_writer")
+
+HEARTBEAT_FILE = "db-writer.heartbeat"
+MAX_BIGINT = 2**63 - 1
+
+
+class StoreUnavailable(OSError):
+    """The database refused a batch for a reason that may pass (down, locked, full).
+
+    An OSError, so the consumer treats it like a lost connection: one log line,
+    reconnect with backoff, and the unacknowledged batch is delivered again.
+    """
+
+
+class DbWriter:
+    """Stores batches of pulse deliveries; returns the ones to dead-letter."""
+
+    def __init__(self, store: PulseStore, max_power_w: float) -> None:
+        self.store = store
+        self.max_power_w = max_power_w
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what the ledger knows; it is seeded again from the database as pulses arrive."""
+        self.ledger = Ledger(self.max_power_w)
+        self._resumed: set[tuple[str, ...]] = set()
+
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
+        """Decode, check and store a batch in one transaction; raise StoreUnavailable to have it redelivered."""
+        dead: list[DeadLetter] = []
+        keep: list[Pulse] = []
+        try:
+            for delivery in deliveries:
+                try:
+                    pulse = decode(delivery.body)
+                    if pulse.seq > MAX_BIGINT:
+                        raise MessageError(f"seq {pulse.seq} does not fit a 64-bit integer")
+                    self._resume(pulse)
+                    # Its count is irrelevant here (0 for a duplicate, which the unique
+                    # key absorbs); what matters is that the ledger accepts the pulse.
+                    self.ledger.apply(pulse)
+                    keep.append(pulse)
+                except (MessageError, Implausible) as exc:
+                    log.warning("dead-lettering message %d (%s): %s", delivery.tag, delivery.routing_key, exc)
+                    dead.append(DeadLetter(delivery, str(exc)))
+            self.store.insert(keep)
+        except BaseException as exc:
+            # The ledger is now ahead of the database. The batch will be redelivered:
+            # judge it again exactly as the first time, against what is stored.
+            self._forget()
+            if isinstance(exc, OperationalError):
+                raise StoreUnavailable(f"database {self.store.describe()}: {str(exc.orig)[:200]}") from exc
+            raise
+        return dead
+
+    def _resume(self, pulse: Pulse) -> None:
+        """Seed the ledger from the database the first time a channel or epoch shows up."""
+        channel_key = (pulse.meter, pulse.channel)
+        epoch_key = (*channel_key, pulse.epoch)
+        if epoch_key in self._resumed:
+            return
+        state = self.ledger.channel(pulse.meter, pulse.channel)
+        if channel_key not in self._resumed:
+            state.last_ts_ns = self.store.last_ts(pulse.meter, pulse.channel)
+            self._resumed.add(channel_key)
+        latest = self.store.latest(pulse.meter, pulse.channel, pulse.epoch)
+        if latest is not None:
+            state.epochs[pulse.epoch] = Cursor(*latest)
+        self._resumed.add(epoch_key)
+
+
+def run_db_writer(config: Config, stop: threading.Event) -> None:
+    """Run until ``stop`` is set; raises SchemaError or OperationalError if the database is unusable at start."""
+    store = PulseStore.open(database_url(config))
+    log.info("storing pulses from %s in %s", config.db_queue, store.describe())
+    writer = DbWriter(store, config.max_power_w)
+    consumer = BatchConsumer(config, config.db_queue, DB_WRITER_BINDINGS, writer.handle_batch,
+                             name="emdc-db-writer")
+    # Its own heartbeat, so `emdc writer --check` and `emdc db-writer --check` never vouch for each other.
+    consumer.heartbeat_path = heartbeat_path(config)
+    try:
+        consumer.run(stop)
+    finally:
+        store.close()
+        log.info("db-writer stopped")
+
+
+def heartbeat_path(config: Config) -> Path:
+    return Path(config.state_dir) / HEARTBEAT_FILE
+
+
+def heartbeat_age_s(config: Config) -> float | None:
+    """Seconds since the running db-writer last showed life, or None if it never did."""
+    try:
+        return time.time() - heartbeat_path(config).stat().st_mtime
+    except FileNotFoundError:
+        return None
