@@ -210,6 +210,7 @@ def edge_simulate(obj: Context, power: float | None, reactive_power: float | Non
     timestamps are realistic at any --speed. With --count it exits once all N
     pulses are confirmed by the broker. Example:
 
+    \b
         emdc edge simulate --power 3000 --count 300 --speed max
     """
     from edge.simulator import EdgeSimulation

@@ -121,8 +121,8 @@ def _validate(p: Pulse) -> None:
         raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {p.channel!r:.40}")
     if not isinstance(p.epoch, str) or not _EPOCH_RE.fullmatch(p.epoch):
         raise MessageError(f"epoch must be 1-64 lowercase hex digits, got {p.epoch!r:.80}")
-    if not _is_int(p.seq) or p.seq < 1:
-        raise MessageError(f"seq must be an integer >= 1, got {p.seq!r:.40}")
+    if not _is_int(p.seq) or not 1 <= p.seq < 2**63:
+        raise MessageError(f"seq must be an integer from 1 to 2^63-1, got {p.seq!r:.40}")
     if not _is_int(p.ts_ns) or not 0 < p.ts_ns < 2**63:
         raise MessageError(f"ts_ns must be a positive 64-bit integer, got {p.ts_ns!r:.40}")
     if not isinstance(p.wh, int | float) or isinstance(p.wh, bool) or not 0 < p.wh <= MAX_WH:

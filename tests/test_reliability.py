@@ -290,7 +290,7 @@ def test_sigterm_finishes_the_work_in_hand_and_exits_0(names: Names, spawn) -> N
     publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(5000)])
     wait_until(lambda: queue_depth(names.queue) == 5000, 30, "the backlog to be queued")
     writer = spawn(["writer"], writer_env(names), "writer")
-    wait_until(lambda: queue_depth(names.queue) < 5000, 30, "draining to start", interval=0.01)
+    wait_until(lambda: saved_total_uwh(names.writer_dir), 30, "the first batch to be saved", interval=0.005)
     assert writer.stop(signal.SIGTERM) == 0
     counted = saved_total_uwh(names.writer_dir) // 10**6
     # Everything counted was acknowledged, and everything acknowledged was counted.
