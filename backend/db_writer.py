@@ -36,7 +36,6 @@ from common.topology import DB_WRITER_BINDINGS
 log = logging.getLogger("emdc.db_writer")
 
 HEARTBEAT_FILE = "db-writer.heartbeat"
-MAX_BIGINT = 2**63 - 1
 
 
 class StoreUnavailable(OSError):
@@ -68,8 +67,6 @@ class DbWriter:
             for delivery in deliveries:
                 try:
                     pulse = decode(delivery.body)
-                    if pulse.seq > MAX_BIGINT:
-                        raise MessageError(f"seq {pulse.seq} does not fit a 64-bit integer")
                     self._resume(pulse)
                     # Its count is irrelevant here (0 for a duplicate, which the unique
                     # key absorbs); what matters is that the ledger accepts the pulse.

@@ -145,7 +145,7 @@ def test_malformed_and_implausible_pulses_are_dead_lettered_with_the_reason(stor
                        pulse(3, 5))
     dead = writer.handle_batch(batch)
     assert [(d.delivery.tag, d.reason.split(":")[0]) for d in dead] == [
-        (1, "body is not JSON"), (3, "seq 1180591620717411303424 does not fit a 64-bit integer"),
+        (1, "body is not JSON"), (3, "seq must be an integer from 1 to 2^63-1, got 1180591620717411303424"),
         (5, "seq jump of 9998 in 1.000 s implies 35992.8 kW, above the 10 kW limit"),
         (6, "seq jump of 1")]  # time running backwards
     assert [r[3] for r in rows(db_url)] == [1, 2]
