@@ -114,7 +114,7 @@ def edge() -> None:
     """The Raspberry Pi side: read pulses and publish them."""
 
 
-@edge.command("run")
+@edge.command("run", short_help="Read the meter on GPIO and publish every pulse.")
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
 def edge_run(obj: Context, **overrides: Any) -> None:
@@ -129,7 +129,7 @@ def edge_run(obj: Context, **overrides: Any) -> None:
     sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
 
 
-@edge.command("status")
+@edge.command("status", short_help="Counters, outbox depth, last confirm, link state.")
 @setting_flags("state_dir")
 @click.pass_obj
 def edge_status(obj: Context, **overrides: Any) -> None:
@@ -198,7 +198,7 @@ def simulation_config(obj: Context, overrides: dict[str, Any], plan: Any) -> Con
     return cfg
 
 
-@edge.command("simulate")
+@edge.command("simulate", short_help="Publish a simulated meter's pulses through the real edge code.")
 @simulation_options
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
@@ -224,7 +224,7 @@ def edge_simulate(obj: Context, power: float | None, reactive_power: float | Non
 
 # -- backend ----------------------------------------------------------------
 
-@main.command()
+@main.command(short_help="Count pulses exactly and publish them to MQTT.")
 @click.option("--check", is_flag=True, help="Exit 0 if a running writer showed life recently (health check).")
 @click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
 @setting_flags("state_dir", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
@@ -351,7 +351,7 @@ def ha_remove(obj: Context, meters: tuple[str, ...], **overrides: Any) -> None:
     click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(topics)} topics)")
 
 
-@main.command()
+@main.command(short_help="Simulated meter, edge and writer in one process.")
 @simulation_options
 @setting_flags("state_dir", "topic_prefix")
 @click.pass_obj
@@ -378,7 +378,7 @@ def simulate(obj: Context, power: float | None, reactive_power: float | None, co
 
 # -- database and reports ---------------------------------------------------
 
-@main.command("db-writer")
+@main.command("db-writer", short_help="Store every pulse once in SQLite or MariaDB.")
 @click.option("--check", is_flag=True, help="Exit 0 if a running db-writer showed life recently (health check).")
 @click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
 @click.option("--queue", "db_queue", default=None, help="RabbitMQ queue to consume. [env EMDC_DB_QUEUE]")
@@ -418,7 +418,7 @@ def db_writer(obj: Context, check: bool, max_age: float, **overrides: Any) -> No
         raise click.ClickException(f"cannot use the database: {str(exc.orig)[:300]}") from None
 
 
-@main.command()
+@main.command(short_help="Energy per hour, day or month: table, CSV or chart.")
 @click.option("--by", type=click.Choice(["hour", "day", "month"]), default="day", show_default=True,
               help="Period of each row.")
 @click.option("--from", "from_", metavar="TIME",
