@@ -6,7 +6,13 @@ epoch). The ledger remembers the highest ``seq`` it has counted per epoch, so
 * a ``seq`` at or below it is a duplicate and counts nothing;
 * a jump counts every pulse the counter says happened (``seq - last_seq``);
 * a new epoch (the edge's counter store was recreated) counts its ``seq``
-  pulses since that counter began, on top of the same total.
+  pulses since that counter began, on top of the same total;
+* a ``seq`` at or below the highest one but *later* than it is no duplicate
+  but a reused counter (a restored backup of the Pi's store): refused.
+
+A calibration sets a total to a meter reading taken at some time; pulses up
+to that time that arrive afterwards (a Pi's backlog) are already part of the
+reading, so they advance the counters without adding energy.
 
 Energy is kept as an integer number of microwatt-hours, so sums are exact.
 Power comes only from two consecutive pulses of one epoch. No I/O, no clock.
@@ -30,10 +36,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.message import CHANNELS, Pulse
+from common.message import CHANNELS, MessageError, Pulse, validate_meter_id
 
 UWH_PER_WH = 1_000_000
 NS_PER_S = 1_000_000_000
+CALIBRATIONS_KEPT = 32
 
 
 class Implausible(ValueError):
@@ -63,6 +70,10 @@ class ChannelState:
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
+    # The latest calibration's reading time, and the ids of recent calibrations
+    # (a redelivered command must not reset the total a second time).
+    calibrated_at_ns: int = 0
+    calibrations: list[str] = field(default_factory=list)
 
     def power_w(self) -> float | None:
         """Mean power over the remembered intervals, or None if unknown."""
@@ -72,14 +83,20 @@ class ChannelState:
 
     def to_json(self) -> dict[str, Any]:
         return {"total_uwh": self.total_uwh, "epochs": {e: [c.seq, c.ts_ns] for e, c in self.epochs.items()},
-                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "intervals_ns": list(self.intervals_ns)}
+                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "intervals_ns": list(self.intervals_ns),
+                "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations)}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ChannelState:
-        return cls(total_uwh=_int(doc["total_uwh"]),
-                   epochs={str(e): Cursor(_int(s), _int(t)) for e, (s, t) in doc["epochs"].items()},
-                   last_ts_ns=None if doc["last_ts_ns"] is None else _int(doc["last_ts_ns"]),
-                   wh=float(doc["wh"]), intervals_ns=[_int(i) for i in doc["intervals_ns"]])
+        state = cls(total_uwh=_int(doc["total_uwh"]),
+                    epochs={str(e): Cursor(_int(s), _int(t)) for e, (s, t) in doc["epochs"].items()},
+                    last_ts_ns=None if doc["last_ts_ns"] is None else _int(doc["last_ts_ns"]),
+                    wh=float(doc["wh"]), intervals_ns=[_int(i) for i in doc["intervals_ns"]],
+                    calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
+                    calibrations=[str(c) for c in doc.get("calibrations", [])])
+        if state.total_uwh < 0 or not 0 < state.wh <= 1000:
+            raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
+        return state
 
 
 def _int(value: Any) -> int:
@@ -91,9 +108,10 @@ def _int(value: Any) -> int:
 class Ledger:
     """Cumulative energy of every (meter, channel), counted exactly once per pulse."""
 
-    def __init__(self, max_power_w: float, smoothing_pulses: int = 1) -> None:
+    def __init__(self, max_power_w: float, smoothing_pulses: int = 1, max_ahead_s: float = 600.0) -> None:
         self.max_power_w = max_power_w
         self.smoothing_pulses = smoothing_pulses
+        self.max_ahead_s = max_ahead_s
         self._channels: dict[tuple[str, str], ChannelState] = {}
 
     def channel(self, meter: str, channel: str) -> ChannelState:
@@ -102,16 +120,23 @@ class Ledger:
     def __iter__(self) -> Iterator[tuple[tuple[str, str], ChannelState]]:
         return iter(sorted(self._channels.items()))
 
-    def apply(self, pulse: Pulse) -> int:
+    def apply(self, pulse: Pulse, now_ns: int | None = None) -> int:
         """Count ``pulse``; return how many new pulses it accounted for (0 for a duplicate).
 
         Raises :class:`Implausible` (and changes nothing) if counting it would
-        imply more than ``max_power_w`` or time running backwards.
+        imply more than ``max_power_w``, time running backwards, a timestamp
+        more than ``max_ahead_s`` after ``now_ns``, or a reused counter.
         """
         state = self.channel(pulse.meter, pulse.channel)
         cursor = state.epochs.get(pulse.epoch)
         if cursor is not None and pulse.seq <= cursor.seq:
+            if pulse.ts_ns > cursor.ts_ns:
+                raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was already counted at an earlier "
+                                  "time: was the edge's counter store restored from a backup or copied?")
             return 0
+        if now_ns is not None and pulse.ts_ns > now_ns + self.max_ahead_s * NS_PER_S:
+            raise Implausible(f"ts_ns {pulse.ts_ns} is {(pulse.ts_ns - now_ns) / NS_PER_S:.0f} s in the future: "
+                              "is the edge's clock right?")
         if cursor is None:
             new = pulse.seq
             reference_ts = state.last_ts_ns
@@ -121,7 +146,8 @@ class Ledger:
         if reference_ts is not None:
             self._check_plausible(pulse, new, reference_ts, new_epoch=cursor is None)
 
-        state.total_uwh += new * wh_to_uwh(pulse.wh)
+        if pulse.ts_ns > state.calibrated_at_ns:
+            state.total_uwh += new * wh_to_uwh(pulse.wh)
         state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns)
         if state.last_ts_ns is None or pulse.ts_ns > state.last_ts_ns:
             consecutive = cursor is not None and new == 1 and cursor.ts_ns == state.last_ts_ns
@@ -143,14 +169,23 @@ class Ledger:
             raise Implausible(f"{what} in {elapsed / NS_PER_S:.3f} s implies {implied_w / 1000:.1f} kW, "
                               f"above the {self.max_power_w / 1000:g} kW limit")
 
-    def set_total(self, meter: str, channel: str, total_uwh: int) -> int:
-        """Calibrate a total to a physical meter reading; return the previous total."""
+    def set_total(self, meter: str, channel: str, total_uwh: int, *, as_of_ns: int = 0,
+                  command_id: str = "") -> int | None:
+        """Calibrate a total to a meter reading taken at ``as_of_ns``; return the previous total.
+
+        Returns None, changing nothing, for a command id already applied.
+        """
         if channel not in CHANNELS:
             raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
         if total_uwh < 0:
             raise ValueError("a total cannot be negative")
         state = self.channel(meter, channel)
+        if command_id and command_id in state.calibrations:
+            return None
         old, state.total_uwh = state.total_uwh, total_uwh
+        state.calibrated_at_ns = max(state.calibrated_at_ns, as_of_ns)
+        if command_id:
+            state.calibrations = [*state.calibrations, command_id][-CALIBRATIONS_KEPT:]
         return old
 
     def to_json(self) -> dict[str, Any]:
@@ -160,15 +195,25 @@ class Ledger:
         return {"meters": meters}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], max_power_w: float, smoothing_pulses: int = 1) -> Ledger:
-        """Rebuild a ledger; raises KeyError/TypeError/ValueError on a malformed document."""
-        ledger = cls(max_power_w, smoothing_pulses)
+    def from_json(cls, doc: dict[str, Any], max_power_w: float, smoothing_pulses: int = 1,
+                  max_ahead_s: float = 600.0) -> Ledger:
+        """Build a ledger from :meth:`to_json` output; raises KeyError/TypeError/ValueError if malformed."""
+        ledger = cls(max_power_w, smoothing_pulses, max_ahead_s)
+        ledger.load_json(doc)
+        return ledger
+
+    def load_json(self, doc: dict[str, Any]) -> None:
+        """Replace every channel's state with ``doc``'s (all or nothing)."""
+        channels = {}
         try:
-            for meter, channels in doc["meters"].items():
-                for channel, state in channels.items():
+            for meter, by_channel in doc["meters"].items():
+                for channel, state in by_channel.items():
                     if channel not in CHANNELS:
                         raise ValueError(f"unknown channel {channel!r}")
-                    ledger._channels[(meter, channel)] = ChannelState.from_json(state)
+                    validate_meter_id(meter)
+                    channels[(meter, channel)] = ChannelState.from_json(state)
         except AttributeError as exc:  # a list or number where an object belongs
             raise TypeError(str(exc)) from None
-        return ledger
+        except MessageError as exc:
+            raise ValueError(str(exc)) from None
+        self._channels = channels

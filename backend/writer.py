@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -75,11 +76,12 @@ class EnergyWriter:
         store = StateStore(Path(config.state_dir))
         doc = store.load()
         if doc is None:
-            ledger = Ledger(config.max_power_w, config.power_smoothing_pulses)
+            ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s)
             log.info("no saved state in %s: starting a new ledger", store.path)
         else:
             try:
-                ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses)
+                ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
+                                          config.max_clock_ahead_s)
             except (KeyError, TypeError, ValueError) as exc:
                 raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
                                  "zero. Inspect it and its .bak copy.") from None
@@ -104,7 +106,7 @@ class EnergyWriter:
                     dirty = True
                     continue
                 pulse = decode(delivery.body)
-                if self.ledger.apply(pulse):
+                if self.ledger.apply(pulse, self.clock()):
                     touched.add((pulse.meter, pulse.channel))
                     dirty = True
             except (MessageError, Implausible) as exc:
@@ -115,16 +117,22 @@ class EnergyWriter:
                 self.store.save(self.ledger.to_json())
             except BaseException:
                 # The batch will be redelivered; counting it again must not look like a duplicate.
-                self.ledger = Ledger.from_json(saved, self.ledger.max_power_w, self.ledger.smoothing_pulses)
+                self.ledger.load_json(saved)
                 raise
         self._publish(touched, force=False)
         return dead
 
     def _apply_control(self, body: bytes) -> tuple[str, str]:
         command = decode_control(body)
-        old = self.ledger.set_total(command.meter, command.channel, command.total_uwh)
-        log.warning("calibrated %s/%s: total %s -> %s", command.meter, command.channel,
-                    format_kwh(old), format_kwh(command.total_uwh))
+        old = self.ledger.set_total(command.meter, command.channel, command.total_uwh, as_of_ns=command.ts_ns,
+                                    command_id=command.id)
+        if old is None:
+            log.info("calibration %s of %s/%s was applied before; ignoring the repeat", command.id,
+                     command.meter, command.channel)
+        else:
+            log.warning("calibrated %s/%s: total %s -> %s (meter read at %s)", command.meter, command.channel,
+                        format_kwh(old), format_kwh(command.total_uwh),
+                        dt.datetime.fromtimestamp(command.ts_ns / 1e9, dt.UTC).isoformat(timespec="seconds"))
         return command.meter, command.channel
 
     def refresh_power(self) -> None:

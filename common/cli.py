@@ -4,9 +4,11 @@ needs paho-mqtt, the server never needs gpiozero."""
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -304,7 +306,7 @@ def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> Non
 
     cfg = obj.config({})
     try:
-        send_set_total(cfg, SetTotal(meter, channel, kwh))
+        send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
     except MessageError as exc:
         raise click.BadParameter(str(exc)) from None
     except pika.exceptions.UnroutableError:

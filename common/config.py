@@ -63,6 +63,7 @@ class Config:
     topic_prefix: str = _setting("home/energy", "MQTT topic prefix; other meters get <prefix>/<meter>/...")
     batch_size: int = _setting(500, "Writer prefetch and largest batch per state write")
     max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
+    max_clock_ahead_s: float = _setting(600.0, "Pulses stamped further than this in the future are dead-lettered")
     power_refresh_s: float = _setting(10.0, "How often an idle channel's power bound is re-published")
     power_timeout_s: float = _setting(300.0, "With no pulse for this long, power is published as 0")
     power_smoothing_pulses: int = _setting(1, "Average power over the last N pulse intervals (1: off)")
@@ -221,7 +222,7 @@ def _check(cfg: Config) -> None:
     scheme = urlsplit(cfg.amqp_url).scheme
     if scheme not in {"amqp", "amqps"}:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
-    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "power_refresh_s",
+    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_clock_ahead_s", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN

@@ -135,11 +135,16 @@ class SetTotal:
 
     Sent through the broker (routing key ``control.<meter>``) so the writer
     applies it in order with the pulses, without racing its state file.
+    ``ts_ns`` is when the meter was read: pulses up to then are part of the
+    reading, even if they reach the writer later (a Pi's backlog). ``id``
+    makes a redelivered command harmless.
     """
 
     meter: str
     channel: str
     kwh: Decimal
+    ts_ns: int
+    id: str
 
     @property
     def routing_key(self) -> str:
@@ -152,8 +157,8 @@ class SetTotal:
 
 def encode_set_total(command: SetTotal) -> bytes:
     _validate_set_total(command)
-    doc = {"v": SCHEMA_VERSION, "type": "set_total", "meter": command.meter, "channel": command.channel,
-           "kwh": str(command.kwh)}
+    doc = {"v": SCHEMA_VERSION, "type": "set_total", "id": command.id, "meter": command.meter,
+           "channel": command.channel, "kwh": str(command.kwh), "ts_ns": command.ts_ns}
     return json.dumps(doc).encode()
 
 
@@ -167,7 +172,7 @@ def decode_control(body: bytes) -> SetTotal:
         raise MessageError(f"unknown control message type {doc.get('type')!r:.40} (expected set_total)")
     try:
         kwh = Decimal(str(doc["kwh"]))
-        command = SetTotal(doc["meter"], doc["channel"], kwh)
+        command = SetTotal(doc["meter"], doc["channel"], kwh, doc["ts_ns"], doc["id"])
     except KeyError as exc:
         raise MessageError(f"control message lacks {exc}") from None
     except InvalidOperation:
@@ -182,3 +187,7 @@ def _validate_set_total(c: SetTotal) -> None:
         raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {c.channel!r:.40}")
     if not c.kwh.is_finite() or c.kwh < 0 or c.kwh > Decimal(10) ** 9:
         raise MessageError(f"kwh must be a number from 0 to 1e9, got {c.kwh}")
+    if not _is_int(c.ts_ns) or not 0 < c.ts_ns < 2**63:
+        raise MessageError(f"ts_ns must be a positive 64-bit integer, got {c.ts_ns!r:.40}")
+    if not isinstance(c.id, str) or not _EPOCH_RE.fullmatch(c.id):
+        raise MessageError(f"id must be 1-64 lowercase hex digits, got {c.id!r:.80}")

@@ -58,10 +58,42 @@ def test_duplicate_counts_nothing(ledger: Ledger):
     assert snapshot(ledger) == before
 
 
-def test_older_seq_with_different_timestamp_is_still_a_duplicate(ledger: Ledger):
+def test_older_seq_with_an_earlier_timestamp_is_a_duplicate(ledger: Ledger):
     ledger.apply(pulse(5, 10))
-    assert ledger.apply(pulse(3, 999)) == 0
+    assert ledger.apply(pulse(3, 5)) == 0
     assert total(ledger) == 5_000_000
+
+
+def test_older_seq_with_a_later_timestamp_is_a_reused_counter(ledger: Ledger):
+    ledger.apply(pulse(5, 10))
+    with pytest.raises(Implausible, match="restored from a backup"):
+        ledger.apply(pulse(3, 999))
+    assert total(ledger) == 5_000_000
+
+
+def test_a_timestamp_far_in_the_future_is_refused(ledger: Ledger):
+    now = 1_000 * 10**9
+    with pytest.raises(Implausible, match="in the future"):
+        ledger.apply(Pulse("main", "active", "e1", 1, now + 3600 * 10**9, 1.0), now_ns=now)
+    assert ledger.apply(Pulse("main", "active", "e1", 1, now + 60 * 10**9, 1.0), now_ns=now) == 1
+
+
+def test_a_repeated_calibration_is_ignored(ledger: Ledger):
+    ledger.apply(pulse(1, 0))
+    assert ledger.set_total("main", "active", 7_000_000, as_of_ns=1, command_id="c1") == 1_000_000
+    ledger.apply(pulse(2, 10))
+    assert ledger.set_total("main", "active", 7_000_000, as_of_ns=1, command_id="c1") is None
+    assert total(ledger) == 8_000_000
+
+
+def test_backlog_pulses_from_before_a_calibration_are_part_of_the_reading(ledger: Ledger):
+    ledger.apply(pulse(1, 0))
+    # The meter was read at t=100 s; the Pi's backlog up to then arrives afterwards.
+    ledger.set_total("main", "active", 50_000_000, as_of_ns=T0 + 100 * S, command_id="c2")
+    assert ledger.apply(pulse(20, 90)) == 19
+    assert total(ledger) == 50_000_000
+    ledger.apply(pulse(21, 110))
+    assert total(ledger) == 51_000_000
 
 
 def test_jump_counts_the_missing_pulses(ledger: Ledger):

@@ -36,7 +36,8 @@ def body(**changes: Any) -> bytes:
 
 
 def control_body(**changes: Any) -> bytes:
-    doc = {"v": 1, "type": "set_total", "meter": "main", "channel": "active", "kwh": "12345.678", **changes}
+    doc = {"v": 1, "type": "set_total", "id": "c0ffee", "meter": "main", "channel": "active", "kwh": "12345.678",
+           "ts_ns": 1_700_000_000_000_000_000, **changes}
     return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
 
 
@@ -274,7 +275,7 @@ def test_any_json_document_gives_nothing_but_message_error(doc: Any):
 # --- control messages -----------------------------------------------------------------------------
 
 def test_set_total_roundtrip_and_properties():
-    command = SetTotal("garage", "reactive", Decimal("12345.678901234"))
+    command = SetTotal("garage", "reactive", Decimal("12345.678901234"), 1_700_000_000_000_000_000, "ab12")
     assert decode_control(encode_set_total(command)) == command
     assert command.routing_key == "control.garage"
     assert command.total_uwh == 12_345_678_901_234
@@ -284,7 +285,7 @@ def test_set_total_roundtrip_and_properties():
 @given(meter=meters, channel=st.sampled_from(["active", "reactive"]),
        kwh=st.decimals(min_value=0, max_value=10**9, places=9, allow_nan=False, allow_infinity=False))
 def test_set_total_roundtrip_is_exact(meter: str, channel: str, kwh: Decimal):
-    decoded = decode_control(encode_set_total(SetTotal(meter, channel, kwh)))
+    decoded = decode_control(encode_set_total(SetTotal(meter, channel, kwh, 1_700_000_000_000_000_000, "ab12")))
     assert decoded.kwh == kwh
     assert decoded.total_uwh == int(kwh.scaleb(9))
 
@@ -313,6 +314,10 @@ def test_control_accepts_kwh_as_json_number():
     (control_body(kwh="-0.001"), "kwh must be a number from 0 to 1e9"),
     (control_body(kwh="1000000000.001"), "kwh must be a number from 0 to 1e9"),
     (control_body(channel="apparent"), "channel must be one of"),
+    (control_body(id=...), "lacks 'id'"),
+    (control_body(id="NOT HEX"), "id must be 1-64 lowercase hex digits"),
+    (control_body(ts_ns=...), "lacks 'ts_ns'"),
+    (control_body(ts_ns="yesterday"), "ts_ns must be a positive 64-bit integer"),
     (control_body(meter="bad meter"), "meter must be"),
 ])
 def test_malformed_control_messages(raw: bytes, problem: str):
@@ -327,9 +332,9 @@ def test_control_with_boolean_version_is_rejected():
 
 def test_encode_set_total_validates():
     with pytest.raises(MessageError):
-        encode_set_total(SetTotal("main", "active", Decimal(-1)))
+        encode_set_total(SetTotal("main", "active", Decimal(-1), 1, "ab"))
     with pytest.raises(MessageError):
-        encode_set_total(SetTotal("main", "apparent", Decimal(1)))
+        encode_set_total(SetTotal("main", "apparent", Decimal(1), 1, "ab"))
 
 
 @settings(max_examples=200, deadline=None)

@@ -121,13 +121,16 @@ def test_after_a_backlog_only_the_present_power_is_published(tmp_path: Path) -> 
 
 def test_calibration_sets_the_total_in_order_and_logs_old_and_new(tmp_path: Path, caplog) -> None:
     writer, sink = make_writer(tmp_path, FakeClock())
-    command = SetTotal("main", "active", Decimal("12345.678"))
+    command = SetTotal("main", "active", Decimal("12345.678"), T0, "c1")
     batch = [*deliveries(pulse(1, T0)), Delivery(2, command.routing_key, encode_set_total(command)),
              Delivery(3, "pulse.main.active", encode(pulse(2, T0 + S)))]
     with caplog.at_level(logging.WARNING):
         assert writer.handle_batch(batch) == []
     assert sink.retained["home/energy/active_energy"] == "12345.679"
     assert "calibrated main/active: total 0.001 -> 12345.678" in caplog.text
+    # Redelivered after a crash before the ack: the calibration must not reset the total again.
+    assert writer.handle_batch(batch) == []
+    assert sink.retained["home/energy/active_energy"] == "12345.679"
 
 
 def test_bad_control_message_is_dead_lettered(tmp_path: Path) -> None:
