@@ -33,7 +33,14 @@ from common.topology import ERROR_HEADER, dead_letter_exchange, declare_consumer
 log = logging.getLogger("emdc.amqp")
 
 BatchHandler = Callable[[Sequence[Delivery]], list[DeadLetter]]
-HEARTBEAT_FILE = "writer.heartbeat"
+
+
+def heartbeat_age_s(path: Path) -> float | None:
+    """Seconds since a running consumer last touched ``path``, or None if it never did (health checks)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 class ConsumerCancelled(Exception):
@@ -44,7 +51,7 @@ class BatchConsumer:
     """Runs ``handler`` over batches from ``queue`` until ``stop`` is set."""
 
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
-                 name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
+                 heartbeat_path: Path, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
                  idle_interval_s: float = 1.0) -> None:
         self.config = config
         self.queue = queue
@@ -53,7 +60,7 @@ class BatchConsumer:
         self.name = name
         self.on_idle = on_idle
         self.idle_interval_s = idle_interval_s
-        self.heartbeat_path = Path(config.state_dir) / HEARTBEAT_FILE
+        self.heartbeat_path = heartbeat_path
         self._state = ""
 
     def run(self, stop: threading.Event) -> None:
@@ -61,9 +68,14 @@ class BatchConsumer:
         while not stop.is_set():
             try:
                 self._session(stop, backoff)
-            except (pika.exceptions.AMQPError, ConsumerCancelled, OSError) as exc:
+            except (pika.exceptions.AMQPError, ConsumerCancelled) as exc:
                 self._log_state(f"disconnected from {describe(self.config)} ({reason(exc)}); retrying",
                                 logging.WARNING)
+                stop.wait(backoff.next_delay())
+            except OSError as exc:
+                # Saving or storing the batch failed (disk full, database down): it stays unacknowledged.
+                self._log_state(f"cannot process a batch from {self.queue} ({exc}); it stays in the queue, "
+                                "retrying", logging.WARNING)
                 stop.wait(backoff.next_delay())
             except Exception:
                 # Unacked messages are redelivered, so retrying is safe; say loudly why.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from common.topology import DB_WRITER_BINDINGS
 
 log = logging.getLogger("emdc.db_writer")
 
-HEARTBEAT_FILE = "db-writer.heartbeat"
 
 
 class StoreUnavailable(OSError):
@@ -107,9 +105,7 @@ def run_db_writer(config: Config, stop: threading.Event) -> None:
     log.info("storing pulses from %s in %s", config.db_queue, store.describe())
     writer = DbWriter(store, config.max_power_w)
     consumer = BatchConsumer(config, config.db_queue, DB_WRITER_BINDINGS, writer.handle_batch,
-                             name="emdc-db-writer")
-    # Its own heartbeat, so `emdc writer --check` and `emdc db-writer --check` never vouch for each other.
-    consumer.heartbeat_path = heartbeat_path(config)
+                             heartbeat_path=heartbeat_path(config), name="emdc-db-writer")
     try:
         consumer.run(stop)
     finally:
@@ -118,12 +114,5 @@ def run_db_writer(config: Config, stop: threading.Event) -> None:
 
 
 def heartbeat_path(config: Config) -> Path:
-    return Path(config.state_dir) / HEARTBEAT_FILE
-
-
-def heartbeat_age_s(config: Config) -> float | None:
-    """Seconds since the running db-writer last showed life, or None if it never did."""
-    try:
-        return time.time() - heartbeat_path(config).stat().st_mtime
-    except FileNotFoundError:
-        return None
+    """Its own heartbeat, so `emdc writer --check` and `emdc db-writer --check` never vouch for each other."""
+    return Path(config.state_dir) / "db-writer.heartbeat"

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
@@ -32,6 +33,17 @@ from common.config import Config
 log = logging.getLogger("emdc.mqtt")
 
 
+def new_client(config: Config, name: str) -> mqtt.Client:
+    """A paho client with the configured credentials and TLS, and a unique client id."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(4)}")
+    if config.mqtt_username:
+        client.username_pw_set(config.mqtt_username, config.mqtt_password or None)
+    if config.mqtt_tls:
+        client.tls_set(ca_certs=config.mqtt_ca_file or None, certfile=config.mqtt_cert_file or None,
+                       keyfile=config.mqtt_key_file or None)
+    return client
+
+
 class MqttPublisher:
     """A paho client that publishes retained values and an availability topic with a last will."""
 
@@ -42,12 +54,7 @@ class MqttPublisher:
         self._republish_at: float | None = None
         self._lock = threading.Lock()
         self._extra_subscriptions: dict[str, Any] = {}
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_name}-{secrets.token_hex(4)}")
-        if config.mqtt_username:
-            self.client.username_pw_set(config.mqtt_username, config.mqtt_password or None)
-        if config.mqtt_tls:
-            self.client.tls_set(ca_certs=config.mqtt_ca_file or None, certfile=config.mqtt_cert_file or None,
-                                keyfile=config.mqtt_key_file or None)
+        self.client = new_client(config, client_name)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
@@ -92,7 +99,9 @@ class MqttPublisher:
         connected = self.connected.is_set()
         self.connected.clear()  # from here on a disconnect is ours, not worth a warning
         if connected:
-            self.client.publish(self.availability, "offline", qos=1, retain=True).wait_for_publish(timeout=5)
+            # The link may drop meanwhile; the last will then says offline for us.
+            with contextlib.suppress(RuntimeError, ValueError):
+                self.client.publish(self.availability, "offline", qos=1, retain=True).wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -126,12 +135,7 @@ def publish_once(config: Config, messages: list[tuple[str, str]], timeout_s: flo
     Deliberately a separate client without a last will, so it can run beside
     a writer without touching the writer's availability.
     """
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"emdc-cli-{secrets.token_hex(4)}")
-    if config.mqtt_username:
-        client.username_pw_set(config.mqtt_username, config.mqtt_password or None)
-    if config.mqtt_tls:
-        client.tls_set(ca_certs=config.mqtt_ca_file or None, certfile=config.mqtt_cert_file or None,
-                       keyfile=config.mqtt_key_file or None)
+    client = new_client(config, "emdc-cli")
     client.connect(config.mqtt_host, config.mqtt_port, config.mqtt_keepalive)
     client.loop_start()
     try:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.amqp_consumer import HEARTBEAT_FILE, BatchConsumer
+from backend.amqp_consumer import BatchConsumer
 from backend.mqtt_publisher import MqttPublisher
 from backend.writer import EnergyWriter
 from common.config import Config
@@ -25,12 +25,18 @@ def run_writer(config: Config, stop: threading.Event) -> None:
         mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
     mqtt.start()
     consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+                             heartbeat_path=heartbeat_path(config),
                              on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
     try:
         consumer.run(stop)
     finally:
         mqtt.stop()
         log.info("writer stopped; state saved in %s", writer.store.path)
+
+
+def heartbeat_path(config: Config) -> Path:
+    """The file the running writer touches; its age is the container health check."""
+    return Path(config.state_dir) / "writer.heartbeat"
 
 
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:
@@ -46,11 +52,3 @@ def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: fl
             writer.refresh_power()
 
     return on_idle
-
-
-def heartbeat_age_s(config: Config) -> float | None:
-    """Seconds since the running writer last showed life, or None if it never did."""
-    try:
-        return time.time() - (Path(config.state_dir) / HEARTBEAT_FILE).stat().st_mtime
-    except FileNotFoundError:
-        return None

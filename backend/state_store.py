@@ -53,7 +53,7 @@ class StateStore:
             if doc.get("format") != STATE_FORMAT:
                 raise ValueError(f"unknown format {doc.get('format')!r}")
             return doc["state"]
-        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        except (ValueError, AttributeError, KeyError, TypeError, RecursionError) as exc:
             hint = f" The previous good copy is {self.backup}." if self.backup.exists() else ""
             raise StateError(f"{self.path} is corrupt ({exc}); refusing to start from zero.{hint} "
                              "Inspect both, then copy the right one into place.") from None

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,21 @@ def setting_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
     return decorate
 
 
+class DecimalType(click.ParamType):
+    """An exact decimal number (a meter reading), rejected with a usage error if malformed."""
+
+    name = "decimal"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Decimal:
+        try:
+            number = Decimal(str(value))
+        except InvalidOperation:
+            self.fail(f"{value!r} is not a decimal number", param, ctx)
+        if not number.is_finite():
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class Context:
     def __init__(self, config_path: str | None, log_level: str | None) -> None:
         self.config_path = config_path
@@ -63,6 +78,17 @@ class Context:
         if cfg.log_level.upper() != "DEBUG":
             logging.getLogger("pika").setLevel(logging.WARNING)
         return cfg
+
+
+def check_heartbeat(path: Path, max_age_s: float) -> None:
+    """The health check of a consumer: exit 0 if ``path`` was touched within ``max_age_s``."""
+    from backend.amqp_consumer import heartbeat_age_s
+
+    age = heartbeat_age_s(path)
+    if age is None or age > max_age_s:
+        raise click.ClickException(f"unhealthy: no heartbeat in {path} for "
+                                   f"{'ever' if age is None else f'{age:.0f} s'}")
+    click.echo(f"healthy: heartbeat {age:.1f} s ago")
 
 
 def stop_on_signals() -> threading.Event:
@@ -126,9 +152,13 @@ def edge_run(obj: Context, **overrides: Any) -> None:
     once the pins and the outbox are open, and feeds the watchdog while its
     threads are alive.
     """
+    from edge.outbox import OutboxError
     from edge.service import run_edge
 
-    sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
+    try:
+        sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @edge.command("status", short_help="Counters, outbox depth, last confirm, link state.")
@@ -136,12 +166,13 @@ def edge_run(obj: Context, **overrides: Any) -> None:
 @click.pass_obj
 def edge_status(obj: Context, **overrides: Any) -> None:
     """Show the pulse counters, the outbox depth and the link to RabbitMQ."""
+    from edge.outbox import OutboxError
     from edge.status import edge_status_lines
 
     cfg = obj.config(overrides)
     try:
         lines = edge_status_lines(Path(cfg.state_dir))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, OutboxError) as exc:
         raise click.ClickException(str(exc)) from None
     for line in lines:
         click.echo(line)
@@ -149,9 +180,9 @@ def edge_status(obj: Context, **overrides: Any) -> None:
 
 def simulation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--power", type=click.FloatRange(min=0, min_open=True),
+        click.option("--power", type=click.FloatRange(min=0, max=10_000_000, min_open=True),
                      help="Constant active load in W (default: a household load profile)."),
-        click.option("--reactive-power", type=click.FloatRange(min=0),
+        click.option("--reactive-power", type=click.FloatRange(min=0, max=10_000_000),
                      help="Constant reactive load in var (enables the reactive channel)."),
         click.option("--count", type=click.IntRange(min=1), help="Stop after N active pulses."),
         click.option("--duration", type=click.FloatRange(min=0, min_open=True),
@@ -215,12 +246,19 @@ def edge_simulate(obj: Context, power: float | None, reactive_power: float | Non
     \b
         emdc edge simulate --power 3000 --count 300 --speed max
     """
+    from edge.outbox import OutboxError
     from edge.simulator import EdgeSimulation
 
     plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
                            speed=speed, profile=profile, default_speed="1")
     cfg = simulation_config(obj, overrides, plan)
-    result = EdgeSimulation(cfg, plan).run(stop_on_signals())
+    stop = stop_on_signals()
+    try:
+        result = EdgeSimulation(cfg, plan).run(stop)
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if stop.is_set():
+        raise click.ClickException(f"stopped; pulses not yet confirmed stay in the outbox, counters {result.counters}")
     click.echo(f"confirmed by the broker; edge counters (epoch {result.epoch}): {result.counters}")
 
 
@@ -237,16 +275,12 @@ def writer(obj: Context, check: bool, max_age: float, **overrides: Any) -> None:
     State lives in <state dir>/energy_state.json and is saved before each
     acknowledgement, so restarts never lose or repeat a pulse.
     """
-    from backend.service import heartbeat_age_s, run_writer
+    from backend.service import heartbeat_path, run_writer
     from backend.state_store import StateError
 
     cfg = obj.config(overrides)
     if check:
-        age = heartbeat_age_s(cfg)
-        if age is None or age > max_age:
-            raise click.ClickException(f"unhealthy: no heartbeat in {cfg.state_dir} for "
-                                       f"{'ever' if age is None else f'{age:.0f} s'}")
-        click.echo(f"healthy: heartbeat {age:.1f} s ago")
+        check_heartbeat(heartbeat_path(cfg), max_age)
         return
     try:
         run_writer(cfg, stop_on_signals())
@@ -290,7 +324,7 @@ def state_show(obj: Context, **overrides: Any) -> None:
 @state.command("set-total")
 @click.option("--meter", required=True, help="Meter id, e.g. main.")
 @click.option("--channel", required=True, type=click.Choice(["active", "reactive"]))
-@click.option("--kwh", required=True, type=Decimal, help="The physical meter's reading (kWh or kvarh).")
+@click.option("--kwh", required=True, type=DecimalType(), help="The physical meter's reading (kWh or kvarh).")
 @click.pass_obj
 def state_set_total(obj: Context, meter: str, channel: str, kwh: Decimal) -> None:
     """Set a total to the physical meter reading, through the broker.
@@ -402,15 +436,11 @@ def db_writer(obj: Context, check: bool, max_age: float, **overrides: Any) -> No
         from sqlalchemy.exc import OperationalError
 
         from backend.database import DatabaseError
-        from backend.db_writer import heartbeat_age_s, run_db_writer
+        from backend.db_writer import heartbeat_path, run_db_writer
     except ImportError as exc:
         raise click.ClickException(f"{exc}: install the database extra, pip install 'emdc[db]'") from None
     if check:
-        age = heartbeat_age_s(cfg)
-        if age is None or age > max_age:
-            raise click.ClickException(f"unhealthy: no db-writer heartbeat in {cfg.state_dir} for "
-                                       f"{'ever' if age is None else f'{age:.0f} s'}")
-        click.echo(f"healthy: heartbeat {age:.1f} s ago")
+        check_heartbeat(heartbeat_path(cfg), max_age)
         return
     try:
         run_db_writer(cfg, stop_on_signals())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from common.message import MessageError, validate_meter_id
+from common.message import MAX_WH, MessageError, validate_meter_id
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -181,7 +181,7 @@ def _build(raw: list[tuple[str, Any, str]]) -> Config:
             continue
         if key not in known:
             raise ConfigError(f"{origin}: unknown setting {key!r}")
-        values[key] = _coerce(value, type(known[key].default), origin)
+        values[key] = _coerce(value, type(known[key].default), origin, secret=known[key].metadata["secret"])
         sources[key] = origin
     cfg = replace(Config(), **values, sources=sources)
     _check(cfg)
@@ -195,9 +195,10 @@ def _read_secret(path: str, origin: str) -> str:
         raise ConfigError(f"{origin}: cannot read secret file {path}: {exc.strerror}") from None
 
 
-def _coerce(value: Any, kind: type, origin: str) -> Any:
+def _coerce(value: Any, kind: type, origin: str, secret: bool = False) -> Any:
     """Parse text (environment, flags) into ``kind``; typed TOML values must already be of it."""
-    error = ConfigError(f"{origin}: expected {kind.__name__}, got {value!r}")
+    shown = f"a {type(value).__name__}" if secret else repr(value)
+    error = ConfigError(f"{origin}: expected {kind.__name__}, got {shown}")
     if not isinstance(value, str):
         numeric = kind is float and isinstance(value, int) and not isinstance(value, bool)
         if type(value) is not kind and not numeric:
@@ -219,14 +220,23 @@ def _check(cfg: Config) -> None:
         validate_meter_id(cfg.meter_id)
     except MessageError as exc:
         raise ConfigError(f"meter_id: {exc}") from None
-    scheme = urlsplit(cfg.amqp_url).scheme
+    try:
+        scheme, port = urlsplit(cfg.amqp_url).scheme, urlsplit(cfg.amqp_url).port
+    except ValueError as exc:  # e.g. a port that is not a number; the URL itself may hold a password
+        raise ConfigError(f"amqp_url is not a valid URL ({exc})") from None
     if scheme not in {"amqp", "amqps"}:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
+    if port == 0:
+        raise ConfigError("amqp_url: port must be 1-65535")
     positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_clock_ahead_s", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    limits = {"mqtt_port": 65535, "batch_size": 65535, "publish_window": 65535, "wh_per_pulse": MAX_WH}
+    for name, limit in limits.items():  # AMQP's prefetch count is 16 bits; ports are too
+        if getattr(cfg, name) > limit:
+            raise ConfigError(f"{name} must be at most {limit:g}, got {getattr(cfg, name)}")
     if cfg.discovery not in {"device", "entity", "off"}:
         raise ConfigError(f"discovery must be device, entity or off, got {cfg.discovery!r}")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from backend.memory_transport import MemoryQueue, MemorySink
-from backend.service import idle_handler
+from backend.service import heartbeat_path, idle_handler
 from backend.writer import EnergyWriter
 from common.config import Config
 from common.topology import WRITER_BINDINGS
@@ -56,7 +56,8 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
     if memory_queue is None:
         from backend.amqp_consumer import BatchConsumer
 
-        consume = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch, on_idle=on_idle).run
+        consume = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+                                heartbeat_path=heartbeat_path(config), on_idle=on_idle).run
     else:
         def consume(event: threading.Event) -> None:
             memory_queue.run(event, writer.handle_batch, on_idle)

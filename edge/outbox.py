@@ -46,10 +46,18 @@ CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, meter T
 """
 
 
+class OutboxError(RuntimeError):
+    """The counter store cannot be opened; the edge must not start counting from zero."""
+
+
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    except sqlite3.DatabaseError as exc:
+        raise OutboxError(f"{path} is not a usable SQLite database ({exc}); it holds the pulse counter, "
+                          "so restore it from a backup rather than deleting it") from None
     return conn
 
 
@@ -96,7 +104,7 @@ class Outbox:
                     "DO UPDATE SET seq=excluded.seq, last_ts_ns=excluded.last_ts_ns",
                     [(self.meter, channel, p.seq, p.ts_ns) for channel, p in last.items()])
                 dropped = self._trim()
-        except sqlite3.Error:
+        except BaseException:
             # Nothing was stored: take the numbers back so no seq is skipped or reused.
             for p in numbered:
                 self._seq[p.channel] -= 1

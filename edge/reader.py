@@ -72,6 +72,8 @@ class PulseRecorder(threading.Thread):
         self.filters = filters
         self.wh = wh
         self.on_recorded = on_recorded
+        self._rejected_reported = 0
+        self._next_noise_report = 0.0
 
     def stop(self) -> None:
         """Record every edge queued so far, then end the thread."""
@@ -101,6 +103,7 @@ class PulseRecorder(threading.Thread):
             pulse_ticks = self.filters[channel].edge(ticks, active)
             if pulse_ticks is not None:
                 pulses.append((channel, self.clock.to_utc_ns(pulse_ticks), self.wh))
+        self._report_noise()
         if not pulses:
             return
         while True:
@@ -112,6 +115,16 @@ class PulseRecorder(threading.Thread):
                 log.exception("cannot write the outbox %s; retrying in 1 s", self.outbox.path)
                 time.sleep(1.0)
         self.on_recorded()
+
+    def _report_noise(self) -> None:
+        """One line per minute at most when the filter rejects pulses: wiring or thresholds may be wrong."""
+        rejected = sum(f.rejected for f in self.filters.values())
+        if rejected > self._rejected_reported and time.monotonic() >= self._next_noise_report:
+            log.warning("%d edge pairs rejected as noise so far (shorter than min_pulse_ms or closer than "
+                        "min_interval_ms to the previous pulse); check the wiring if pulses go missing",
+                        rejected)
+            self._rejected_reported = rejected
+            self._next_noise_report = time.monotonic() + 60
 
     def _reanchor(self) -> None:
         step = self.clock.reanchor()

@@ -36,7 +36,15 @@ from edge.service import EdgeService, channel_pins
 from edge.tick_clock import TickClock
 
 S0_PULSE_WIDTH_S = 0.03
+MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months) or W/var (10 MW)
 CHANNEL_COLUMNS = {"active": 1, "reactive": 2}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 class VirtualClockPin(MockPin):
@@ -105,16 +113,15 @@ class LoadProfile:
             for lineno, row in enumerate(csv.reader(fh), 1):
                 if not row or row[0].lstrip().startswith("#"):
                     continue
-                try:
-                    values = [float(x) for x in row[:3]]
-                except ValueError:
-                    if header_allowed:
-                        header_allowed = False
-                        continue
-                    raise ValueError(f"{path}:{lineno}: expected numbers, got {row}") from None
+                if header_allowed and not any(_is_number(cell) for cell in row):
+                    header_allowed = False
+                    continue
                 header_allowed = False
-                if len(values) < 2 or not all(math.isfinite(v) and v >= 0 for v in values):
-                    raise ValueError(f"{path}:{lineno}: expected seconds,active_w[,reactive_var], finite and >= 0")
+                if not 2 <= len(row) <= 3 or not all(_is_number(cell) for cell in row):
+                    raise ValueError(f"{path}:{lineno}: expected seconds,active_w[,reactive_var], got {row}")
+                values = [float(cell) for cell in row]
+                if not all(0 <= v <= MAX_PROFILE_VALUE for v in values):
+                    raise ValueError(f"{path}:{lineno}: values must be from 0 to {MAX_PROFILE_VALUE:g}, got {row}")
                 steps.append((values[0], values[1], values[2] if len(values) > 2 else 0.0))
         if not steps:
             raise ValueError(f"{path}: no rows")

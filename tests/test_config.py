@@ -395,3 +395,23 @@ def test_every_setting_can_come_from_its_environment_variable():
         cfg = _load(**{variable: value})
         assert cfg.is_set(name), name
         assert str(getattr(cfg, name)).lower() == value.lower(), name
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"EMDC_AMQP_URL": "amqp://u:pw@host:56x72/"}, "amqp_url is not a valid URL"),
+    ({"EMDC_AMQP_URL": "amqp://u:pw@[::1/"}, "amqp_url is not a valid URL"),
+    ({"EMDC_BATCH_SIZE": "70000"}, "batch_size must be at most 65535"),
+    ({"EMDC_MQTT_PORT": "70000"}, "mqtt_port must be at most 65535"),
+    ({"EMDC_WH_PER_PULSE": "2000"}, "wh_per_pulse must be at most 1000"),
+    ({"EMDC_WH_PER_PULSE": "inf"}, "wh_per_pulse must be at most 1000"),
+])
+def test_settings_that_would_fail_later_are_refused_at_start(env: dict[str, str], message: str):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(env=env)
+    assert "pw" not in str(info.value)
+
+
+def test_a_secret_of_the_wrong_type_is_not_printed(toml):
+    with pytest.raises(ConfigError) as info:
+        load_config(toml("mqtt_password = 73519284\n"), env={})
+    assert "73519284" not in str(info.value) and "expected str, got a int" in str(info.value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.message import Pulse
-from edge.outbox import FILENAME, Outbox, OutboxReader
+from edge.outbox import FILENAME, Outbox, OutboxError, OutboxReader
 
 T0 = 1_764_000_000_000_000_000
 S = 1_000_000_000
@@ -280,3 +280,19 @@ def test_failed_commit_takes_the_numbers_back(opened: Opened):
     assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [1, 2, 3]
     box.close()
     assert opened.outbox().counters() == {"active": 3}
+
+
+def test_a_failed_record_takes_its_numbers_back(tmp_path: Path):
+    outbox = Outbox(tmp_path / "edge.sqlite3", "main", 100)
+    outbox.record([("active", 1, 1.0)])
+    with pytest.raises(OverflowError):
+        outbox.record([("active", 2**70, 1.0)])  # cannot be bound as an SQLite integer
+    [pulse] = outbox.record([("active", 3, 1.0)])
+    assert pulse.seq == 2, "the failed attempt must not skip a seq"
+
+
+def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path):
+    path = tmp_path / "edge.sqlite3"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(OutboxError, match="restore it from a backup"):
+        Outbox(path, "main", 100)

@@ -38,3 +38,10 @@ def test_every_command_is_documented_and_has_help() -> None:
         assert f"`{command}" in README, f"{command} is missing from the README's command table"
         result = runner.invoke(main, [*command.split()[1:], "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_a_malformed_meter_reading_is_a_usage_error_not_a_traceback() -> None:
+    result = CliRunner().invoke(main, ["state", "set-total", "--meter", "main", "--channel", "active",
+                                       "--kwh", "abc"])
+    assert result.exit_code == 2
+    assert "'abc' is not a decimal number" in result.output

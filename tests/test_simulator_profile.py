@@ -128,13 +128,24 @@ def test_csv_rows_are_sorted_by_time(csv_file):
     assert [s[0] for s in LoadProfile.from_csv(csv_file("60,1\n0,2\n30,3\n")).steps] == [0.0, 30.0, 60.0]
 
 
-def test_csv_extra_columns_are_ignored(csv_file):
-    assert LoadProfile.from_csv(csv_file("0,100,10,note\n")).steps == ((0.0, 100.0, 10.0),)
+def test_csv_extra_columns_are_refused(csv_file):
+    with pytest.raises(ValueError, match="expected seconds,active_w"):
+        LoadProfile.from_csv(csv_file("0,100,10,note\n"))
+
+
+def test_csv_a_typo_in_the_first_data_row_is_not_taken_for_a_header(csv_file):
+    with pytest.raises(ValueError, match=":1: expected seconds,active_w"):
+        LoadProfile.from_csv(csv_file("0,3O00\n60,100\n"))
+
+
+def test_csv_absurd_power_is_refused(csv_file):
+    with pytest.raises(ValueError, match="values must be from 0"):
+        LoadProfile.from_csv(csv_file("0,1e300\n"))
 
 
 def test_csv_non_number_after_the_first_line_names_file_and_line(csv_file):
     path = csv_file("0,100\n60,lots\n")
-    with pytest.raises(ValueError, match=rf"{path}:2: expected numbers"):
+    with pytest.raises(ValueError, match=rf"{path}:2: expected seconds,active_w"):
         LoadProfile.from_csv(path)
 
 
@@ -146,7 +157,7 @@ def test_csv_single_column_is_an_error(csv_file):
 
 @pytest.mark.parametrize("row", ["-1,100", "0,-100", "0,100,-5"])
 def test_csv_negative_values_are_errors(csv_file, row: str):
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="values must be from 0"):
         LoadProfile.from_csv(csv_file(row + "\n"))
 
 
