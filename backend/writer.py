@@ -77,7 +77,9 @@ class EnergyWriter:
         doc = store.load()
         if doc is None:
             ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s)
-            log.info("no saved state in %s: starting a new ledger", store.path)
+            # Loud on purpose: a forgotten volume or a wrong state_dir also looks like this.
+            log.warning("no saved state in %s: starting from zero (right for a first start; otherwise "
+                        "check state_dir and restore energy_state.json)", store.path)
         else:
             try:
                 ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
