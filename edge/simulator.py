@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import csv
 import heapq
 import itertools
@@ -36,6 +37,7 @@ from edge.service import EdgeService, channel_pins
 from edge.tick_clock import TickClock
 
 S0_PULSE_WIDTH_S = 0.03
+STATES_KEPT = 64
 MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months) or W/var (10 MW)
 CHANNEL_COLUMNS = {"active": 1, "reactive": 2}
 
@@ -49,6 +51,11 @@ def _is_number(text: str) -> bool:
 
 class VirtualClockPin(MockPin):
     """A mock pin whose edges are stamped with the factory's virtual clock."""
+
+    def clear_states(self) -> None:
+        # MockPin keeps every change in ``states``; a long simulation keeps only the latest few.
+        super().clear_states()
+        self.states = collections.deque(self.states, maxlen=STATES_KEPT)
 
     def _change_state(self, value: bool) -> bool:
         # MockPin stamps edges with time.monotonic(); we need the simulated time.
@@ -185,10 +192,13 @@ class SimulatedMeter:
 
     def run(self, *, count: int | None = None, duration_s: float | None = None,
             stop: threading.Event | None = None, throttle: Callable[[], None] = lambda: None,
-            progress: Callable[[float, int], None] = lambda t, n: None) -> int:
-        """Simulate until ``count`` active pulses or ``duration_s``; return the active pulses made."""
+            progress: Callable[[float, int], None] = lambda t, n: None, started: float | None = None) -> int:
+        """Simulate until ``count`` active pulses or ``duration_s``; return the active pulses made.
+
+        ``started`` is the ``time.monotonic()`` at which simulated time 0 is due (default: now).
+        """
         streams = [_edges(self.profile.pulse_times(channel, self.wh), channel) for channel in self.pins]
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         for t, channel, active in heapq.merge(*streams):
             if (duration_s is not None and t > duration_s) or (stop is not None and stop.is_set()):
                 break
@@ -240,6 +250,10 @@ class EdgeSimulation:
         lead_ns = round(self.meter.duration_for(plan.count, plan.duration_s) * speedup * 1e9)
         self.clock = TickClock(self.factory.ticks, wall_ns=lambda: time.time_ns() - lead_ns,
                                follow_wall_clock=False)
+        # Simulated time 0 is this instant: pulses are driven relative to it, not to when run()
+        # starts after the service has opened (importing pika alone takes ~0.1 s), so that at
+        # --speed 1 a pulse's ts_ns is the moment it is really driven.
+        self._time_zero = time.monotonic()
         self.service = EdgeService(config, pin_factory=self.factory, publisher_factory=publisher_factory,
                                    clock=self.clock)
 
@@ -252,14 +266,17 @@ class EdgeSimulation:
         backlog_limit = 4 * self.config.publish_window
         depth = self.service.outbox.reader()
 
+        edges = self.service.recorder.edges
+
         def throttle() -> None:
-            while depth.depth() > backlog_limit and not (stop and stop.is_set()):
+            # Bound both backlogs: edges not yet recorded (memory) and pulses not yet confirmed (outbox).
+            while (edges.qsize() > backlog_limit or depth.depth() > backlog_limit) and not (stop and stop.is_set()):
                 time.sleep(0.01)
 
         self.service.start()
         try:
             self.meter.run(count=self.plan.count, duration_s=self.plan.duration_s, stop=stop, throttle=throttle,
-                           progress=progress)
+                           progress=progress, started=self._time_zero)
             self.service.recorder.stop()
             self.service.wait_drained(stop)
             return SimulationResult(self.service.outbox.epoch, self.service.outbox.counters())
