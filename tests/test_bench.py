@@ -1,0 +1,55 @@
+"""`make bench` must not rot: run it end to end at its smallest size against the real brokers.
+
+Only completion and the shape of bench-results.json are checked; timings depend on the machine
+and are never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+SMALLEST = ["--size", "small", "--pulses", "1000", "--naive-pulses", "20", "--latency-pulses", "10",
+            "--edge-pulses", "500", "--edge-live-s", "2"]
+
+EXPECTED = {
+    "meta": {"date", "revision", "python", "cpu", "cpus", "rabbitmq", "fsync_ms", "calibration_s", "sizes"},
+    "ceiling": {"messages", "seconds", "rate_per_s", "runs", "rates_per_s"},
+    "writer_drain": {"pulses", "seconds", "rate_per_s", "ratio_to_ceiling", "exact_total", "dead_letters",
+                     "writer_cpu_s", "writer_peak_rss_mb", "runs", "rates_per_s"},
+    "naive_baseline": {"pulses", "seconds", "rate_per_s", "ratio_to_ceiling", "speedup"},
+    "live_latency": {"direct", "via_edge"},
+    "edge": {"replay", "simulate_max", "live", "live_production"},
+}
+LATENCY = {"pulses", "p50_ms", "p99_ms", "max_ms"}
+EDGE_LIVE = {"pulses_per_s", "cpu_s_per_1000_pulses", "peak_rss_mb", "pi_zero"}
+
+
+def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, brokers: None) -> None:
+    output = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "tests.bench", *SMALLEST, "--output", str(output)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
+    assert "writer drain" in result.stdout and "targets" in result.stdout
+
+    results = json.loads(output.read_text())
+    for section, keys in EXPECTED.items():
+        assert results[section].keys() >= keys, f"{section} lacks {keys - results[section].keys()}"
+    for path in ("direct", "via_edge"):
+        assert results["live_latency"][path].keys() >= LATENCY
+    for key in ("edge_to_broker", "broker_to_mqtt"):
+        assert results["live_latency"]["via_edge"][key].keys() >= LATENCY - {"pulses"}
+    for key in ("live", "live_production"):
+        assert results["edge"][key].keys() >= EDGE_LIVE
+    assert results["edge"]["replay"].keys() >= {"rate_per_s", "pulses"}
+    # Correctness, not speed: the measured runs counted every pulse exactly once.
+    assert results["writer_drain"]["exact_total"] is True
+    assert results["writer_drain"]["dead_letters"] == 0
+    assert results["edge"]["replay"]["queued_at_broker"] == 500 + 1
+    assert {t["name"] for t in results["targets"]} >= {"writer drain / ceiling", "live latency p99 (ms)",
+                                                        "edge outbox replay (pulses/s)", "edge peak RSS (MB)"}
+    assert all(isinstance(t["ok"], bool) for t in results["targets"])
