@@ -52,6 +52,8 @@ class AmqpPublisher:
         self._channel: pika.channel.Channel | None = None
         self._stop = threading.Event()
         self._state = ""
+        # Built once: it is compared on every confirm, the per-pulse path.
+        self._publishing = f"publishing to exchange {config.exchange} on {describe(config)}"
         self._status_due = 0.0
         self.last_confirm_ns = 0
         self._reset_session()
@@ -155,11 +157,8 @@ class AmqpPublisher:
     def _on_ready(self) -> None:
         self._ready = True
         self._backoff.reset()
-        self._set_state(self._publishing_state())
+        self._set_state(self._publishing)
         self._pump()
-
-    def _publishing_state(self) -> str:
-        return f"publishing to exchange {self.config.exchange} on {describe(self.config)}"
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
         # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later.
@@ -212,7 +211,7 @@ class AmqpPublisher:
             self.last_confirm_ns = time.time_ns()
             if not self._paused:
                 self._backoff.reset()
-                self._set_state(self._publishing_state())
+                self._set_state(self._publishing)
         if not self._paused:
             self._pump()
         elif not self._inflight:
