@@ -82,6 +82,8 @@ class Config:
     min_pulse_ms: float = _setting(2.0, "Pulses shorter than this are noise")
     min_interval_ms: float = _setting(20.0, "Pulses closer than this to the previous are noise")
     outbox_max: int = _setting(1_000_000, "Largest outbox on the Pi; beyond it the oldest timing detail goes")
+    commit_interval_ms: float = _setting(100.0, "Edge: at most one disk commit (fsync) per interval; closer pulses "
+                                                "share it, a pulse after a pause is committed at once (0: never wait)")
     publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
     # Where each non-default value came from (file, variable or flag); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -233,6 +235,8 @@ def _check(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.commit_interval_ms <= 1000:  # also rejects NaN
+        raise ConfigError(f"commit_interval_ms must be between 0 and 1000, got {cfg.commit_interval_ms}")
     limits = {"mqtt_port": 65535, "batch_size": 65535, "publish_window": 65535, "wh_per_pulse": MAX_WH}
     for name, limit in limits.items():  # AMQP's prefetch count is 16 bits; ports are too
         if getattr(cfg, name) > limit:

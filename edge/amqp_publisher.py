@@ -39,6 +39,9 @@ from edge.outbox import OutboxReader
 log = logging.getLogger("emdc.publisher")
 
 STATUS_EVERY_S = 5.0
+# A safety net only: new rows and stop requests arrive through wake(). Each tick
+# wakes the thread, which costs CPU on a Pi Zero even when no pulse comes.
+TICK_S = 1.0
 
 
 class AmqpPublisher:
@@ -63,6 +66,7 @@ class AmqpPublisher:
         self._paused = False
         self._tag = 0
         self._last_id = 0
+        self._more = True  # the outbox may hold rows beyond the last query
         self._inflight: dict[int, tuple[int, str]] = {}
         self._returned: set[str] = set()
 
@@ -77,7 +81,7 @@ class AmqpPublisher:
                 self._connection = pika.SelectConnection(
                     connection_parameters(self.config, "emdc-edge"), on_open_callback=self._on_open,
                     on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
-                self._connection.ioloop.call_later(0.2, self._tick)
+                self._connection.ioloop.call_later(TICK_S, self._tick)
                 self._connection.ioloop.start()
                 if not stop.is_set():
                     stop.wait(self._backoff.next_delay())
@@ -86,12 +90,12 @@ class AmqpPublisher:
             self._reader.close()
 
     def wake(self) -> None:
-        """Thread-safe: new rows are in the outbox."""
+        """Thread-safe: new rows are in the outbox, or ``stop`` was set."""
         connection = self._connection
-        if connection is not None and self._ready:
+        if connection is not None:
             # If the loop is closing this fails; the next session starts from the outbox anyway.
             with contextlib.suppress(Exception):
-                connection.ioloop.add_callback_threadsafe(self._pump)
+                connection.ioloop.add_callback_threadsafe(self._on_wake)
 
     # -- state reporting -----------------------------------------------------
 
@@ -101,17 +105,22 @@ class AmqpPublisher:
             log.log(level, "%s", state)
             self._reader.set_status(link_state=state)
 
-    def _tick(self) -> None:
-        """Periodic: notice a stop request, pick up missed rows, save status."""
+    def _on_wake(self) -> None:
         if self._stop.is_set():
             self._close()
+        else:
+            self._pump()
+
+    def _tick(self) -> None:
+        """Periodic: notice a stop request, pick up missed rows, save status."""
+        self._on_wake()
+        if self._stop.is_set():
             return
-        self._pump()
         if time.monotonic() >= self._status_due and self.last_confirm_ns:
             self._status_due = time.monotonic() + STATUS_EVERY_S
             self._reader.set_status(last_confirm_ns=str(self.last_confirm_ns))
         if self._connection is not None:
-            self._connection.ioloop.call_later(0.2, self._tick)
+            self._connection.ioloop.call_later(TICK_S, self._tick)
 
     def _close(self) -> None:
         connection = self._connection
@@ -175,8 +184,11 @@ class AmqpPublisher:
             return
         room = self.config.publish_window - len(self._inflight)
         if room <= 0:
+            self._more = True
             return
-        for row_id, pulse in self._reader.pending(self._last_id, room):
+        rows = self._reader.pending(self._last_id, room)
+        self._more = len(rows) == room
+        for row_id, pulse in rows:
             self._tag += 1
             properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
                                               message_id=pulse.message_id)
@@ -213,7 +225,8 @@ class AmqpPublisher:
                 self._backoff.reset()
                 self._set_state(self._publishing)
         if not self._paused:
-            self._pump()
+            if self._more:  # new rows come with wake(); only a full window leaves rows behind
+                self._pump()
         elif not self._inflight:
             assert self._connection is not None
             self._connection.ioloop.call_later(self._backoff.next_delay(), self._resend)

@@ -7,8 +7,9 @@ power cut the counter never goes back, so a ``seq`` is never reused. The
 publisher deletes rows once the broker confirmed them; those deletes commit
 with ``synchronous=NORMAL``, because losing one only causes a harmless resend.
 
-SD-card wear: one fsync per recorded batch. The recorder groups the pulses
-that arrived while the previous commit ran, so a burst costs one write.
+SD-card wear: one fsync per recorded batch. The recorder commits at most once
+per ``commit_interval_ms`` (:class:`~edge.commit_pacer.CommitPacer`), so high
+pulse rates and bursts share writes.
 
 When the outbox holds ``max_rows``, the oldest rows are dropped: their timing
 detail is lost, but the counter stays exact, so the next delivered ``seq``

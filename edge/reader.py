@@ -4,14 +4,16 @@ The interrupt side only records edges: :class:`PulseInput` (a gpiozero
 ``DigitalInputDevice``) puts ``(channel, ticks, active)`` on a queue, with the
 ticks of the pin event itself (kernel timestamps under the lgpio factory).
 :class:`PulseRecorder` filters the edges, timestamps accepted pulses in UTC
-and records them in the outbox in groups, then wakes the publisher.
+and records them in the outbox, then wakes the publisher. A pulse after a
+quiet spell is committed at once; at high rates pulses share commits, at most
+one per ``commit_interval_s`` (see :class:`~edge.commit_pacer.CommitPacer`).
 
 Example::
 
     edges = queue.SimpleQueue()
     PulseInput(17, channel="active", sink=edges.put, pin_factory=factory)
     recorder = PulseRecorder(edges, outbox, clock, filters={"active": PulseFilter(0.002, 0.02)}, wh=1.0,
-                             on_recorded=publisher.wake)
+                             commit_interval_s=0.1, on_recorded=publisher.wake)
     recorder.start()
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from gpiozero import DigitalInputDevice
 
+from edge.commit_pacer import CommitPacer
 from edge.outbox import Outbox
 from edge.pulse_filter import PulseFilter
 from edge.tick_clock import TickClock
@@ -64,13 +67,15 @@ class PulseRecorder(threading.Thread):
     """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit."""
 
     def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
-                 filters: Mapping[str, PulseFilter], wh: float, on_recorded: Callable[[], None] = lambda: None) -> None:
+                 filters: Mapping[str, PulseFilter], wh: float, commit_interval_s: float = 0.0,
+                 on_recorded: Callable[[], None] = lambda: None) -> None:
         super().__init__(name="emdc-recorder", daemon=True)
         self.edges = edges
         self.outbox = outbox
         self.clock = clock
         self.filters = filters
         self.wh = wh
+        self.pacer = CommitPacer(commit_interval_s)
         self.on_recorded = on_recorded
         self._rejected_reported = 0
         self._next_noise_report = 0.0
@@ -87,6 +92,8 @@ class PulseRecorder(threading.Thread):
             edges = []
             try:
                 edges.append(self.edges.get(timeout=REANCHOR_EVERY_S))
+                # Sleeping rather than waiting on the queue: edges arriving meanwhile cost no wake-up.
+                time.sleep(self.pacer.delay(time.monotonic()))
                 while True:  # group what arrived meanwhile into one commit
                     edges.append(self.edges.get_nowait())
             except queue.Empty:
@@ -106,6 +113,7 @@ class PulseRecorder(threading.Thread):
         self._report_noise()
         if not pulses:
             return
+        self.pacer.committed(time.monotonic())
         while True:
             try:
                 self.outbox.record(pulses)

@@ -77,8 +77,9 @@ class EdgeService:
         if behind_ns:
             log.warning("the wall clock is %.1f s behind the last recorded pulse (no RTC, NTP not synced yet?); "
                         "timestamps continue from that pulse until the clock catches up", behind_ns / 1e9)
-        self.recorder = PulseRecorder(edges, self.outbox, clock, filters,
-                                      config.wh_per_pulse, on_recorded=self.publisher.wake)
+        self.recorder = PulseRecorder(edges, self.outbox, clock, filters, config.wh_per_pulse,
+                                      commit_interval_s=config.commit_interval_ms / 1000,
+                                      on_recorded=self.publisher.wake)
         log.info("meter %s: %s; counter store %s (epoch %s, counters %s)", config.meter_id,
                  ", ".join(f"{c} on GPIO{p}" for c, p in pins.items()), self.outbox.path, self.outbox.epoch,
                  self.outbox.counters() or "new")

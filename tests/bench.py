@@ -37,6 +37,7 @@ import shutil
 import signal
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from common.message import CONTENT_TYPE, Pulse, decode, encode
 from common.topology import WRITER_BINDINGS, dead_letter_exchange, dead_letter_queue, declare_consumer_queue
 from edge.outbox import FILENAME as OUTBOX_FILENAME
 from edge.outbox import Outbox
+from edge.simulator import S0_PULSE_WIDTH_S
 from tests.conftest import AMQP_URL, MQTT_HOST, MQTT_PORT, ROOT, Names, clear_retained, port_open
 
 UWH_PER_WH = 1_000_000
@@ -852,43 +854,74 @@ def pi_zero_projection(cpu_s_per_1000: float, calibration_s: float) -> dict[str,
                                             for f in (10, 15, 20, 30)}}
 
 
+LGPIO_EVENT = struct.Struct("QBBBBI")  # lgpio's notification record: tick (ns), chip, gpio, level, flags, pad
+
+
+def drive_edges(fd: int, gpio: int, active_level: int, rate: float, duration_s: float) -> None:
+    """The meter side of :func:`edge_harness`, in its own process: write lgpio-style edge records."""
+    start = time.monotonic()
+    pulses = 0
+    while time.monotonic() - start < duration_s:
+        delay = start + pulses / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for level in (active_level, 1 - active_level):
+            os.write(fd, LGPIO_EVENT.pack(time.monotonic_ns(), 0, gpio, level, 0, 0))
+            if level == active_level:
+                time.sleep(S0_PULSE_WIDTH_S)
+        pulses += 1
+
+
 def edge_harness(rate: float, duration_s: float) -> None:
-    """``--edge-harness``: the production edge on a mock pin toggled ``rate`` times a second.
+    """``--edge-harness``: the production edge fed ``rate`` pulses a second the way lgpio feeds it.
 
     :class:`~edge.service.EdgeService` exactly as ``emdc edge run`` builds it (gpiozero input, pulse
-    filter, recorder, SQLite outbox, AmqpPublisher, settings from EMDC_*), but with gpiozero's
-    MockFactory instead of lgpio, driven by a plain sleep loop. Stops after ``duration_s`` or SIGTERM.
+    filter, recorder, SQLite outbox, AmqpPublisher, settings from EMDC_*), on gpiozero's MockFactory.
+    A forked process plays the meter and the kernel: it writes timestamped edge records to a pipe,
+    and a thread here does what lgpio's notification thread does (a blocking read per record, then
+    the pin's ``_call_when_changed(ticks, level)``). So this process's CPU time is the edge's own,
+    without the cost of timing the pulses. Stops after ``duration_s`` or SIGTERM.
     """
     import logging
 
     from gpiozero.pins.mock import MockFactory
+    from gpiozero.pins.pi import PiPin
 
     from common.config import load_config
     from edge.service import EdgeService
-    from edge.simulator import S0_PULSE_WIDTH_S
 
     config = load_config()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
+    read_fd, write_fd = os.pipe()
+    driver = os.fork()
+    if driver == 0:
+        os.close(read_fd)
+        try:
+            drive_edges(write_fd, config.active_pin, 0 if config.pull_up else 1, rate, duration_s)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     factory = MockFactory()
     service = EdgeService(config, pin_factory=factory)
     pin = factory.pin(config.active_pin)
-    activate, release = (pin.drive_low, pin.drive_high) if config.pull_up else (pin.drive_high, pin.drive_low)
+
+    def notification_thread() -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as events:
+            while record := events.read(LGPIO_EVENT.size):
+                ticks_ns, _chip, _gpio, level, _flags, _pad = LGPIO_EVENT.unpack(record)
+                PiPin._call_when_changed(pin, ticks_ns / 1e9, level)
+        stop.set()
+
     service.start()
-    start = time.monotonic()
-    pulses = 0
+    threading.Thread(target=notification_thread, name="lgpio-notify", daemon=True).start()
     try:
-        while not stop.is_set() and time.monotonic() - start < duration_s:
-            delay = start + pulses / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            activate()
-            time.sleep(S0_PULSE_WIDTH_S)
-            release()
-            pulses += 1
+        stop.wait()
     finally:
+        os.kill(driver, signal.SIGTERM)
+        os.waitpid(driver, 0)
         service.stop()
 
 

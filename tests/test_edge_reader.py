@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from edge.reader import PulseInput, PulseRecorder
 from edge.service import EdgeService
 from edge.simulator import LoadProfile, SimulatedMeter, VirtualClockFactory
 from edge.tick_clock import TickClock
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -132,3 +134,60 @@ def test_edge_service_counter_continues_across_restarts(tmp_path: Path) -> None:
     # The second run started after the first one's last pulse, whatever the clock said.
     times = [p.ts_ns for pub in publishers for p in pub.sent]
     assert times == sorted(times)
+
+
+class CommitLog(Outbox):
+    """The real outbox, remembering how many pulses each commit carried and when it ended."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits: list[tuple[int, float]] = []
+
+    def record(self, pulses):
+        stored = super().record(pulses)
+        self.commits.append((len(stored), time.monotonic()))
+        return stored
+
+
+def _paced(tmp_path: Path, interval_s: float):
+    edges: queue.SimpleQueue = queue.SimpleQueue()
+    outbox = CommitLog(tmp_path / FILENAME, "main", 1000)
+    recorder = PulseRecorder(edges, outbox, TickClock(time.monotonic), {"active": PulseFilter(0.002, 0.02)},
+                             wh=1.0, commit_interval_s=interval_s)
+    return edges, outbox, recorder
+
+
+def _pulse(edges: queue.SimpleQueue, at: float) -> None:
+    edges.put(("active", at, True))
+    edges.put(("active", at + 0.01, False))
+
+
+def test_recorder_commits_a_pulse_after_a_pause_at_once_even_with_a_long_commit_interval(tmp_path: Path) -> None:
+    edges, outbox, recorder = _paced(tmp_path, interval_s=1.0)
+    recorder.start()
+    for n in range(1, 3):  # the very first pulse, then one after a pause longer than the interval
+        sent = time.monotonic()
+        _pulse(edges, sent)
+        wait_until(lambda n=n: len(outbox.commits) == n, 2, "a commit")
+        assert outbox.commits[-1][1] - sent < 0.5
+        time.sleep(1.1)
+    recorder.stop()
+    assert [n for n, _ in outbox.commits] == [1, 1]
+    outbox.close()
+
+
+def test_recorder_groups_pulses_closer_than_the_commit_interval_into_one_commit(tmp_path: Path) -> None:
+    edges, outbox, recorder = _paced(tmp_path, interval_s=0.5)
+    recorder.start()
+    t = time.monotonic()
+    _pulse(edges, t)
+    wait_until(lambda: outbox.commits, 2, "the first commit")
+    for i in range(1, 6):  # five more pulses, 30 ms apart: well within the next 0.5 s
+        time.sleep(0.03)
+        _pulse(edges, t + 0.03 * i)
+    wait_until(lambda: sum(n for n, _ in outbox.commits) == 6, 3, "six pulses recorded")
+    recorder.stop()
+    assert [n for n, _ in outbox.commits] == [1, 5]
+    assert outbox.commits[1][1] - outbox.commits[0][1] >= 0.45  # spaced by the interval
+    assert [p.seq for _, p in outbox.reader().pending(0, 10)] == [1, 2, 3, 4, 5, 6]
+    outbox.close()

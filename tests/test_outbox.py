@@ -253,6 +253,28 @@ def test_confirmed_rows_make_room_under_the_cap(opened: Opened):
     assert [p.seq for _, p in reader.pending(0, 100)] == [4, 5]
 
 
+def test_the_cap_applies_to_rows_left_by_an_earlier_run(opened: Opened):
+    opened.outbox().record(active(5))
+    box = opened.outbox(max_rows=3)
+    box.record(active(1, start_s=5))
+    assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [4, 5, 6]
+
+
+def test_the_cap_holds_after_a_failed_trim(opened: Opened):
+    box = opened.outbox(max_rows=2)
+    box.record(active(2))
+    with closing(sqlite3.connect(box.path)) as db:
+        db.execute("CREATE TRIGGER fail BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        db.commit()
+    with pytest.raises(sqlite3.Error, match="disk full"):
+        box.record(active(1, start_s=2))
+    with closing(sqlite3.connect(box.path)) as db:
+        db.execute("DROP TRIGGER fail")
+        db.commit()
+    box.record(active(1, start_s=2))
+    assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [2, 3]
+
+
 def test_trimming_is_logged_once_per_episode(opened: Opened, caplog):
     box = opened.outbox(max_rows=1)
     with caplog.at_level("INFO", logger="emdc.outbox"):
