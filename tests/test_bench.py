@@ -23,7 +23,7 @@ EXPECTED = {
                      "writer_cpu_s", "writer_peak_rss_mb", "runs", "rates_per_s"},
     "naive_baseline": {"pulses", "seconds", "rate_per_s", "ratio_to_ceiling", "speedup"},
     "live_latency": {"direct", "via_edge"},
-    "edge": {"replay", "simulate_max", "live", "live_production"},
+    "edge": {"replay", "simulate_max", "live", "live_production", "live_production_household"},
 }
 LATENCY = {"pulses", "p50_ms", "p99_ms", "max_ms"}
 EDGE_LIVE = {"pulses_per_s", "cpu_s_per_1000_pulses", "peak_rss_mb", "pi_zero"}
@@ -43,7 +43,7 @@ def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, broke
         assert results["live_latency"][path].keys() >= LATENCY
     for key in ("edge_to_broker", "broker_to_mqtt"):
         assert results["live_latency"]["via_edge"][key].keys() >= LATENCY - {"pulses"}
-    for key in ("live", "live_production"):
+    for key in ("live", "live_production", "live_production_household"):
         assert results["edge"][key].keys() >= EDGE_LIVE
     assert results["edge"]["replay"].keys() >= {"rate_per_s", "pulses"}
     # Correctness, not speed: the measured runs counted every pulse exactly once.
