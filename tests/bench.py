@@ -915,11 +915,13 @@ def edge_harness(rate: float, duration_s: float) -> None:
     pin = factory.pin(config.active_pin)
 
     def notification_thread() -> None:
-        with os.fdopen(read_fd, "rb", buffering=0) as events:
-            while record := events.read(LGPIO_EVENT.size):
-                ticks_ns, _chip, _gpio, level, _flags, _pad = LGPIO_EVENT.unpack(record)
-                PiPin._call_when_changed(pin, ticks_ns / 1e9, level)
-        stop.set()
+        try:
+            with os.fdopen(read_fd, "rb", buffering=0) as events:
+                while record := events.read(LGPIO_EVENT.size):
+                    ticks_ns, _chip, _gpio, level, _flags, _pad = LGPIO_EVENT.unpack(record)
+                    PiPin._call_when_changed(pin, ticks_ns / 1e9, level)
+        finally:  # the meter finished, or the edge's callback failed (the traceback is printed)
+            stop.set()
 
     service.start()
     threading.Thread(target=notification_thread, name="lgpio-notify", daemon=True).start()
