@@ -1,0 +1,41 @@
+"""The edge's AmqpPublisher against the real RabbitMQ: confirmed rows leave the outbox."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from common.config import load_config
+from edge.outbox import FILENAME, OutboxReader
+from edge.service import EdgeService
+from tests.conftest import Names, declare_queue, queue_depth, wait_until
+
+
+@pytest.fixture
+def factory():
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+def test_confirmed_rows_are_deleted_in_batches_and_none_are_left_behind_by_a_stop(names: Names,
+                                                                               factory: MockFactory) -> None:
+    declare_queue(names)
+    config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir))
+    service = EdgeService(config, pin_factory=factory)
+    service.start()
+    pin = factory.pin(config.active_pin)
+    for _ in range(5):  # 5 ms pulses 30 ms apart: real ones for the filter
+        pin.drive_low()
+        time.sleep(0.005)
+        pin.drive_high()
+        time.sleep(0.025)
+    wait_until(lambda: queue_depth(names.queue) == 5, 10, "five pulses at the broker")
+    service.stop()  # at once: deletes are batched once a second, the stop must flush them
+    reader = OutboxReader(names.edge_dir / FILENAME)
+    assert reader.depth() == 0
+    assert reader.counters() == {("main", "active"): 5}
+    reader.close()
+    assert queue_depth(names.queue) == 5  # each pulse delivered once
