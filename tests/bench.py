@@ -87,7 +87,10 @@ HOUSEHOLD_RATE_PER_S = 3.0  # 10.8 kW at 1 Wh per pulse: a busy household, the e
 REFERENCE_CALIBRATION_S = 0.029
 PI_ZERO_FACTOR_VS_REFERENCE = 20.0
 PI_ZERO_CALIBRATION_S = PI_ZERO_FACTOR_VS_REFERENCE * REFERENCE_CALIBRATION_S
-PI_ZERO_BUDGET_SHARE = 0.25  # the edge may use at most this share of the Pi Zero's single core
+# Two bars for the projected share of the Pi Zero's single core: "keeps up" leaves a quarter of it
+# for the OS and everything else at the 30 pulses/s; "unnoticed" is our own stricter budget.
+PI_ZERO_KEEPS_UP_SHARE = 0.75
+PI_ZERO_BUDGET_SHARE = 0.25
 
 
 EDGE_LIVE_RUNS = (("live", "edge simulate"), ("live_production", "edge production chain"),
@@ -1148,10 +1151,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "live" in edge:  # the harness process also carries the bench's imports, so RSS comes from simulate
         add("edge peak RSS (MB)", edge["live"]["peak_rss_mb"], f"<= {EDGE_RSS_TARGET_MB:g}",
             edge["live"]["peak_rss_mb"] <= EDGE_RSS_TARGET_MB)
-    for key, what in EDGE_LIVE_RUNS:
+    for key, what in EDGE_LIVE_RUNS[1:]:  # the production chain: the simulator's own machinery is no Pi's load
         if key in edge:
             pi = edge[key]["pi_zero"]
-            add(f"{what}: Pi Zero CPU share at {pi['rate_per_s']:g} pulses/s (projected)", pi["cpu_share"],
+            rate = f"{pi['rate_per_s']:g} pulses/s"
+            if pi["rate_per_s"] >= EDGE_LIVE_RATE_PER_S:
+                add(f"{what}: Pi Zero keeps up at {rate} (projected share of its core)", pi["cpu_share"],
+                    f"<= {PI_ZERO_KEEPS_UP_SHARE}", pi["cpu_share"] <= PI_ZERO_KEEPS_UP_SHARE)
+            add(f"{what}: Pi Zero unnoticed at {rate} (projected share of its core)", pi["cpu_share"],
                 f"<= {PI_ZERO_BUDGET_SHARE}", pi["cpu_share"] <= PI_ZERO_BUDGET_SHARE)
     million = results.get("million", {})
     for side in ("writer", "edge"):
