@@ -235,8 +235,8 @@ def _check(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.commit_interval_ms <= 1000:  # also rejects NaN
-        raise ConfigError(f"commit_interval_ms must be between 0 and 1000, got {cfg.commit_interval_ms}")
+    if not (cfg.commit_interval_ms == 0 or 1 <= cfg.commit_interval_ms <= 1000):  # also rejects NaN
+        raise ConfigError(f"commit_interval_ms must be 0 or between 1 and 1000, got {cfg.commit_interval_ms}")
     limits = {"mqtt_port": 65535, "batch_size": 65535, "publish_window": 65535, "wh_per_pulse": MAX_WH}
     for name, limit in limits.items():  # AMQP's prefetch count is 16 bits; ports are too
         if getattr(cfg, name) > limit:

@@ -92,9 +92,11 @@ class AmqpPublisher:
                 if not stop.is_set():
                     stop.wait(self._backoff.next_delay())
         finally:
-            self._delete_confirmed()
-            self._set_state("stopped")
-            self._reader.close()
+            try:
+                self._delete_confirmed()
+                self._set_state("stopped")
+            finally:
+                self._reader.close()
 
     def wake(self) -> None:
         """Thread-safe: new rows are in the outbox, or ``stop`` was set."""

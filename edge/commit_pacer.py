@@ -32,21 +32,20 @@ class CommitPacer:
     """Pure timing rule; the caller supplies ``now`` (a monotonic clock in seconds)."""
 
     def __init__(self, interval_s: float) -> None:
-        if not interval_s >= 0:
-            raise ValueError(f"interval_s must be >= 0, got {interval_s}")
+        if not (interval_s == 0 or 1e-6 <= interval_s <= 3600):  # also rejects NaN
+            raise ValueError(f"interval_s must be 0 or between 1e-6 and 3600, got {interval_s}")
         self.interval_s = interval_s
-        self._last_slot: float | None = None
-
-    def _slot(self, now: float) -> float:
-        return math.floor(now / self.interval_s)
+        self._free_at = -math.inf  # the end of the slot of the last commit
 
     def delay(self, now: float) -> float:
         """Seconds to wait before committing what is pending at ``now``."""
-        if self._last_slot is None or not self.interval_s or self._slot(now) != self._last_slot:
-            return 0.0
-        return min(self.interval_s, max(0.0, (self._last_slot + 1) * self.interval_s - now))
+        return min(self.interval_s, max(0.0, self._free_at - now))
 
     def committed(self, now: float) -> None:
         """Record that a commit started at ``now``."""
-        if self.interval_s:
-            self._last_slot = self._slot(now)
+        if not self.interval_s:
+            return
+        end = (math.floor(now / self.interval_s) + 1) * self.interval_s
+        # Float rounding may put the slot's end a hair outside (now, now + interval]; keep it inside,
+        # so that one commit per slot holds and a pulse an interval later never waits.
+        self._free_at = min(end, now + self.interval_s) if end > now else now + self.interval_s

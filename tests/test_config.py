@@ -295,13 +295,13 @@ def test_settings_that_must_be_positive(name: str, value: int):
         load_config(env={env_name(name): str(value)})
 
 
-@pytest.mark.parametrize("value", ["-1", "1001", "nan"])
-def test_commit_interval_is_between_0_and_1000_ms(value: str):
-    with pytest.raises(ConfigError, match="commit_interval_ms must be between 0 and 1000"):
+@pytest.mark.parametrize("value", ["-1", "1001", "nan", "0.5", "1e-310"])
+def test_commit_interval_is_0_or_between_1_and_1000_ms(value: str):
+    with pytest.raises(ConfigError, match="commit_interval_ms must be 0 or between 1 and 1000"):
         load_config(env={"EMDC_COMMIT_INTERVAL_MS": value})
 
 
-@pytest.mark.parametrize("value", ["0", "1000"])
+@pytest.mark.parametrize("value", ["0", "1", "1000"])
 def test_commit_interval_bounds_are_allowed(value: str):
     assert load_config(env={"EMDC_COMMIT_INTERVAL_MS": value}).commit_interval_ms == float(value)
 

@@ -22,8 +22,7 @@ def factory():
     f.reset()
 
 
-def test_confirmed_rows_are_deleted_in_batches_and_none_are_left_behind_by_a_stop(names: Names,
-                                                                               factory: MockFactory) -> None:
+def test_a_stop_right_after_delivery_leaves_no_confirmed_row_behind(names: Names, factory: MockFactory) -> None:
     declare_queue(names)
     config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir))
     service = EdgeService(config, pin_factory=factory)
