@@ -40,23 +40,18 @@ def test_pulse_input_reports_edges_with_the_pin_events_own_ticks(factory: MockFa
     device.close()
 
 
-def test_an_activation_is_handed_over_with_the_deactivation_that_ends_it(factory: MockFactory) -> None:
+@pytest.mark.parametrize(("pull_up", "activate", "release"), [
+    (True, "drive_low", "drive_high"),   # S0 open collector: a pulse pulls the line low
+    (False, "drive_high", "drive_low"),  # LED sensor driving the line: active high
+])
+def test_an_activation_is_handed_over_with_the_deactivation_that_ends_it(factory: MockFactory, pull_up: bool,
+                                                                         activate: str, release: str) -> None:
     edges: list[tuple[str, float, bool]] = []
-    device = PulseInput(17, channel="active", sink=edges.append, pull_up=True, pin_factory=factory)
-    pin = factory.pin(17)
-    pin.drive_low()
-    assert edges == []  # held: the recorder is not woken for half a pulse
-    pin.drive_high()
-    assert [a for _, _, a in edges] == [True, False]
-    device.close()
-
-
-def test_led_sensor_without_pull_up_is_active_high(factory: MockFactory) -> None:
-    edges: list[tuple[str, float, bool]] = []
-    device = PulseInput(4, channel="reactive", sink=edges.append, pull_up=False, pin_factory=factory)
+    device = PulseInput(4, channel="reactive", sink=edges.append, pull_up=pull_up, pin_factory=factory)
     pin = factory.pin(4)
-    pin.drive_high()
-    pin.drive_low()
+    getattr(pin, activate)()
+    assert edges == []  # held: the recorder is not woken for half a pulse
+    getattr(pin, release)()
     assert [a for _, _, a in edges] == [True, False]
     device.close()
 
