@@ -110,7 +110,9 @@ class PulseRecorder(threading.Thread):
             try:
                 edges.append(self.edges.get(timeout=REANCHOR_EVERY_S))
                 # Sleeping rather than waiting on the queue: edges arriving meanwhile cost no wake-up.
-                time.sleep(self.pacer.delay(time.monotonic()))
+                # (Only when needed: time.sleep(0) is still a system call, on every pulse at low rates.)
+                if delay := self.pacer.delay(time.monotonic()):
+                    time.sleep(delay)
                 while True:  # group what arrived meanwhile into one commit
                     edges.append(self.edges.get_nowait())
             except queue.Empty:
