@@ -22,7 +22,7 @@ test: $(STAMP) ## Run the whole test suite against the real brokers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Measure throughput and latency against the real brokers; writes bench-results.json
-	$(BIN)/python -m tests.bench $(ARGS)
+	$(BIN)/python -m bench $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -31,7 +31,7 @@ EDGE_LIVE = {"pulses_per_s", "cpu_s_per_1000_pulses", "peak_rss_mb", "pi_zero"}
 
 def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, brokers: None) -> None:
     output = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "-m", "tests.bench", *SMALLEST, "--output", str(output)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "bench", *SMALLEST, "--output", str(output)], cwd=ROOT,
                             capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
     assert "writer drain" in result.stdout and "targets" in result.stdout

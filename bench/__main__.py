@@ -1,4 +1,4 @@
-"""Benchmark EMDC against the real brokers: ``make bench`` or ``python -m tests.bench [options]``.
+"""Benchmark EMDC against the real brokers: ``make bench`` or ``python -m bench [options]``.
 
 Everything below is measured in one run, each measurement on its own exchange,
 queue, topic prefix and state directories, all removed afterwards:
@@ -24,7 +24,7 @@ million         (``--million`` only) edge -> broker -> writer on 1,000,000 pulse
 The results print as a table and go to ``bench-results.json`` (git-ignored). Timings are
 informative: targets are marked PASS/MISS but nothing here fails on them. ``--size small``
 runs everything in under a minute; tests/test_bench.py runs it smaller still in CI. Method,
-figures and the Pi Zero assumption: the README's "Performance" section.
+figures and the Pi Zero assumption: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import pika.exceptions
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from backend.topics import format_kw, format_kwh
+from backend.amounts import format_kw, format_kwh
 from common.message import CONTENT_TYPE, Pulse, decode, encode
 from common.topology import WRITER_BINDINGS, dead_letter_exchange, dead_letter_queue, declare_consumer_queue
 from edge.outbox import FILENAME as OUTBOX_FILENAME
@@ -82,7 +82,7 @@ HOUSEHOLD_RATE_PER_S = 3.0  # 10.8 kW at 1 Wh per pulse: a busy household, the e
 # Pi Zero projection. calibration_workload() is a fixed interpreter-bound workload, timed in every
 # run. Its time on a Pi Zero (ARM1176 at 1 GHz, Python 3.11) is an ASSUMPTION, not a measurement:
 # 20x the 0.029 s it takes on one core of the reference host (2-vCPU AMD EPYC VM), the slow end of
-# the usual 10-20x estimate (README, "Pi Zero projection"). Run `python -m tests.bench --calibrate` on a real
+# the usual 10-20x estimate (docs/performance.md, "Pi Zero projection"). Run `python -m bench --calibrate` on a real
 # Pi Zero and put its figure here to turn the projection into a measurement.
 REFERENCE_CALIBRATION_S = 0.029
 PI_ZERO_FACTOR_VS_REFERENCE = 20.0
@@ -827,7 +827,7 @@ def measure_edge_live(work: Path, broker: Broker, window_s: float, warmup_s: flo
         duration = warmup_s + window_s + 30
         if production:
             edge = scratch.spawn(["--edge-harness", f"{rate:g}", f"{duration:g}"], scratch.edge_env(),
-                                 "edge", module="tests.bench")
+                                 "edge", module="bench")
         else:
             power = rate * 3600  # W at 1 Wh per pulse
             edge = scratch.spawn(["edge", "simulate", "--power", f"{power:g}", "--duration", f"{duration:g}",
@@ -851,7 +851,7 @@ def measure_edge_live(work: Path, broker: Broker, window_s: float, warmup_s: flo
     elapsed = t1 - t0
     cpu = cpu1 - cpu0
     cpu_per_1000 = cpu / pulses * 1000
-    return {"command": "tests.bench --edge-harness" if production else "emdc edge simulate --speed 1",
+    return {"command": "bench --edge-harness" if production else "emdc edge simulate --speed 1",
             "pulses_per_s": round(pulses / elapsed, 1), "window_s": round(elapsed, 1), "pulses": pulses,
             "cpu_s": round(cpu, 3), "cpu_s_per_1000_pulses": round(cpu_per_1000, 3),
             "cpu_share_here": round(cpu / elapsed, 4), "startup_cpu_s": round(startup_cpu, 2),
@@ -1268,7 +1268,7 @@ def latency_text(summary: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(PRESETS), default="full", help="preset sizes (default full)")
     parser.add_argument("--pulses", type=int, help="N for the ceiling and the writer drain")
@@ -1326,7 +1326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration_s = calibrate()
     results: dict[str, Any] = {"meta": {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "revision": git_revision(),
-        "command": " ".join([Path(sys.executable).name, "-m", "tests.bench", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "python": platform.python_version(), "cpu": cpu_model(), "cpus": os.cpu_count(),
         "rabbitmq": broker.version, "pika": pika.__version__, "fsync_ms": fsync_ms(work),
         "calibration_s": round(calibration_s, 4), "pi_zero_calibration_s": PI_ZERO_CALIBRATION_S,

@@ -1,4 +1,4 @@
-"""A simulated household week in the pulse database, for the README's report and chart.
+"""A simulated household week in the pulse database, for the documentation's report and chart.
 
 Pulses of a week-long load profile (base load, a fridge, mornings and
 evenings, cooking, washing and dishwashing on some days) go through the
@@ -12,7 +12,7 @@ would have stored. Two incidents make the report's flags visible:
 
 Deterministic (fixed seed and epoch). Example::
 
-    python -m tests.demo_week --state-dir demo --start 2026-11-16 --tz Europe/Berlin
+    python -m tools.demo_week --state-dir demo --start 2026-11-16 --tz Europe/Berlin
     EMDC_STATE_DIR=demo emdc report --from 2026-11-16 --to 2026-11-23 --tz Europe/Berlin
 """
 
@@ -24,9 +24,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from backend.batch import Delivery
 from backend.database import SQLITE_FILE, PulseStore
 from backend.db_writer import DbWriter
-from backend.writer import Delivery
 from common.message import Pulse, encode
 from edge.simulator import LoadProfile
 
