@@ -8,7 +8,8 @@ ack. A lone live message is a batch of one, so batching adds no latency.
 
 Example::
 
-    consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch)
+    consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+                             heartbeat=Heartbeat.of(config, WRITER))
     consumer.run(stop_event)
 """
 
@@ -18,30 +19,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import pika
 import pika.exceptions
 
-from backend.writer import DeadLetter, Delivery
+from backend.batch import BatchHandler, Delivery
+from backend.heartbeat import Heartbeat
 from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
 from common.topology import ERROR_HEADER, dead_letter_exchange, declare_consumer_queue
 
 log = logging.getLogger("emdc.amqp")
-
-BatchHandler = Callable[[Sequence[Delivery]], list[DeadLetter]]
-
-
-def heartbeat_age_s(path: Path) -> float | None:
-    """Seconds since a running consumer last touched ``path``, or None if it never did (health checks)."""
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
 
 class ConsumerCancelled(Exception):
     """The broker cancelled our consumer (queue deleted, node failover)."""
@@ -51,7 +41,7 @@ class BatchConsumer:
     """Runs ``handler`` over batches from ``queue`` until ``stop`` is set."""
 
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
-                 heartbeat_path: Path, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
+                 heartbeat: Heartbeat, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
                  idle_interval_s: float = 1.0) -> None:
         self.config = config
         self.queue = queue
@@ -60,7 +50,7 @@ class BatchConsumer:
         self.name = name
         self.on_idle = on_idle
         self.idle_interval_s = idle_interval_s
-        self.heartbeat_path = heartbeat_path
+        self.heartbeat = heartbeat
         self._state = ""
 
     def run(self, stop: threading.Event) -> None:
@@ -91,7 +81,6 @@ class BatchConsumer:
 
     def _session(self, stop: threading.Event, backoff: Backoff) -> None:
         connection = pika.BlockingConnection(connection_parameters(self.config, self.name))
-        self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -125,7 +114,7 @@ class BatchConsumer:
                     self._log_state(f"consuming {self.queue} on {describe(self.config)}")
                     backoff.reset()
                     next_idle = time.monotonic() + self.idle_interval_s
-                    self.heartbeat_path.touch()
+                    self.heartbeat.touch()
                     if self.on_idle:
                         self.on_idle()
             # Messages delivered but not yet handled are simply redelivered later.

@@ -31,8 +31,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from backend.ledger import wh_to_uwh
 from backend.report import SLOT_NS, Slot
+from common.channels import CHANNELS
 from common.config import Config, redact_url
-from common.message import CHANNELS, Pulse
+from common.message import Pulse
 
 log = logging.getLogger("emdc.database")
 

@@ -20,20 +20,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
 from backend.amqp_consumer import BatchConsumer
+from backend.batch import DeadLetter, Delivery
 from backend.database import PulseStore, database_url
+from backend.heartbeat import DB_WRITER, Heartbeat
 from backend.ledger import Cursor, Implausible, Ledger
-from backend.writer import DeadLetter, Delivery
 from common.config import Config
 from common.message import MessageError, Pulse, decode
 from common.topology import DB_WRITER_BINDINGS
 
 log = logging.getLogger("emdc.db_writer")
-
 
 
 class StoreUnavailable(OSError):
@@ -105,14 +104,10 @@ def run_db_writer(config: Config, stop: threading.Event) -> None:
     log.info("storing pulses from %s in %s", config.db_queue, store.describe())
     writer = DbWriter(store, config.max_power_w)
     consumer = BatchConsumer(config, config.db_queue, DB_WRITER_BINDINGS, writer.handle_batch,
-                             heartbeat_path=heartbeat_path(config), name="emdc-db-writer")
+                             heartbeat=Heartbeat.of(config, DB_WRITER), name="emdc-db-writer")
     try:
         consumer.run(stop)
     finally:
         store.close()
         log.info("db-writer stopped")
 
-
-def heartbeat_path(config: Config) -> Path:
-    """Its own heartbeat, so `emdc writer --check` and `emdc db-writer --check` never vouch for each other."""
-    return Path(config.state_dir) / "db-writer.heartbeat"

@@ -16,11 +16,13 @@ Example::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from backend.topics import availability_topic, state_topic
 from common import __version__
+from common.channels import channel_spec
 
 ORIGIN = {"name": "emdc", "sw": __version__, "url": "https://github.com/emdc-energy/emdc"}
 
@@ -40,11 +42,14 @@ def sensor_specs(legacy_units: bool) -> list[SensorSpec]:
     """The four sensors; ``legacy_units`` drops the reactive device classes HA < 2025.6 lacks."""
     reactive_energy_class = None if legacy_units else "reactive_energy"
     reactive_power_class = None if legacy_units else "reactive_power"
+    active, reactive = channel_spec("active"), channel_spec("reactive")
     return [
-        SensorSpec("active", "energy", "Active energy", "energy", "kWh", "total_increasing", 3),
-        SensorSpec("active", "power", "Active power", "power", "kW", "measurement", 3),
-        SensorSpec("reactive", "energy", "Reactive energy", reactive_energy_class, "kvarh", "total_increasing", 3),
-        SensorSpec("reactive", "power", "Reactive power", reactive_power_class, "kvar", "measurement", 3),
+        SensorSpec("active", "energy", "Active energy", "energy", active.total_unit, "total_increasing", 3),
+        SensorSpec("active", "power", "Active power", "power", active.rate_unit, "measurement", 3),
+        SensorSpec("reactive", "energy", "Reactive energy", reactive_energy_class, reactive.total_unit,
+                   "total_increasing", 3),
+        SensorSpec("reactive", "power", "Reactive power", reactive_power_class, reactive.rate_unit,
+                   "measurement", 3),
     ]
 
 
@@ -84,6 +89,10 @@ class Discovery:
         node = self.device_id(meter)
         return [f"{self.discovery_prefix}/device/{node}/config"] + [
             f"{self.discovery_prefix}/sensor/{node}/{s.channel}_{s.quantity}/config" for s in sensor_specs(False)]
+
+    def removal_messages(self, meters: Iterable[str]) -> list[tuple[str, str]]:
+        """Empty retained configs on every discovery topic of ``meters``: Home Assistant removes the devices."""
+        return [(topic, "") for meter in meters for topic in self.topics(meter)]
 
     def messages(self, meter: str) -> list[tuple[str, str]]:
         """Discovery messages for ``meter`` in the configured style (none if ``off``)."""

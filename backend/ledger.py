@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.message import CHANNELS, MessageError, Pulse, validate_meter_id
+from common.channels import CHANNELS
+from common.message import MessageError, Pulse, validate_meter_id
 
 UWH_PER_WH = 1_000_000
 NS_PER_S = 1_000_000_000

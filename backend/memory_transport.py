@@ -16,8 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from backend.amqp_consumer import BatchHandler
-from backend.writer import DeadLetter, Delivery
+from backend.batch import BatchHandler, DeadLetter, Delivery
 
 
 class MemoryQueue:

@@ -43,20 +43,20 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta, tzinfo
-from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from backend.amounts import format_kw, format_kwh_rounded
 from backend.ledger import NS_PER_S, wh_to_uwh
-from common.message import CHANNELS, Pulse
+from common.channels import CHANNELS, channel_spec
+from common.message import Pulse
 
 SLOT_NS = 15 * 60 * NS_PER_S
 PERIODS = ("hour", "day", "month")
 DEFAULT_GAP_S = 30 * 60
 # Periods shown when --from is not given: the last day, week or year.
 DEFAULT_SPAN = {"hour": 24, "day": 7, "month": 12}
-UNITS = {"active": "kWh", "reactive": "kvarh"}
 
 Predecessor = Callable[[str, str, int], "tuple[int, int] | None"]
 
@@ -178,6 +178,38 @@ def parse_time(text: str, tz: tzinfo) -> datetime:
     except ValueError:
         raise ValueError(f"{text!r} is not a time like 2026-11-16 or 2026-11-16T08:00") from None
     return moment.replace(tzinfo=tz) if moment.tzinfo is None else moment
+
+
+class BadRequest(ValueError):
+    """A report option is wrong; ``option`` names it (``--from``, ``--tz`` ...) for the usage error."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def request_zone(tz_name: str | None, utc: bool) -> tzinfo:
+    """The zone of the periods: UTC, the named zone, or the machine's (:func:`local_zone`)."""
+    if utc and tz_name:
+        raise BadRequest("give --tz or --utc, not both", "--utc")
+    try:
+        return UTC if utc else ZoneInfo(tz_name) if tz_name else local_zone()
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadRequest(f"unknown time zone {tz_name!r}", "--tz") from None
+
+
+def request_window(by: str, tz: tzinfo, now: datetime, from_text: str | None,
+                   to_text: str | None) -> tuple[datetime, datetime]:
+    """The whole periods a ``--from``/``--to`` request covers (:func:`report_window`); not starting after ``now``."""
+    try:
+        start = None if from_text is None else parse_time(from_text, tz)
+        end = None if to_text is None else parse_time(to_text, tz)
+        start, end = report_window(by, tz, now, start, end)
+    except ValueError as exc:
+        raise BadRequest(str(exc), "--from/--to") from None
+    if start >= now:
+        raise BadRequest("the report starts in the future", "--from")
+    return start, end
 
 
 def _label(start: datetime, by: str) -> str:
@@ -344,11 +376,6 @@ def _silences(slots: Sequence[Slot], start_ns: int, end_ns: int, gap_ns: int,
 
 # -- rendering ---------------------------------------------------------------
 
-def format_kwh(uwh: int) -> str:
-    """Integer µWh as kWh with three decimals (one Wh)."""
-    return str((Decimal(uwh) / 10**9).quantize(Decimal("0.001"), ROUND_HALF_EVEN))
-
-
 def format_duration(seconds: float) -> str:
     """``45 min``, ``4 h 05 min``, ``3 d 04 h 05 min``, or empty for less than half a minute."""
     minutes = round(seconds / 60)
@@ -362,7 +389,7 @@ def format_duration(seconds: float) -> str:
 
 
 def _kw(watts: float | None) -> str:
-    return "" if watts is None else f"{watts / 1000:.3f}"
+    return "" if watts is None else format_kw(watts)
 
 
 def _note(bucket: Bucket, tz: tzinfo) -> str:
@@ -370,7 +397,8 @@ def _note(bucket: Bucket, tz: tzinfo) -> str:
     if bucket.seconds > 0 and bucket.no_data_s >= bucket.seconds - 0.5:
         notes.append("no data")
     if bucket.untimed and bucket.untimed_since_ns is not None:
-        amounts = " + ".join(f"{format_kwh(uwh)} {UNITS[c]}" for c, uwh in bucket.untimed_uwh.items() if uwh)
+        amounts = " + ".join(f"{format_kwh_rounded(uwh)} {channel_spec(c).total_unit}"
+                             for c, uwh in bucket.untimed_uwh.items() if uwh)
         since = datetime.fromtimestamp(bucket.untimed_since_ns // NS_PER_S, tz)
         notes.append(f"incl. {amounts} untimed, since {since:%a %d %b %H:%M}")
     if bucket.in_progress:
@@ -384,9 +412,9 @@ def render_table(report: Report) -> str:
     header = ["period", "active kWh", "avg kW", *(["reactive kvarh"] if reactive else []), "no data", "note"]
     rows = []
     for bucket in [*report.buckets, report.total]:
-        row = [bucket.label, format_kwh(bucket.energy_uwh["active"]), _kw(bucket.avg_w())]
+        row = [bucket.label, format_kwh_rounded(bucket.energy_uwh["active"]), _kw(bucket.avg_w())]
         if reactive:
-            row.append(format_kwh(bucket.energy_uwh["reactive"]))
+            row.append(format_kwh_rounded(bucket.energy_uwh["reactive"]))
         rows.append([*row, format_duration(bucket.no_data_s), "" if bucket is report.total else
                      _note(bucket, report.tz)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -420,10 +448,10 @@ def render_csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for b in report.buckets:
-        writer.writerow([b.start.isoformat(), b.end.isoformat(), format_kwh(b.energy_uwh["active"]), _kw(b.avg_w()),
-                         format_kwh(b.energy_uwh["reactive"]), f"{b.no_data_s / 60:.1f}",
-                         format_kwh(b.untimed_uwh["active"]), format_kwh(b.untimed_uwh["reactive"]),
-                         _note(b, report.tz)])
+        kwh = format_kwh_rounded
+        writer.writerow([b.start.isoformat(), b.end.isoformat(), kwh(b.energy_uwh["active"]), _kw(b.avg_w()),
+                         kwh(b.energy_uwh["reactive"]), f"{b.no_data_s / 60:.1f}",
+                         kwh(b.untimed_uwh["active"]), kwh(b.untimed_uwh["reactive"]), _note(b, report.tz)])
     return out.getvalue()
 
 
@@ -484,7 +512,7 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
     power.set_ylabel("average kW")
 
     total = report.total
-    subtitle = f"total {format_kwh(total.energy_uwh['active'])} kWh, average {mean_kw:.3f} kW"
+    subtitle = f"total {format_kwh_rounded(total.energy_uwh['active'])} kWh, average {mean_kw:.3f} kW"
     if total.no_data_s:
         subtitle += f", no data for {format_duration(total.no_data_s)}"
     ax.set_title(f"Energy per {report.by}, meter {report.meter}, {report.start:%d %b} – "

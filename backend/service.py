@@ -6,9 +6,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from backend.amqp_consumer import BatchConsumer
+from backend.heartbeat import WRITER, Heartbeat
 from backend.mqtt_publisher import MqttPublisher
 from backend.writer import EnergyWriter
 from common.config import Config
@@ -25,18 +25,13 @@ def run_writer(config: Config, stop: threading.Event) -> None:
         mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
     mqtt.start()
     consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
-                             heartbeat_path=heartbeat_path(config),
+                             heartbeat=Heartbeat.of(config, WRITER),
                              on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
     try:
         consumer.run(stop)
     finally:
         mqtt.stop()
         log.info("writer stopped; state saved in %s", writer.store.path)
-
-
-def heartbeat_path(config: Config) -> Path:
-    """The file the running writer touches; its age is the container health check."""
-    return Path(config.state_dir) / "writer.heartbeat"
 
 
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:

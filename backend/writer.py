@@ -19,17 +19,20 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from backend.amounts import format_kw, format_kwh
+from backend.batch import DeadLetter, Delivery
 from backend.discovery import Discovery
 from backend.ledger import Implausible, Ledger
 from backend.power import displayed_power_w
 from backend.state_store import StateError, StateStore
-from backend.topics import format_kw, format_kwh, state_topic
+from backend.topics import state_topic
+from common.channels import channel_spec
 from common.config import Config
 from common.message import MessageError, decode, decode_control
+from common.topology import is_control
 
 log = logging.getLogger("emdc.writer")
 
@@ -38,19 +41,6 @@ class Sink(Protocol):
     """Where values go: an MQTT client, or memory in a simulation."""
 
     def publish(self, topic: str, payload: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    tag: int
-    routing_key: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    delivery: Delivery
-    reason: str
 
 
 class EnergyWriter:
@@ -73,23 +63,15 @@ class EnergyWriter:
     @classmethod
     def open(cls, config: Config, sink: Sink, clock: Callable[[], int] = time.time_ns) -> EnergyWriter:
         """Load the persisted state (raising StateError if it is unusable) and build a writer."""
-        store = StateStore(Path(config.state_dir))
-        doc = store.load()
-        if doc is None:
+        store, ledger = load_ledger(config)
+        if ledger is None:
             ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s)
             # Loud on purpose: a forgotten volume or a wrong state_dir also looks like this.
             log.warning("no saved state in %s: starting from zero (right for a first start; otherwise "
                         "check state_dir and restore energy_state.json)", store.path)
-        else:
-            try:
-                ledger = Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
-                                          config.max_clock_ahead_s)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
-                                 "zero. Inspect it and its .bak copy.") from None
-            for (meter, channel), state in ledger:
-                log.info("loaded %s/%s total %s k(W|var)h from %s", meter, channel,
-                         format_kwh(state.total_uwh), store.path)
+        for (meter, channel), state in ledger:
+            log.info("loaded %s/%s total %s %s from %s", meter, channel, format_kwh(state.total_uwh),
+                     channel_spec(channel).total_unit, store.path)
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
                               config.ha_legacy_units)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
@@ -103,7 +85,7 @@ class EnergyWriter:
         saved = self.ledger.to_json()
         for delivery in deliveries:
             try:
-                if delivery.routing_key.startswith("control."):
+                if is_control(delivery.routing_key):
                     touched.add(self._apply_control(delivery.body))
                     dirty = True
                     continue
@@ -175,3 +157,37 @@ class EnergyWriter:
     def current_values(self) -> dict[str, str]:
         """The last value published on each topic."""
         return dict(self._published)
+
+
+def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:
+    """The configured state store and the ledger saved in it (None if nothing was saved yet).
+
+    Raises StateError if the file exists but does not hold a valid ledger: the
+    writer must then refuse to start rather than count from zero.
+    """
+    store = StateStore(Path(config.state_dir))
+    doc = store.load()
+    if doc is None:
+        return store, None
+    try:
+        return store, Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
+                                       config.max_clock_ahead_s)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
+                         "zero. Inspect it and its .bak copy.") from None
+
+
+def saved_totals(config: Config) -> list[str]:
+    """``emdc state show``: one line per saved meter and channel, with its exact total."""
+    store, ledger = load_ledger(config)
+    if ledger is None:
+        return [f"no state saved in {store.path} yet"]
+    return [f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {channel_spec(channel).total_unit:<5} "
+            f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})"
+            for (meter, channel), st in ledger]
+
+
+def known_meters(config: Config) -> tuple[str, ...]:
+    """The configured meter and every meter with a saved total, sorted."""
+    _, ledger = load_ledger(config)
+    return tuple(sorted({config.meter_id, *(meter for (meter, _), _ in ledger or ())}))

@@ -21,9 +21,11 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from common.channels import CHANNELS
+from common.topology import control_routing_key, pulse_routing_key
+
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
-CHANNELS = ("active", "reactive")
 MAX_BODY_BYTES = 4096
 MAX_WH = 1000.0
 
@@ -49,17 +51,12 @@ class Pulse:
 
     @property
     def routing_key(self) -> str:
-        return routing_key(self.meter, self.channel)
+        return pulse_routing_key(self.meter, self.channel)
 
     @property
     def message_id(self) -> str:
         """Unique per pulse, stable across re-sends."""
         return f"{self.meter}:{self.channel}:{self.epoch}:{self.seq}"
-
-
-def routing_key(meter: str, channel: str) -> str:
-    """The topic routing key a pulse is published under: ``pulse.<meter>.<channel>``."""
-    return f"pulse.{meter}.{channel}"
 
 
 def validate_meter_id(meter: object) -> str:
@@ -148,7 +145,7 @@ class SetTotal:
 
     @property
     def routing_key(self) -> str:
-        return f"control.{self.meter}"
+        return control_routing_key(self.meter)
 
     @property
     def total_uwh(self) -> int:

@@ -10,11 +10,36 @@ from __future__ import annotations
 
 from typing import Any
 
-PULSE_BINDING = "pulse.#"
-CONTROL_BINDING = "control.#"
+PULSE_PREFIX = "pulse"
+CONTROL_PREFIX = "control"
+PULSE_BINDING = f"{PULSE_PREFIX}.#"
+CONTROL_BINDING = f"{CONTROL_PREFIX}.#"
 WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING)
 DB_WRITER_BINDINGS = (PULSE_BINDING,)
 ERROR_HEADER = "x-emdc-error"
+
+
+def pulse_routing_key(meter: str, channel: str) -> str:
+    """The routing key a pulse is published under.
+
+    >>> pulse_routing_key("main", "active")
+    'pulse.main.active'
+    """
+    return f"{PULSE_PREFIX}.{meter}.{channel}"
+
+
+def control_routing_key(meter: str) -> str:
+    """The routing key of a control message (calibration) for ``meter``: it queues with the pulses."""
+    return f"{CONTROL_PREFIX}.{meter}"
+
+
+def is_control(routing_key: str) -> bool:
+    """True for a control message's routing key, false for a pulse's.
+
+    >>> is_control(control_routing_key("main")), is_control(pulse_routing_key("main", "active"))
+    (True, False)
+    """
+    return routing_key.startswith(f"{CONTROL_PREFIX}.")
 
 
 def dead_letter_exchange(exchange: str) -> str:
@@ -31,8 +56,9 @@ def queue_arguments(exchange: str, queue: str) -> dict[str, Any]:
     return {"x-dead-letter-exchange": dead_letter_exchange(exchange), "x-dead-letter-routing-key": queue}
 
 
-def declare_exchange(channel: Any, exchange: str) -> None:
-    channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
+    """Declare the pulse exchange; ``kwargs`` go to ``exchange_declare`` (e.g. ``callback=`` on an async channel)."""
+    channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True, **kwargs)
 
 
 def declare_consumer_queue(channel: Any, exchange: str, queue: str, bindings: tuple[str, ...]) -> None:

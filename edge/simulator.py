@@ -137,6 +137,10 @@ class LoadProfile:
     def with_reactive(self, reactive_var: float) -> LoadProfile:
         return LoadProfile(tuple((t, w, reactive_var) for t, w, _ in self.steps))
 
+    def has_reactive(self) -> bool:
+        """True if the load draws reactive power at any time (the simulation then needs a reactive input)."""
+        return any(var > 0 for _, _, var in self.steps)
+
     def pulse_times(self, channel: str, wh: float) -> Iterator[float]:
         """Times (s) at which a meter emitting one pulse per ``wh`` completes each pulse."""
         column = CHANNEL_COLUMNS[channel]

@@ -28,7 +28,7 @@ from common.topology import WRITER_BINDINGS, dead_letter_exchange, dead_letter_q
 AMQP_URL = os.environ.get("EMDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 MQTT_HOST = os.environ.get("EMDC_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("EMDC_TEST_MQTT_PORT", "1883"))
-EMDC = [sys.executable, "-m", "common.cli"]
+EMDC = [sys.executable, "-m", "emdc"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from backend.database import DatabaseError, PulseStore, SchemaError, create_engine, schema_version
 from backend.db_writer import DbWriter, StoreUnavailable
 from backend.report import slots_from_pulses
-from backend.writer import Delivery
+from backend.batch import Delivery
 from common.message import Pulse, encode
 from common.topology import DB_WRITER_BINDINGS, ERROR_HEADER, dead_letter_queue, declare_consumer_queue
 from tests.conftest import (

@@ -175,7 +175,7 @@ def scratch_install(tmp_path: Path) -> dict[str, Any]:
     """A copy of the checkout, a scratch root and stand-ins for the system tools the script calls."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "common", "edge", "backend", "deploy/edge"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "common", "edge", "backend", "emdc", "deploy/edge"):
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif (REPO / name).exists():
@@ -238,7 +238,12 @@ def test_install_upgrade_uninstall_cycle(scratch_install):
     probe = subprocess.run([venv / "bin/python", "-c", "import common.config, edge.systemd_notify, gpiozero"],
                            capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
-    assert (venv / "bin/emdc").exists()
+    for module in ("paho", "sqlalchemy"):
+        absent = subprocess.run([venv / "bin/python", "-c", f"import {module}"], capture_output=True)
+        assert absent.returncode != 0, f"the Pi install must not carry {module}"
+    for args in (["--help"], ["edge", "run", "--help"], ["writer", "--help"]):
+        listed = subprocess.run([venv / "bin/emdc", *args], capture_output=True, text=True)
+        assert listed.returncode == 0 and "Usage:" in listed.stdout, listed.stderr
     assert not (src / "build").exists() and not list(src.glob("*.egg-info")), "built inside the checkout"
 
     # Second run = upgrade: nothing re-created, local config kept, new code installed, service restarted.

@@ -21,9 +21,9 @@ from common.message import (
     decode_control,
     encode,
     encode_set_total,
-    routing_key,
     validate_meter_id,
 )
+from common.topology import pulse_routing_key
 
 VALID: dict[str, Any] = {"v": 1, "meter": "main", "channel": "active", "epoch": "3f9a0c1d2e4b5a69",
                          "seq": 42, "ts_ns": 1_764_384_000_123_456_789, "wh": 1}
@@ -86,7 +86,7 @@ def test_encode_decode_roundtrip(pulse: Pulse):
 
 def test_routing_key_and_message_id():
     pulse = Pulse("garage", "reactive", "ab12", 7, 1, 1.0)
-    assert pulse.routing_key == routing_key("garage", "reactive") == "pulse.garage.reactive"
+    assert pulse.routing_key == pulse_routing_key("garage", "reactive") == "pulse.garage.reactive"
     assert pulse.message_id == "garage:reactive:ab12:7"
 
 

@@ -71,7 +71,7 @@ def test_writer_refuses_a_corrupt_state_file_with_one_clear_line(names: Names) -
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "common.cli", "writer"], env=writer_env(names),
+    result = subprocess.run([sys.executable, "-m", "emdc", "writer"], env=writer_env(names),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "refusing to start from zero" in result.stderr
@@ -82,7 +82,7 @@ def test_a_bad_setting_fails_at_start_with_one_line(names: Names) -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "common.cli", "writer"],
+    result = subprocess.run([sys.executable, "-m", "emdc", "writer"],
                             env=names.env(EMDC_MQTT_PORT="eighty"), capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert result.stderr.strip() == "Error: configuration: EMDC_MQTT_PORT: expected int, got 'eighty'"

@@ -23,7 +23,7 @@ from backend.report import (
     report_window,
     slots_from_pulses,
 )
-from common.cli import main
+from emdc.cli import main
 from common.message import Pulse
 
 BERLIN = ZoneInfo("Europe/Berlin")

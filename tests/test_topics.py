@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.topics import QUANTITIES, availability_topic, format_kw, format_kwh, meter_prefix, state_topic
+from backend.amounts import format_kw, format_kwh
+from backend.topics import QUANTITIES, availability_topic, meter_prefix, state_topic
 
 
 def test_main_meter_keeps_the_original_topics():

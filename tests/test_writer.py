@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend.memory_transport import MemorySink
-from backend.writer import Delivery, EnergyWriter
+from backend.batch import Delivery
+from backend.writer import EnergyWriter
 from common.config import load_config
 from common.message import Pulse, SetTotal, encode, encode_set_total
 

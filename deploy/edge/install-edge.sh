@@ -25,7 +25,7 @@ STATE=$ROOT/var/lib/emdc
 UNIT_FILE=$ROOT/etc/systemd/system/$UNIT
 UDEV_RULE=$ROOT/etc/udev/rules.d/60-emdc-gpio.rules
 # What the package is built from; keep in step with pyproject.toml and the Dockerfile.
-PACKAGE_PATHS=(pyproject.toml README.md LICENSE common edge backend)
+PACKAGE_PATHS=(pyproject.toml README.md LICENSE common edge backend emdc)
 
 BUILD_DIR=
 trap 'rm -rf "$BUILD_DIR"' EXIT

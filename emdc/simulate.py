@@ -1,5 +1,8 @@
 """``emdc simulate``: a simulated meter, the edge and the writer in one process.
 
+This is the one place where the two sides are composed; nothing else imports
+both. The command itself is declared in :mod:`emdc.cli`.
+
 Each side uses the real broker when one is configured (``EMDC_AMQP_URL``,
 ``EMDC_MQTT_HOST``) and an embedded in-process stand-in otherwise; the edge,
 counting, power and state code is the production code either way.
@@ -13,8 +16,9 @@ import threading
 import time
 from typing import Any
 
+from backend.heartbeat import WRITER, Heartbeat
 from backend.memory_transport import MemoryQueue, MemorySink
-from backend.service import heartbeat_path, idle_handler
+from backend.service import idle_handler
 from backend.writer import EnergyWriter
 from common.config import Config
 from common.topology import WRITER_BINDINGS
@@ -57,7 +61,7 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
         from backend.amqp_consumer import BatchConsumer
 
         consume = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
-                                heartbeat_path=heartbeat_path(config), on_idle=on_idle).run
+                                heartbeat=Heartbeat.of(config, WRITER), on_idle=on_idle).run
     else:
         def consume(event: threading.Event) -> None:
             memory_queue.run(event, writer.handle_batch, on_idle)

@@ -1,0 +1,40 @@
+"""The contract between a transport and a batch handler (the MQTT writer, the db-writer).
+
+A transport (RabbitMQ's :class:`~backend.amqp_consumer.BatchConsumer`, or the
+in-process queue of ``emdc simulate``) hands a handler a sequence of
+:class:`Delivery` and gets back the :class:`DeadLetter` list. It acknowledges
+the batch only after the handler returned: a handler that raises leaves the
+batch unacknowledged, so it is delivered again. Example::
+
+    >>> def count_all(batch: Sequence[Delivery]) -> list[DeadLetter]:
+    ...     return [DeadLetter(d, "empty body") for d in batch if not d.body]
+    >>> handler: BatchHandler = count_all
+    >>> [dead.delivery.tag for dead in handler([Delivery(1, "pulse.main.active", b""),
+    ...                                          Delivery(2, "pulse.main.active", b"{}")])]
+    [1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as the transport received it: its delivery tag, routing key and raw body."""
+
+    tag: int
+    routing_key: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery the handler refuses, and why: the transport parks it with the reason for a person to inspect."""
+
+    delivery: Delivery
+    reason: str
+
+
+BatchHandler = Callable[[Sequence[Delivery]], list[DeadLetter]]

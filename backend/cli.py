@@ -1,0 +1,263 @@
+"""The server side's commands: ``emdc writer``, ``state``, ``ha``, ``db-writer`` and ``report``.
+
+Only click and :mod:`common` are imported here; pika, paho-mqtt and
+SQLAlchemy are imported when a command runs, so listing commands works anywhere.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common.channels import CHANNELS
+from common.command import CommandContext, setting_flags, stop_on_signals
+from common.config import Config
+from common.topology import control_routing_key
+
+DB_EXTRA = "install the database extra, pip install 'emdc[db]'"
+
+
+class DecimalType(click.ParamType):
+    """An exact decimal number (a meter reading), rejected with a usage error if malformed."""
+
+    name = "decimal"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Decimal:
+        try:
+            number = Decimal(str(value))
+        except InvalidOperation:
+            self.fail(f"{value!r} is not a decimal number", param, ctx)
+        if not number.is_finite():
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
+    """``--check``: print ``healthy`` (exit 0) if ``service`` touched its heartbeat within ``max_age_s``."""
+    from backend.heartbeat import Heartbeat, HeartbeatStale
+
+    try:
+        click.echo(Heartbeat.of(config, service).check(max_age_s))
+    except HeartbeatStale as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command(short_help="Count pulses exactly and publish them to MQTT.")
+@click.option("--check", is_flag=True, help="Exit 0 if a running writer showed life recently (health check).")
+@click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
+@setting_flags("state_dir", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
+@click.pass_obj
+def writer(obj: CommandContext, check: bool, max_age: float, **overrides: Any) -> None:
+    """Consume pulses from RabbitMQ, keep exact energy totals, publish them to MQTT.
+
+    State lives in <state dir>/energy_state.json and is saved before each
+    acknowledgement, so restarts never lose or repeat a pulse.
+    """
+    from backend.heartbeat import WRITER
+
+    cfg = obj.config(overrides)
+    if check:
+        check_heartbeat(cfg, WRITER, max_age)
+        return
+    from backend.service import run_writer
+    from backend.state_store import StateError
+
+    try:
+        run_writer(cfg, stop_on_signals())
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def state() -> None:
+    """Inspect or calibrate the writer's saved totals."""
+
+
+@state.command("show")
+@setting_flags("state_dir")
+@click.pass_obj
+def state_show(obj: CommandContext, **overrides: Any) -> None:
+    """Print the persisted total of each meter and channel."""
+    from backend.state_store import StateError
+    from backend.writer import saved_totals
+
+    try:
+        lines = saved_totals(obj.config(overrides))
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in lines:
+        click.echo(line)
+
+
+@state.command("set-total")
+@click.option("--meter", required=True, help="Meter id, e.g. main.")
+@click.option("--channel", required=True, type=click.Choice(CHANNELS))
+@click.option("--kwh", required=True, type=DecimalType(), help="The physical meter's reading (kWh or kvarh).")
+@click.pass_obj
+def state_set_total(obj: CommandContext, meter: str, channel: str, kwh: Decimal) -> None:
+    """Set a total to the physical meter reading, through the broker.
+
+    The command is queued with the pulses, so the running writer applies it in
+    order, without racing its state file, and logs the old and new value.
+    """
+    import pika.exceptions
+
+    from backend.control import send_set_total
+    from common.amqp import reason
+    from common.message import MessageError, SetTotal
+
+    cfg = obj.config({})
+    try:
+        send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
+    except MessageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except pika.exceptions.UnroutableError:
+        raise click.ClickException(f"no queue is bound for {control_routing_key(meter)} on exchange {cfg.exchange}: "
+                                   "start the writer once so that it declares its queue") from None
+    except pika.exceptions.AMQPError as exc:
+        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
+    click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
+
+
+@click.group()
+def ha() -> None:
+    """Home Assistant integration."""
+
+
+@ha.command("remove")
+@click.option("--meter", "meters", multiple=True, help="Meter id (repeatable; default: every meter in the state "
+              "file and the configured meter).")
+@setting_flags("state_dir", "topic_prefix", "mqtt_host", "mqtt_port")
+@click.pass_obj
+def ha_remove(obj: CommandContext, meters: tuple[str, ...], **overrides: Any) -> None:
+    """Remove EMDC's devices from Home Assistant (empty retained discovery configs).
+
+    Stop the writer first, or it announces them again when it reconnects or
+    Home Assistant restarts; or set EMDC_DISCOVERY=off for it.
+    """
+    from backend.discovery import Discovery
+    from backend.mqtt_publisher import publish_once
+    from backend.state_store import StateError
+    from backend.writer import known_meters
+
+    cfg = obj.config(overrides)
+    if not meters:
+        try:
+            meters = known_meters(cfg)
+        except StateError as exc:
+            raise click.ClickException(str(exc)) from None
+    messages = Discovery(cfg.discovery_prefix, cfg.topic_prefix).removal_messages(meters)
+    try:
+        publish_once(cfg, messages)
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(f"MQTT {cfg.mqtt_host}:{cfg.mqtt_port}: {exc}") from None
+    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(messages)} topics)")
+
+
+@click.command("db-writer", short_help="Store every pulse once in SQLite or MariaDB.")
+@click.option("--check", is_flag=True, help="Exit 0 if a running db-writer showed life recently (health check).")
+@click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
+@click.option("--queue", "db_queue", default=None, help="RabbitMQ queue to consume. [env EMDC_DB_QUEUE]")
+@setting_flags("state_dir")
+@click.pass_obj
+def db_writer(obj: CommandContext, check: bool, max_age: float, **overrides: Any) -> None:
+    """Consume pulses from their own RabbitMQ queue and store each one once in a database.
+
+    EMDC_DB_URL selects the database (empty: SQLite in <state dir>/pulses.sqlite3):
+
+    \b
+        EMDC_DB_URL=mysql+pymysql://emdc:PASSWORD@host/emdc emdc db-writer
+
+    The schema is created on first start; each batch is committed before it is
+    acknowledged, so restarts never lose or repeat a pulse.
+    """
+    cfg = obj.config(overrides)
+    try:
+        from sqlalchemy.exc import OperationalError
+
+        from backend.database import DatabaseError
+        from backend.db_writer import run_db_writer
+        from backend.heartbeat import DB_WRITER
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: {DB_EXTRA}") from None
+    if check:
+        check_heartbeat(cfg, DB_WRITER, max_age)
+        return
+    try:
+        run_db_writer(cfg, stop_on_signals())
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot use the database: {str(exc.orig)[:300]}") from None
+
+
+@click.command(short_help="Energy per hour, day or month: table, CSV or chart.")
+@click.option("--by", type=click.Choice(["hour", "day", "month"]), default="day", show_default=True,
+              help="Period of each row.")
+@click.option("--from", "from_", metavar="TIME",
+              help="Start: 2026-11-16, 2026-11-16T08:00 or 2026-11 (default: the last 24 hours, 7 days or "
+                   "12 months, by --by).")
+@click.option("--to", metavar="TIME", help="End, exclusive (default: the end of the current period).")
+@click.option("--tz", "tz_name", metavar="ZONE", help="Time zone of the periods, e.g. Europe/Berlin "
+              "(default: local time).")
+@click.option("--utc", is_flag=True, help="Periods in UTC.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV for spreadsheets instead of the table.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also draw the periods as a bar chart with the average power into this PNG.")
+@click.option("--gap-minutes", type=click.FloatRange(min=15), default=30.0, show_default=True,
+              help="A silence this long with no pulse on any channel is shown as no data.")
+@setting_flags("state_dir", "meter_id")
+@click.pass_obj
+def report(obj: CommandContext, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
+           as_csv: bool, plot: Path | None, gap_minutes: float, **overrides: Any) -> None:
+    """Energy per hour, day or month from the db-writer's database, active and reactive.
+
+    Periods without any pulse and pulses whose timing was lost are flagged, not
+    hidden. Example, one week by day in Berlin time with a chart:
+
+    \b
+        emdc report --by day --from 2026-11-16 --to 2026-11-23 --tz Europe/Berlin --plot week.png
+    """
+    from datetime import UTC, datetime
+
+    cfg = obj.config(overrides)
+    try:
+        from sqlalchemy.exc import OperationalError
+
+        from backend.database import DatabaseError, PulseStore, database_url
+        from backend.report import BadRequest, load_report, render_csv, render_table, request_window, request_zone
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}: {DB_EXTRA}") from None
+    now = datetime.now(UTC)
+    try:
+        tz = request_zone(tz_name, utc)
+        start, end = request_window(by, tz, now, from_, to)
+    except BadRequest as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from None
+    try:
+        store = PulseStore.open(database_url(cfg), create=False)
+        try:
+            result = load_report(store, meter=cfg.meter_id, by=by, tz=tz, start=start, end=end, now=now,
+                                 gap_s=gap_minutes * 60)
+        finally:
+            store.close()
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot read the database: {str(exc.orig)[:300]}") from None
+    click.echo(render_csv(result) if as_csv else render_table(result), nl=False)
+    if plot is not None:
+        from backend.report import plot as draw
+
+        try:
+            draw(result, plot)  # imports matplotlib
+        except ImportError as exc:
+            raise click.ClickException(f"{exc}: install the report extra, pip install 'emdc[report]'") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {plot}: {exc.strerror}") from None
+        click.echo(f"chart written to {plot}", err=True)

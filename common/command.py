@@ -1,0 +1,88 @@
+"""What every ``emdc`` command shares, whichever side owns it: settings, flags, logging and signals.
+
+Each side declares its own commands (``edge/cli.py``, ``backend/cli.py``);
+they all read the effective configuration through the :class:`CommandContext`
+the root group (``emdc/cli.py``) puts in click's context. Example::
+
+    @click.command()
+    @setting_flags("state_dir")
+    @click.pass_obj
+    def show(obj: CommandContext, **overrides: Any) -> None:
+        click.echo(obj.config(overrides).state_dir)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from common.config import Config, ConfigError, env_name, load_config
+
+log = logging.getLogger("emdc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Settings that may also be given as flags. Secrets are deliberately absent:
+# command lines are visible to every user of the machine (ps, /proc).
+FLAG_SETTINGS: dict[str, tuple[str, type, str]] = {
+    "state_dir": ("--state-dir", str, "Directory for state files."),
+    "meter_id": ("--meter", str, "Meter id."),
+    "queue": ("--queue", str, "RabbitMQ queue to consume."),
+    "topic_prefix": ("--topic-prefix", str, "MQTT topic prefix."),
+    "mqtt_host": ("--mqtt-host", str, "Mosquitto host."),
+    "mqtt_port": ("--mqtt-port", int, "Mosquitto port."),
+}
+
+
+def setting_flags(*names: str) -> Callable[[F], F]:
+    """Add ``--flag`` options for settings; their values arrive as keyword ``overrides``."""
+
+    def decorate(command: F) -> F:
+        for name in reversed(names):
+            flag, kind, help_text = FLAG_SETTINGS[name]
+            command = click.option(flag, name, type=kind, default=None,
+                                   help=f"{help_text} [env {env_name(name)}]")(command)
+        return command
+
+    return decorate
+
+
+class CommandContext:
+    """The root group's options, and the configuration built from them for a command."""
+
+    def __init__(self, config_path: str | None, log_level: str | None) -> None:
+        self.config_path = config_path
+        self.log_level = log_level
+
+    def config(self, overrides: dict[str, Any]) -> Config:
+        """The effective settings with the command's flags on top; sets up logging. A bad setting is a usage error."""
+        if self.log_level:
+            overrides = {**overrides, "log_level": self.log_level}
+        try:
+            cfg = load_config(self.config_path, overrides=overrides)
+        except ConfigError as exc:
+            raise click.ClickException(f"configuration: {exc}") from None
+        logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        if cfg.log_level.upper() != "DEBUG":
+            logging.getLogger("pika").setLevel(logging.WARNING)
+        return cfg
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so services finish the work in hand and exit 0."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing the work in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop

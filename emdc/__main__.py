@@ -1,0 +1,5 @@
+"""``python -m emdc``: the same as the ``emdc`` command."""
+
+from emdc.cli import main
+
+main()

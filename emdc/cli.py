@@ -1,0 +1,114 @@
+"""The root ``emdc`` group: it only *finds* each side's commands, importing a side when one of its commands runs.
+
+A command is listed as ``"module:attribute"`` and imported when it is
+listed or run. The sides' command modules import only click and
+:mod:`common`; each command imports its side's machinery when it runs. So
+the Pi never needs paho-mqtt or SQLAlchemy, and the server never needs
+gpiozero (click's lazy-loading pattern). ``emdc simulate``, the one command
+that composes both sides, declares the edge simulator's options from
+:mod:`edge.cli` and runs :mod:`emdc.simulate`. Example::
+
+    >>> from click.testing import CliRunner
+    >>> CliRunner().invoke(main, ["--version"]).output
+    'emdc, version 0.1.0\\n'
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common import __version__
+from common.command import CommandContext, setting_flags, stop_on_signals
+from edge.cli import simulation_config, simulation_options, simulation_plan
+
+# Command name -> "module:attribute" of its click command or group.
+SIDE_COMMANDS = {
+    "edge": "edge.cli:edge",
+    "writer": "backend.cli:writer",
+    "state": "backend.cli:state",
+    "ha": "backend.cli:ha",
+    "db-writer": "backend.cli:db_writer",
+    "report": "backend.cli:report",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose ``lazy`` commands are imported only when listed or run."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = self.lazy[cmd_name].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, lazy=SIDE_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", envvar="EMDC_CONFIG", type=click.Path(dir_okay=False),
+              help="TOML configuration file [env EMDC_CONFIG].")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log verbosity [env EMDC_LOG_LEVEL].")
+@click.version_option(__version__, prog_name="emdc")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
+    """EMDC: electricity meter pulses from a Raspberry Pi to RabbitMQ, MQTT and Home Assistant.
+
+    Settings come from defaults, a TOML file, EMDC_* environment variables and
+    flags, later ones winning. `emdc config show` prints the result.
+    """
+    ctx.obj = CommandContext(config_path, log_level)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.pass_obj
+def config_show(obj: CommandContext) -> None:
+    """Print the effective settings (secrets masked) and where each came from."""
+    cfg = obj.config({})
+    for name, value in cfg.redacted().items():
+        source = cfg.sources.get(name, "default")
+        click.echo(f"{name} = {value!r}  # {source}")
+
+
+@main.command(short_help="Simulated meter, edge and writer in one process.")
+@simulation_options
+@setting_flags("state_dir", "topic_prefix")
+@click.pass_obj
+def simulate(obj: CommandContext, power: float | None, reactive_power: float | None, count: int | None,
+             duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
+    """Run a simulated meter, the edge and the writer together, and print the final MQTT values.
+
+    Without EMDC_AMQP_URL / EMDC_MQTT_HOST configured, pulses travel through an
+    embedded in-process transport (no broker needed); with them, through the
+    real brokers. By default it simulates an hour of household load in seconds.
+    """
+    from emdc.simulate import run_simulation
+
+    plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
+                           speed=speed, profile=profile, default_speed="720")
+    cfg = simulation_config(obj, overrides, plan)
+    try:
+        values = run_simulation(cfg, plan, stop_on_signals())
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    for topic, value in sorted(values.items()):
+        click.echo(f"{topic} = {value}")
+
