@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help simulate test bench lint install-edge uninstall-edge clean
+.PHONY: help simulate test bench docs lint install-edge uninstall-edge clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,8 +24,12 @@ test: $(STAMP) ## Run the whole test suite against the real brokers
 bench: $(STAMP) ## Measure throughput and latency against the real brokers; writes bench-results.json
 	$(BIN)/python -m bench $(ARGS)
 
-lint: $(STAMP) ## ruff
+docs: $(STAMP) ## Build the documentation site (strict)
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+lint: $(STAMP) ## ruff, and mypy --strict over the packages
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 install-edge: ## On the Pi, as root: install the edge service (idempotent)
 	sudo deploy/edge/install-edge.sh install

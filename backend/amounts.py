@@ -3,8 +3,8 @@
 Totals published to MQTT are exact (a billing value must not round); the
 report's tables round to one Wh (three decimals of a kWh)::
 
-    >>> format_kwh(1_234_500_000), format_kwh_rounded(1_234_500_000), format_kw(1234.5)
-    ('1.2345', '1.235', '1.234')
+    >>> format_kwh(1_234_600_000), format_kwh_rounded(1_234_600_000), format_kw(1234.6)
+    ('1.2346', '1.235', '1.235')
 """
 
 from __future__ import annotations

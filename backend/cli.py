@@ -22,19 +22,15 @@ from common.topology import control_routing_key
 DB_EXTRA = "install the database extra, pip install 'emdc[db]'"
 
 
-class DecimalType(click.ParamType):
+def exact_decimal(_ctx: click.Context, _param: click.Parameter, value: str) -> Decimal:
     """An exact decimal number (a meter reading), rejected with a usage error if malformed."""
-
-    name = "decimal"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Decimal:
-        try:
-            number = Decimal(str(value))
-        except InvalidOperation:
-            self.fail(f"{value!r} is not a decimal number", param, ctx)
-        if not number.is_finite():
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise click.BadParameter(f"{value!r} is not a decimal number") from None
+    if not number.is_finite():
+        raise click.BadParameter(f"{value!r} is not a finite number")
+    return number
 
 
 def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
@@ -52,7 +48,7 @@ def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
 @click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
 @setting_flags("state_dir", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
 @click.pass_obj
-def writer(obj: CommandContext, check: bool, max_age: float, **overrides: Any) -> None:
+def writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: Any) -> None:
     """Consume pulses from RabbitMQ, keep exact energy totals, publish them to MQTT.
 
     State lives in <state dir>/energy_state.json and is saved before each
@@ -81,7 +77,7 @@ def state() -> None:
 @state.command("show")
 @setting_flags("state_dir")
 @click.pass_obj
-def state_show(obj: CommandContext, **overrides: Any) -> None:
+def state_show(obj: CommandContext, /, **overrides: Any) -> None:
     """Print the persisted total of each meter and channel."""
     from backend.state_store import StateError
     from backend.writer import saved_totals
@@ -97,9 +93,10 @@ def state_show(obj: CommandContext, **overrides: Any) -> None:
 @state.command("set-total")
 @click.option("--meter", required=True, help="Meter id, e.g. main.")
 @click.option("--channel", required=True, type=click.Choice(CHANNELS))
-@click.option("--kwh", required=True, type=DecimalType(), help="The physical meter's reading (kWh or kvarh).")
+@click.option("--kwh", required=True, metavar="DECIMAL", callback=exact_decimal,
+              help="The physical meter's reading (kWh or kvarh).")
 @click.pass_obj
-def state_set_total(obj: CommandContext, meter: str, channel: str, kwh: Decimal) -> None:
+def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal) -> None:
     """Set a total to the physical meter reading, through the broker.
 
     The command is queued with the pulses, so the running writer applies it in
@@ -134,7 +131,7 @@ def ha() -> None:
               "file and the configured meter).")
 @setting_flags("state_dir", "topic_prefix", "mqtt_host", "mqtt_port")
 @click.pass_obj
-def ha_remove(obj: CommandContext, meters: tuple[str, ...], **overrides: Any) -> None:
+def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any) -> None:
     """Remove EMDC's devices from Home Assistant (empty retained discovery configs).
 
     Stop the writer first, or it announces them again when it reconnects or
@@ -165,7 +162,7 @@ def ha_remove(obj: CommandContext, meters: tuple[str, ...], **overrides: Any) ->
 @click.option("--queue", "db_queue", default=None, help="RabbitMQ queue to consume. [env EMDC_DB_QUEUE]")
 @setting_flags("state_dir")
 @click.pass_obj
-def db_writer(obj: CommandContext, check: bool, max_age: float, **overrides: Any) -> None:
+def db_writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: Any) -> None:
     """Consume pulses from their own RabbitMQ queue and store each one once in a database.
 
     EMDC_DB_URL selects the database (empty: SQLite in <state dir>/pulses.sqlite3):
@@ -213,7 +210,7 @@ def db_writer(obj: CommandContext, check: bool, max_age: float, **overrides: Any
               help="A silence this long with no pulse on any channel is shown as no data.")
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
-def report(obj: CommandContext, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
+def report(obj: CommandContext, /, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
            as_csv: bool, plot: Path | None, gap_minutes: float, **overrides: Any) -> None:
     """Energy per hour, day or month from the db-writer's database, active and reactive.
 

@@ -221,8 +221,8 @@ class PulseStore:
 
     def neighbour_ts(self, meter: str, start_ns: int, end_ns: int) -> tuple[int | None, int | None]:
         """Times of the newest pulse before ``start_ns`` and the oldest at or after ``end_ns`` (any channel)."""
-        before: list[int] = []
-        after: list[int] = []
+        before: list[int | None] = []
+        after: list[int | None] = []
         with self.engine.connect() as conn:
             for channel in CHANNELS:
                 where = (pulses.c.meter == meter, pulses.c.channel == channel)

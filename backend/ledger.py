@@ -151,8 +151,7 @@ class Ledger:
             state.total_uwh += new * wh_to_uwh(pulse.wh)
         state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns)
         if state.last_ts_ns is None or pulse.ts_ns > state.last_ts_ns:
-            consecutive = cursor is not None and new == 1 and cursor.ts_ns == state.last_ts_ns
-            if consecutive:
+            if cursor is not None and new == 1 and cursor.ts_ns == state.last_ts_ns:
                 state.intervals_ns = [*state.intervals_ns, pulse.ts_ns - cursor.ts_ns][-self.smoothing_pulses:]
             else:
                 state.intervals_ns = []

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from backend.amounts import format_kw, format_kwh_rounded
@@ -458,6 +458,7 @@ def render_csv(report: Report) -> str:
 def plot(report: Report, path: str | os.PathLike[str]) -> None:
     """Draw active energy per period as bars, average power as a line, no-data spans shaded; write a PNG."""
     # The object API with the Agg canvas: no pyplot, no display, no global state.
+    from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, DayLocator, HourLocator
     from matplotlib.figure import Figure
@@ -465,7 +466,8 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
 
     fig = Figure(figsize=(10, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    # Any: matplotlib takes datetimes through its units registry, which its type hints do not model.
+    ax: Any = fig.add_subplot()
     buckets = report.buckets
     lefts = [b.start.astimezone(UTC).replace(tzinfo=None) for b in buckets]
     widths = [(b.end - b.start).total_seconds() / 86_400 * 0.85 for b in buckets]
@@ -517,7 +519,7 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
         subtitle += f", no data for {format_duration(total.no_data_s)}"
     ax.set_title(f"Energy per {report.by}, meter {report.meter}, {report.start:%d %b} – "
                  f"{report.end:%d %b %Y} ({zone_name(report.tz)})\n{subtitle}", fontsize=11)
-    handles = [Patch(color="#2f6db3", label="active energy"),
+    handles: list[Artist] = [Patch(color="#2f6db3", label="active energy"),
                Patch(facecolor="#d9d9d9", edgecolor="#8a8a8a", hatch="//", label="no data")]
     if total.untimed:
         handles.insert(1, Patch(color="#e08a1e", label="untimed (counter only)"))

@@ -52,7 +52,8 @@ class StateStore:
             doc = json.loads(raw)
             if doc.get("format") != STATE_FORMAT:
                 raise ValueError(f"unknown format {doc.get('format')!r}")
-            return doc["state"]
+            state: dict[str, Any] = doc["state"]
+            return state
         except (ValueError, AttributeError, KeyError, TypeError, RecursionError) as exc:
             hint = f" The previous good copy is {self.backup}." if self.backup.exists() else ""
             raise StateError(f"{self.path} is corrupt ({exc}); refusing to start from zero.{hint} "

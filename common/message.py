@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from common.channels import CHANNELS
 from common.topology import control_routing_key, pulse_routing_key
@@ -91,7 +92,7 @@ def decode(body: bytes) -> Pulse:
     return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh))
 
 
-def _parse_object(body: bytes) -> dict[str, object]:
+def _parse_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -103,7 +104,7 @@ def _parse_object(body: bytes) -> dict[str, object]:
     return doc
 
 
-def _check_version(doc: dict[str, object]) -> None:
+def _check_version(doc: dict[str, Any]) -> None:
     if not _is_int(doc.get("v")) or doc.get("v") != SCHEMA_VERSION:
         raise MessageError(f"unsupported schema version v={doc.get('v')!r:.40} (expected {SCHEMA_VERSION})")
 

@@ -31,7 +31,7 @@ def edge() -> None:
 @edge.command("run", short_help="Read the meter on GPIO and publish every pulse.")
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
-def edge_run(obj: CommandContext, **overrides: Any) -> None:
+def edge_run(obj: CommandContext, /, **overrides: Any) -> None:
     """Read the meter's pulse outputs on GPIO and publish every pulse to RabbitMQ.
 
     Runs until SIGTERM/SIGINT. Under systemd (Type=notify) it reports READY
@@ -50,7 +50,7 @@ def edge_run(obj: CommandContext, **overrides: Any) -> None:
 @edge.command("status", short_help="Counters, outbox depth, last confirm, link state.")
 @setting_flags("state_dir")
 @click.pass_obj
-def edge_status(obj: CommandContext, **overrides: Any) -> None:
+def edge_status(obj: CommandContext, /, **overrides: Any) -> None:
     """Show the pulse counters, the outbox depth and the link to RabbitMQ."""
     from edge.outbox import OutboxError
     from edge.status import edge_status_lines
@@ -124,7 +124,7 @@ def simulation_config(obj: CommandContext, overrides: dict[str, Any], plan: Simu
 @simulation_options
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
-def edge_simulate(obj: CommandContext, power: float | None, reactive_power: float | None, count: int | None,
+def edge_simulate(obj: CommandContext, /, power: float | None, reactive_power: float | None, count: int | None,
                   duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
     """Publish the pulses of a simulated meter to RabbitMQ, through the real edge code.
 

@@ -154,7 +154,8 @@ class OutboxReader:
             self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in row_ids])
 
     def depth(self) -> int:
-        return self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        count: int = self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        return count
 
     def set_status(self, **values: str) -> None:
         with self._conn:

@@ -52,6 +52,12 @@ def _is_number(text: str) -> bool:
 class VirtualClockPin(MockPin):
     """A mock pin whose edges are stamped with the factory's virtual clock."""
 
+    # MockPin's own attributes, which this class sets (gpiozero has no type information).
+    states: collections.deque[Any]
+    _state: bool
+    _last_change: float
+    _factory: VirtualClockFactory
+
     def clear_states(self) -> None:
         # MockPin keeps every change in ``states``; a long simulation keeps only the latest few.
         super().clear_states()
@@ -75,7 +81,7 @@ class VirtualClockFactory(MockFactory):
         super().__init__(pin_class=VirtualClockPin)
         self.now = 0.0
 
-    def ticks(self) -> float:  # type: ignore[override]
+    def ticks(self) -> float:
         return self.now
 
 

@@ -80,7 +80,7 @@ def config_group() -> None:
 
 @config_group.command("show")
 @click.pass_obj
-def config_show(obj: CommandContext) -> None:
+def config_show(obj: CommandContext, /) -> None:
     """Print the effective settings (secrets masked) and where each came from."""
     cfg = obj.config({})
     for name, value in cfg.redacted().items():
@@ -92,7 +92,7 @@ def config_show(obj: CommandContext) -> None:
 @simulation_options
 @setting_flags("state_dir", "topic_prefix")
 @click.pass_obj
-def simulate(obj: CommandContext, power: float | None, reactive_power: float | None, count: int | None,
+def simulate(obj: CommandContext, /, power: float | None, reactive_power: float | None, count: int | None,
              duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
     """Run a simulated meter, the edge and the writer together, and print the final MQTT values.
 

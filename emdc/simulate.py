@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from backend.heartbeat import WRITER, Heartbeat
@@ -57,6 +58,7 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
     if mqtt:
         mqtt.start()
     on_idle = idle_handler(writer, mqtt, config.power_refresh_s)
+    consume: Callable[[threading.Event], None]
     if memory_queue is None:
         from backend.amqp_consumer import BatchConsumer
 
