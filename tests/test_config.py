@@ -100,11 +100,6 @@ def test_explicit_path_beats_emdc_config_variable(toml):
     assert load_config(explicit, env={"EMDC_CONFIG": str(other)}).exchange == "explicit"
 
 
-def test_docstring_example():
-    cfg = load_config(env={"EMDC_METER_ID": "garage"}, overrides={"mqtt_port": 8883})
-    assert (cfg.meter_id, cfg.mqtt_port) == ("garage", 8883)
-
-
 # --- TOML tables ----------------------------------------------------------------------------------
 
 def test_table_prefix_forms_the_setting_name(toml):

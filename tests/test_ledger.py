@@ -102,13 +102,6 @@ def test_jump_counts_the_missing_pulses(ledger: Ledger):
     assert total(ledger) == 4_000_000
 
 
-def test_docstring_example(ledger: Ledger):
-    assert ledger.apply(pulse(1, 0)) == 1
-    assert ledger.apply(pulse(1, 0)) == 0
-    assert ledger.apply(pulse(3, 2.4)) == 2
-    assert total(ledger) == 3_000_000
-
-
 def test_new_epoch_counts_its_seq_on_top_of_the_total(ledger: Ledger):
     ledger.apply(pulse(10, 0, epoch="aa"))
     assert ledger.apply(pulse(3, 100, epoch="bb")) == 3

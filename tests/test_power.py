@@ -72,13 +72,6 @@ def test_smoothed_measurement_is_the_mean_over_intervals():
     assert displayed_power_w(state, now_ns=1, timeout_s=TIMEOUT_S) == pytest.approx(3 * 3600 / 6)
 
 
-def test_docstring_example():
-    s = three_kw()
-    assert displayed_power_w(s, now_ns=1_000_000_000, timeout_s=300) == 3000.0
-    assert displayed_power_w(s, now_ns=36_000_000_000, timeout_s=300) == 100.0
-    assert displayed_power_w(s, now_ns=300_000_000_000, timeout_s=300) == 0.0
-
-
 states = st.builds(
     ChannelState,
     last_ts_ns=st.one_of(st.none(), st.integers(0, 10**18)),

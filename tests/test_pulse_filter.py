@@ -21,12 +21,6 @@ def pulse(flt: PulseFilter, rise: float, fall: float) -> float | None:
     return flt.edge(fall, False)
 
 
-def test_docstring_example(f: PulseFilter):
-    assert (f.edge(1.000, True), f.edge(1.030, False)) == (None, 1.03)
-    assert (f.edge(1.031, True), f.edge(1.032, False)) == (None, None)
-    assert f.rejected == 1
-
-
 def test_valid_pulse_is_timed_at_its_trailing_edge(f: PulseFilter):
     assert pulse(f, 10.0, 10.03) == 10.03
     assert f.rejected == 0

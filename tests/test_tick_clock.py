@@ -32,11 +32,6 @@ def clocks() -> FakeClocks:
     return FakeClocks()
 
 
-def test_docstring_example():
-    clock = TickClock(ticks_now=lambda: 10.0, wall_ns=lambda: 1_000_000_000_000)
-    assert clock.to_utc_ns(10.5) == 1_000_500_000_000
-
-
 def test_ticks_map_linearly_around_the_anchor(clocks: FakeClocks):
     clock = clocks.clock()
     assert clock.to_utc_ns(100.0) == WALL0
