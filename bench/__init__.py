@@ -1,5 +1,34 @@
-"""The EMDC benchmark: ``make bench`` or ``python -m bench [options]`` (see bench/__main__.py).
+"""Benchmark EMDC against the real brokers: ``make bench`` or ``python -m bench [options]``.
 
-A developer tool, not part of the installed package: it measures the product
-against the real brokers and is smoke-tested by tests/test_bench.py.
+Everything below is measured in one run, each measurement on its own exchange,
+queue, topic prefix and state directories, all removed afterwards:
+
+ceiling         pika consuming and acknowledging N small persistent messages (prefetch 1000, one
+                ``multiple=True`` ack every 200), no processing: what this broker can do for this load.
+writer_drain    ``emdc writer`` (default settings: fsync'd state before every ack) draining a backlog
+                of the same N pulses, from its consumer appearing until an MQTT subscriber receives
+                the exact final total; also as a ratio to the ceiling.
+naive_baseline  the seed's per-message design, re-implemented here: prefetch 1; per message update the
+                JSON state with fsync, publish the four values at QoS 1 waiting for each PUBACK, ack.
+live_latency    pulses at 10/s in real time into a running writer; latency from the pulse's ``ts_ns``
+                to the arrival of its energy value at an MQTT subscriber (p50, p99, max), published
+                directly with pika and, end to end, by ``emdc edge simulate --speed 1``.
+edge            outbox replay rate (a pre-filled outbox drained with confirms), ``emdc edge simulate
+                --speed max`` rate, and peak RSS and CPU time per 1,000 pulses at 30 pulses/s, projected
+                to a Raspberry Pi Zero, for ``emdc edge simulate --speed 1`` and for the production chain
+                alone (``--edge-harness``: EdgeService as ``emdc edge run`` builds it, on a mock pin fed
+                the way lgpio feeds it), the latter also at a household rate of 3 pulses/s.
+million         (``--million`` only) edge -> broker -> writer on 1,000,000 pulses, sampling both
+                processes' RSS and state-file sizes: memory and state must stay flat.
+
+The results print as a table and go to ``bench-results.json`` (git-ignored). Timings are
+informative: targets are marked PASS/MISS but nothing here fails on them. ``--size small``
+runs everything in under a minute; tests/test_bench.py runs it smaller still in CI. Method,
+figures and the Pi Zero assumption: docs/performance.md.
+
+Where it lives: ``__main__`` (options, sizes, the run), ``ceiling``, ``writer`` (drain, naive
+baseline, live latency), ``edge`` (replay, simulate, live CPU and RSS, the Pi Zero projection),
+``million``, ``report`` (targets, the table, py-spy summaries), ``harness`` (the bench's own
+plumbing) and ``brokers`` (addresses and per-run names, shared with tests/). A developer tool:
+not installed with the package, and it never imports from tests/.
 """
