@@ -12,17 +12,14 @@ outbox; once nothing is in flight the publisher pauses with capped backoff
 and resends everything still in the outbox. Resends are harmless: the backend
 counts by ``seq``.
 
-Example::
-
-    publisher = AmqpPublisher(config, outbox.reader)
-    threading.Thread(target=publisher.run, args=(stop,)).start()
-    publisher.wake()     # after recording new pulses
+The rules for all of this live in :class:`~edge.publish_window.PublishWindow`,
+which holds no connection; AmqpPublisher only feeds it pika's callbacks and
+carries out its answers (publish these rows, delete those, resend later).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -37,8 +34,10 @@ import pika.spec
 from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
-from common.message import CONTENT_TYPE, encode
+from common.message import CONTENT_TYPE, Pulse, encode
+from common.topology import declare_exchange
 from edge.outbox import OutboxReader
+from edge.publish_window import PublishWindow, Step
 
 log = logging.getLogger("emdc.publisher")
 
@@ -49,7 +48,15 @@ TICK_S = 1.0
 
 
 class AmqpPublisher:
-    """Publishes outbox rows until ``stop`` is set; reconnects forever."""
+    """Publishes outbox rows until ``stop`` is set; reconnects forever.
+
+    The edge's link to the backend: it owns the pika connection and its thread,
+    so the recorder never waits for the network. Example::
+
+        publisher = AmqpPublisher(config, outbox.reader)
+        threading.Thread(target=publisher.run, args=(stop,)).start()
+        publisher.wake()     # after recording new pulses
+    """
 
     def __init__(self, config: Config, open_reader: Callable[[], OutboxReader]) -> None:
         self.config = config
@@ -63,17 +70,7 @@ class AmqpPublisher:
         self._publishing = f"publishing to exchange {config.exchange} on {describe(config)}"
         self._status_due = 0.0
         self.last_confirm_ns = 0
-        self._confirmed: list[int] = []  # row ids the broker confirmed, not yet deleted
-        self._reset_session()
-
-    def _reset_session(self) -> None:
-        self._ready = False
-        self._paused = False
-        self._tag = 0
-        self._last_id = 0
-        self._more = True  # the outbox may hold rows beyond the last query
-        self._inflight: dict[int, tuple[int, str]] = {}
-        self._returned: set[str] = set()
+        self._window: PublishWindow[Pulse] = PublishWindow(config.publish_window)
 
     # -- thread entry points -------------------------------------------------
 
@@ -82,7 +79,6 @@ class AmqpPublisher:
         self._reader = self._open_reader()
         try:
             while not stop.is_set():
-                self._reset_session()
                 self._connection = pika.SelectConnection(
                     connection_parameters(self.config, "emdc-edge"), on_open_callback=self._on_open,
                     on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
@@ -152,7 +148,7 @@ class AmqpPublisher:
         connection.ioloop.stop()
 
     def _on_closed(self, connection: pika.SelectConnection, error: BaseException) -> None:
-        self._ready = False
+        self._window.reset()  # what was in flight is sent again from the outbox next session
         self._channel = None
         if not self._stop.is_set():
             self._set_state(f"lost RabbitMQ at {describe(self.config)} ({reason(error)}); "
@@ -164,8 +160,7 @@ class AmqpPublisher:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         if self.config.declare_topology:
-            channel.exchange_declare(self.config.exchange, "topic", durable=True,
-                                     callback=lambda _frame: self._enable_confirms())
+            declare_exchange(channel, self.config.exchange, callback=lambda _frame: self._enable_confirms())
         else:
             self._enable_confirms()
 
@@ -174,14 +169,14 @@ class AmqpPublisher:
         self._channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._on_ready())
 
     def _on_ready(self) -> None:
-        self._ready = True
+        self._window.open()
         self._backoff.reset()
         self._set_state(self._publishing)
         self._pump()
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
         # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later.
-        self._ready = False
+        self._window.reset()
         if not self._stop.is_set():
             self._set_state(f"RabbitMQ closed the channel ({reason(error)}); retrying", logging.WARNING)
         if self._connection is not None and self._connection.is_open:
@@ -190,67 +185,50 @@ class AmqpPublisher:
     # -- publishing ----------------------------------------------------------
 
     def _pump(self) -> None:
-        if not self._ready or self._paused or self._channel is None:
+        window = self._window
+        if window.deletes_due:  # a window's worth, or the outbox is about to be read again from its start
+            self._delete_confirmed()
+        limit = window.wanted()
+        if not limit:
             return
-        room = self.config.publish_window - len(self._inflight)
-        if room <= 0:
-            self._more = True
-            return
-        rows = self._reader.pending(self._last_id, room)
-        self._more = len(rows) == room
-        for row_id, pulse in rows:
-            self._tag += 1
+        channel = self._channel
+        assert channel is not None  # the window is open only while the channel is
+        for _row_id, pulse in window.take(self._reader.pending(window.last_sent, limit)):
             properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
                                               message_id=pulse.message_id)
-            self._channel.basic_publish(self.config.exchange, pulse.routing_key, encode(pulse), properties,
-                                        mandatory=True)
-            self._inflight[self._tag] = (row_id, pulse.message_id)
-            self._last_id = row_id
+            channel.basic_publish(self.config.exchange, pulse.routing_key, encode(pulse), properties,
+                                  mandatory=True)
 
     def _on_return(self, _channel: Any, method: pika.spec.Basic.Return, properties: pika.BasicProperties,
                    _body: bytes) -> None:
-        self._returned.add(properties.message_id)
+        self._window.returned(properties.message_id)
         self._set_state(f"unroutable: no queue bound to {method.exchange} for {method.routing_key}; "
                         "keeping pulses in the outbox and retrying", logging.WARNING)
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
-        if method.multiple:
-            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._inflight))
-        else:
-            tags = [method.delivery_tag] if method.delivery_tag in self._inflight else []
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        done: list[int] = []
-        for tag in tags:
-            row_id, message_id = self._inflight.pop(tag)
-            if acked and message_id not in self._returned:
-                done.append(row_id)
-            else:
-                self._paused = True
-                self._returned.discard(message_id)
-        if done:
-            self._confirmed.extend(done)
-            if len(self._confirmed) >= self.config.publish_window:  # replaying a backlog
+        window = self._window
+        acked, step = window.confirm(method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Ack))
+        if acked:
+            if window.deletes_due:  # replaying a backlog
                 self._delete_confirmed()
             self.last_confirm_ns = time.time_ns()
-            if not self._paused:
+            if not window.paused:
                 self._backoff.reset()
                 self._set_state(self._publishing)
-        if not self._paused:
-            if self._more:  # new rows come with wake(); only a full window leaves rows behind
-                self._pump()
-        elif not self._inflight:
+        if step is Step.PUMP:  # new rows come with wake(); only a full window leaves rows behind
+            self._pump()
+        elif step is Step.RESEND:
             assert self._connection is not None
             self._connection.ioloop.call_later(self._backoff.next_delay(), self._resend)
 
     def _delete_confirmed(self) -> None:
-        if self._confirmed:
-            self._reader.confirm(self._confirmed)
-            self._confirmed = []
+        rows = self._window.to_delete
+        if rows:
+            self._reader.confirm(rows)
+            self._window.deleted()
 
     def _resend(self) -> None:
         """After a return or nack: start again from the oldest row still in the outbox."""
-        self._delete_confirmed()
-        self._paused = False
-        self._last_id = 0
-        self._pump()
+        self._window.resend()
+        self._pump()  # which deletes the confirmed rows first, so they are not sent again
