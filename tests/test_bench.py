@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 SMALLEST = ["--size", "small", "--pulses", "1000", "--naive-pulses", "20", "--latency-pulses", "10",
             "--edge-pulses", "500", "--edge-live-s", "2"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,33 +22,37 @@ import sqlalchemy as sa
 from backend.database import DatabaseError, PulseStore, SchemaError, create_engine, schema_version
 from backend.db_writer import DbWriter, StoreUnavailable
 from backend.report import slots_from_pulses
-from backend.batch import Delivery
 from common.message import Pulse, encode
-from common.topology import DB_WRITER_BINDINGS, ERROR_HEADER, dead_letter_queue, declare_consumer_queue
-from tests.conftest import (
-    AMQP_URL,
-    EMDC,
+from common.topology import DB_WRITER_BINDINGS, ERROR_HEADER, dead_letter_queue
+from tests.support import (
     ROOT,
+    T0,
     Names,
+    S,
+    amqp_parameters,
     consumers,
+    declare_queue,
+    deliveries,
     port_open,
+    publish,
+    pulse,
+    pulses,
     queue_depth,
     run_emdc,
     wait_until,
 )
-from tests.test_reliability import publish_raw, pulses
 
 MARIADB_URL = os.environ.get("EMDC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
-T0 = 1_800_000_000_000_000_000
-S = 1_000_000_000
+
 
 
 @pytest.fixture(scope="session")
 def mariadb() -> sa.Engine:
     """A server connection that may create databases; a MariaDB that is down fails the session, as brokers do."""
-    if not port_open("127.0.0.1", 3306):
-        pytest.fail("MariaDB not reachable on 127.0.0.1:3306; start it (see .ci/run)")
-    return sa.create_engine(MARIADB_URL)
+    url = sa.make_url(MARIADB_URL)
+    if not port_open(url.host or "127.0.0.1", url.port or 3306):
+        pytest.fail(f"MariaDB not reachable at {url.host}:{url.port or 3306}; start it (see .ci/run)")
+    return sa.create_engine(url)
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -91,16 +94,6 @@ def rows(url: str) -> list[tuple[str, str, str, int, int, float]]:
 def wait_for_rows(url: str, count: int, timeout: float = 30) -> None:
     # Not the queue depth: it counts only ready messages, not a batch the writer holds or is committing.
     wait_until(lambda: len(rows(url)) >= count, timeout, f"{count} rows", interval=0.2)
-
-
-def deliveries(*items: Pulse | bytes) -> list[Delivery]:
-    return [Delivery(i, item.routing_key if isinstance(item, Pulse) else "pulse.main.active",
-                     encode(item) if isinstance(item, Pulse) else item) for i, item in enumerate(items, 1)]
-
-
-def pulse(seq: int, ts_s: float = 0, *, meter: str = "main", channel: str = "active", epoch: str = "e1",
-          wh: float = 1.0) -> Pulse:
-    return Pulse(meter, channel, epoch, seq, T0 + round((ts_s or seq) * S), wh)
 
 
 # -- the store and the batch handler -------------------------------------------
@@ -216,16 +209,11 @@ def test_the_slot_query_matches_the_in_memory_aggregation(store: PulseStore) -> 
 
 def db_env(names: Names, db_url: str, **extra: object) -> dict[str, str]:
     # EMDC_DB_QUEUE=names.queue: the names fixture deletes it and its dead-letter queue afterwards.
-    return names.env(EMDC_STATE_DIR=names.writer_dir, EMDC_DB_QUEUE=names.queue, EMDC_DB_URL=db_url, **extra)
-
-
-def declare_db_queue(names: Names) -> None:
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
-        declare_consumer_queue(connection.channel(), names.exchange, names.queue, DB_WRITER_BINDINGS)
+    return names.writer_env(EMDC_DB_QUEUE=names.queue, EMDC_DB_URL=db_url, **extra)
 
 
 def dead_letters(queue: str) -> list[tuple[str, bytes]]:
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+    with pika.BlockingConnection(amqp_parameters()) as connection:
         channel = connection.channel()
         out = []
         while (got := channel.basic_get(dead_letter_queue(queue), auto_ack=True))[0] is not None:
@@ -236,12 +224,11 @@ def dead_letters(queue: str) -> list[tuple[str, bytes]]:
 def test_db_writer_stores_redelivered_pulses_once_and_dead_letters_malformed_ones(names: Names, db_url: str,
                                                                                   spawn) -> None:
     env = db_env(names, db_url)
-    assert run_emdc_status(["db-writer", "--check"], env) != 0, "no heartbeat yet: unhealthy"
-    declare_db_queue(names)
+    assert run_emdc(["db-writer", "--check"], env, check=False).returncode != 0, "no heartbeat yet: unhealthy"
+    declare_queue(names, DB_WRITER_BINDINGS)
     batch = pulses(300)
-    messages = [(p.routing_key, encode(p)) for p in batch]
-    publish_raw(names, [*messages, ("pulse.main.active", b'{"v": 1}'), *messages[:150], *messages,
-                        ("control.main", b'{"v": 1, "type": "set_total"}')])  # control.# is not bound here
+    publish(names.exchange, [*batch, ("pulse.main.active", b'{"v": 1}'), *batch[:150], *batch,
+                             ("control.main", b'{"v": 1, "type": "set_total"}')])  # control.# is not bound here
     wait_until(lambda: queue_depth(names.queue) == 751, 10, "the messages to be queued")
     writer = spawn(["db-writer"], env, "db-writer")
     wait_for_rows(db_url, 300)
@@ -261,16 +248,12 @@ def test_db_writer_stores_redelivered_pulses_once_and_dead_letters_malformed_one
         assert "pulses.sqlite3" in writer.log()
 
 
-def run_emdc_status(args: list[str], env: dict[str, str]) -> int:
-    return subprocess.run([*EMDC, *args], env=env, capture_output=True, cwd=ROOT, timeout=60).returncode
-
-
 @pytest.mark.slow  # fault injection, like tests/test_reliability.py
 def test_kill_9_while_draining_a_backlog_leaves_every_pulse_exactly_once(names: Names, db_url: str,
                                                                         spawn) -> None:
     count = 6000
-    declare_db_queue(names)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(count)])
+    declare_queue(names, DB_WRITER_BINDINGS)
+    publish(names.exchange, pulses(count))
     wait_until(lambda: queue_depth(names.queue) == count, 30, "the backlog to be queued")
 
     rng = random.Random(11)
@@ -305,7 +288,7 @@ def test_a_failing_database_keeps_pulses_queued_with_one_log_line_until_it_recov
     engine = create_engine(url)
     with engine.begin() as conn:  # the database breaks under the running writer
         conn.execute(sa.text("ALTER TABLE pulses RENAME TO pulses_away"))
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(100)])
+    publish(names.exchange, pulses(100))
     wait_until(lambda: "no such table" in writer.log(), 10, "the failure to be logged")
     time.sleep(3)  # retries at 0.5, 1 and 2 s: the backoff of a lost connection
     assert writer.log().count("no such table") == 1, writer.log()
@@ -324,7 +307,7 @@ def test_db_writer_refuses_to_start_on_an_unreachable_database_without_showing_t
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMDC_")}
     env.update(EMDC_STATE_DIR=str(tmp_path), EMDC_DB_URL="mysql+pymysql://emdc:s3cret@127.0.0.1:1/emdc",
                PYTHONPATH=str(ROOT))
-    result = subprocess.run([*EMDC, "db-writer"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = run_emdc(["db-writer"], env, timeout=60, check=False)
     assert result.returncode != 0
     assert "cannot use the database" in result.stderr and "Can't connect" in result.stderr
     assert "s3cret" not in result.stderr + result.stdout

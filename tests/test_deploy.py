@@ -45,6 +45,7 @@ import yaml
 
 from common import topology
 from common.config import Config, load_config, settings_table
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE = REPO / "deploy" / "edge"
@@ -74,12 +75,6 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed; the deploy checks need it")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_password() -> str:

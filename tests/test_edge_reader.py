@@ -18,14 +18,7 @@ from edge.reader import PulseInput, PulseRecorder
 from edge.service import EdgeService
 from edge.simulator import LoadProfile, SimulatedMeter, VirtualClockFactory
 from edge.tick_clock import TickClock
-from tests.conftest import wait_until
-
-
-@pytest.fixture
-def factory():
-    f = MockFactory()
-    yield f
-    f.reset()
+from tests.support import wait_until
 
 
 def test_pulse_input_reports_edges_with_the_pin_events_own_ticks(factory: MockFactory) -> None:

@@ -6,7 +6,7 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.conftest import Names, wait_until
+from tests.support import Names, wait_until
 
 
 def test_edge_run_notifies_systemd_and_feeds_the_watchdog(names: Names, spawn, tmp_path: Path) -> None:
@@ -23,8 +23,7 @@ def test_edge_run_notifies_systemd_and_feeds_the_watchdog(names: Names, spawn, t
         except TimeoutError:
             return received
 
-    env = names.env(EMDC_STATE_DIR=names.edge_dir, GPIOZERO_PIN_FACTORY="mock", NOTIFY_SOCKET=str(notify_path),
-                    WATCHDOG_USEC="1000000")
+    env = names.edge_env(GPIOZERO_PIN_FACTORY="mock", NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="1000000")
     edge = spawn(["edge", "run"], env, "edge")
     wait_until(lambda: "READY=1" in drain(), 30, "READY=1")
     wait_until(lambda: drain().count("WATCHDOG=1") >= 3, 10, "three watchdog pings")

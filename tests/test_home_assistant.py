@@ -8,16 +8,14 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from common.message import Pulse, encode
-from tests.conftest import MQTT_HOST, MQTT_PORT, MqttWatcher, Names, run_emdc, start_writer, wait_until
-from tests.test_reliability import publish_raw, pulses
+from common.message import Pulse
+from tests.support import MQTT_HOST, MQTT_PORT, MqttWatcher, Names, publish, pulses, run_emdc, start_writer, wait_until
 
 
 def ha_env(names: Names, **extra: object) -> dict[str, str]:
-    settings = {"EMDC_STATE_DIR": names.writer_dir, "EMDC_DISCOVERY": "device",
-                "EMDC_DISCOVERY_PREFIX": f"{names.prefix}/ha", "EMDC_HA_STATUS_TOPIC": f"{names.prefix}/ha/status",
-                "EMDC_HA_BIRTH_DELAY_S": "0.2"}
-    return names.env(**{**settings, **extra})
+    settings = {"EMDC_DISCOVERY": "device", "EMDC_DISCOVERY_PREFIX": f"{names.prefix}/ha",
+                "EMDC_HA_STATUS_TOPIC": f"{names.prefix}/ha/status", "EMDC_HA_BIRTH_DELAY_S": "0.2"}
+    return names.writer_env(**{**settings, **extra})
 
 
 def discovery(watch: MqttWatcher, names: Names, meter: str = "main") -> dict:
@@ -90,7 +88,7 @@ def test_home_assistant_birth_message_triggers_a_republish(names: Names, watch: 
 def test_calibration_while_running_goes_through_the_broker(names: Names, watch: MqttWatcher, spawn) -> None:
     writer = start_writer(spawn, names, ha_env(names))
     all_pulses = pulses(20)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in all_pulses[:10]])
+    publish(names.exchange, all_pulses[:10])
     energy = f"{names.prefix}/active_energy"
     watch.wait_for(energy, lambda v: v == "0.01")
 
@@ -99,10 +97,10 @@ def test_calibration_while_running_goes_through_the_broker(names: Names, watch: 
     assert "sent" in out
     watch.wait_for(energy, lambda v: v == "12345.678")
     # Pulses from before the reading that arrive late (a Pi's backlog) are part of it ...
-    publish_raw(names, [(p.routing_key, encode(p)) for p in all_pulses[10:15]])
+    publish(names.exchange, all_pulses[10:15])
     # ... pulses after it are added.
     later = [Pulse("main", "active", "feed", seq, time.time_ns() + (seq - 15) * 10**9, 1.0) for seq in range(16, 21)]
-    publish_raw(names, [(p.routing_key, encode(p)) for p in later])
+    publish(names.exchange, later)
     assert watch.wait_for(energy, lambda v: v == "12345.683") == "12345.683"
     assert "calibrated main/active: total 0.01 -> 12345.678" in writer.log()
 
@@ -111,7 +109,7 @@ def test_two_meters_side_by_side(names: Names, watch: MqttWatcher, spawn) -> Non
     start_writer(spawn, names, ha_env(names))
     now = time.time_ns()
     garage = [Pulse("garage", "active", "ab", seq, now - (5 - seq) * 10**9, 1.0) for seq in range(1, 6)]
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(3) + garage])
+    publish(names.exchange, pulses(3) + garage)
     assert watch.wait_for(f"{names.prefix}/active_energy", lambda v: v == "0.003")
     assert watch.wait_for(f"{names.prefix}/garage/active_energy", lambda v: v == "0.005")
     garage_device = discovery(watch, names, "garage")

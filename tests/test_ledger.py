@@ -13,15 +13,9 @@ from hypothesis import strategies as st
 
 from backend.ledger import ChannelState, Cursor, Implausible, Ledger, wh_to_uwh
 from common.message import Pulse
+from tests.support import T0, S, pulse
 
-S = 1_000_000_000  # ns per second
-T0 = 1_764_000_000 * S
 MAX_W = 100_000.0
-
-
-def pulse(seq: int, t_s: float, epoch: str = "e1", wh: float = 1.0, meter: str = "main",
-          channel: str = "active") -> Pulse:
-    return Pulse(meter, channel, epoch, seq, T0 + round(t_s * S), wh)
 
 
 @pytest.fixture

@@ -19,61 +19,34 @@ import pytest
 
 from common.message import Pulse, encode
 from common.topology import ERROR_HEADER, dead_letter_queue
-from tests.conftest import (
-    AMQP_URL,
+from tests.support import (
     MqttWatcher,
     Names,
+    TcpProxy,
+    amqp_parameters,
+    amqp_url_at,
     consumers,
     declare_queue,
     free_port,
     port_open,
+    publish,
+    pulses,
     queue_depth,
     run_emdc,
+    saved_total_uwh,
     start_writer,
     wait_until,
+    writer_env,
 )
-from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
-
-
-def saved_total_uwh(state_dir: Path, channel: str = "active") -> int | None:
-    """The writer's persisted total, or None before its first save."""
-    try:
-        doc = json.loads((state_dir / "energy_state.json").read_text())
-    except FileNotFoundError:
-        return None
-    return doc["state"]["meters"]["main"][channel]["total_uwh"]
-
-
-def pulses(count: int, *, epoch: str = "feed", interval_s: float = 1.0, channel: str = "active") -> list[Pulse]:
-    """``count`` consecutive 1 Wh pulses ending now (3.6 kW at the default interval)."""
-    end = time.time_ns()
-    step = round(interval_s * 1e9)
-    return [Pulse("main", channel, epoch, seq, end - (count - seq) * step, 1.0) for seq in range(1, count + 1)]
-
-
-def publish_raw(names: Names, messages: list[tuple[str, bytes]]) -> None:
-    """Publish (routing key, body) pairs straight to the test's exchange, persistent.
-
-    Without publisher confirms (they would make a 20,000-message backlog take a
-    minute); instead a queue-depth check below tells when all have arrived.
-    """
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
-        channel = connection.channel()
-        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        for key, body in messages:
-            channel.basic_publish(names.exchange, key, body, props)
-
-
-def writer_env(names: Names, **extra: object) -> dict[str, str]:
-    return names.env(EMDC_STATE_DIR=names.writer_dir, EMDC_POWER_REFRESH_S=3600, **extra)
+AMQP_PORT = amqp_parameters().port
 
 
 def test_kill_9_while_draining_a_20000_pulse_backlog_keeps_totals_exact(names: Names, spawn) -> None:
     declare_queue(names)
     backlog = pulses(24_000)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in backlog])
+    publish(names.exchange, backlog)
     wait_until(lambda: queue_depth(names.queue) == 24_000, 30, "the backlog to be queued")
 
     rng = random.Random(7)
@@ -100,9 +73,8 @@ def test_kill_9_while_draining_a_20000_pulse_backlog_keeps_totals_exact(names: N
 def test_edge_connection_cut_repeatedly_while_publishing_5000_pulses(names: Names, watch: MqttWatcher,
                                                                      spawn) -> None:
     start_writer(spawn, names, writer_env(names))
-    proxy = TcpProxy(5672).start()
-    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir,
-                         EMDC_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    proxy = TcpProxy(AMQP_PORT).start()
+    edge_env = names.edge_env(EMDC_AMQP_URL=amqp_url_at(proxy.port))
     edge = spawn(["edge", "simulate", "--power", "7200", "--count", "5000", "--speed", "max"], edge_env, "edge")
     seen = 0
     while edge.proc.poll() is None:
@@ -122,10 +94,10 @@ def test_edge_connection_cut_repeatedly_while_publishing_5000_pulses(names: Name
 
 def test_writer_connection_cut_repeatedly_while_draining(names: Names, spawn) -> None:
     declare_queue(names)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(10_000)])
+    publish(names.exchange, pulses(10_000))
     wait_until(lambda: queue_depth(names.queue) == 10_000, 30, "the backlog to be queued")
-    proxy = TcpProxy(5672).start()
-    env = writer_env(names, EMDC_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", EMDC_BATCH_SIZE=100)
+    proxy = TcpProxy(AMQP_PORT).start()
+    env = writer_env(names, EMDC_AMQP_URL=amqp_url_at(proxy.port), EMDC_BATCH_SIZE=100)
     writer = spawn(["writer"], env, "writer")
     seen = 0
     while queue_depth(names.queue) > 0:
@@ -144,7 +116,7 @@ def test_broker_unreachable_at_edge_start_then_pulses_are_delivered(names: Names
                                                                     spawn) -> None:
     start_writer(spawn, names, writer_env(names))
     port = free_port()
-    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir, EMDC_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+    edge_env = names.edge_env(EMDC_AMQP_URL=amqp_url_at(port))
     edge = spawn(["edge", "simulate", "--power", "3600", "--count", "200", "--speed", "max"], edge_env, "edge")
     time.sleep(3)
     assert edge.proc.poll() is None, "the edge must keep running while the broker is unreachable"
@@ -152,7 +124,7 @@ def test_broker_unreachable_at_edge_start_then_pulses_are_delivered(names: Names
     assert "outbox: 200 pulses waiting" in status
     assert "cannot reach RabbitMQ" in status
 
-    proxy = TcpProxy(5672, port=port).start()
+    proxy = TcpProxy(AMQP_PORT, port=port).start()
     try:
         assert edge.proc.wait(60) == 0, edge.log()
     finally:
@@ -196,14 +168,14 @@ def test_mosquitto_restart_republishes_the_persisted_state(names: Names, private
     start_writer(spawn, names, env)
     topic = f"{names.prefix}/active_energy"
     all_pulses = pulses(150)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in all_pulses[:100]])
+    publish(names.exchange, all_pulses[:100])
     watcher = MqttWatcher(f"{names.prefix}/#", port=private_mosquitto.port)
     watcher.wait_for(topic, lambda v: v == "0.1")
     watcher.close()
 
     private_mosquitto.kill()
     # Pulses keep being counted and persisted while MQTT is down.
-    publish_raw(names, [(p.routing_key, encode(p)) for p in all_pulses[100:]])
+    publish(names.exchange, all_pulses[100:])
     wait_until(lambda: saved_total_uwh(names.writer_dir) == 150 * 10**6, 20, "the writer to persist")
     private_mosquitto.start()
 
@@ -239,7 +211,7 @@ def test_1000_malformed_bodies_are_dead_lettered_and_change_nothing(names: Names
     messages = [(p.routing_key, encode(p)) for p in valid]
     for i, body in enumerate(bad):
         messages.insert(i * 3 % len(messages), ("pulse.main.active", body))
-    publish_raw(names, messages)
+    publish(names.exchange, messages)
     wait_until(lambda: queue_depth(names.queue) == 3000, 30, "all messages to be queued")
 
     writer = start_writer(spawn, names, writer_env(names))
@@ -248,7 +220,7 @@ def test_1000_malformed_bodies_are_dead_lettered_and_change_nothing(names: Names
     assert writer.proc.poll() is None, "the writer must survive poison messages"
     assert saved_total_uwh(names.writer_dir) == 2000 * 10**6
 
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+    with pika.BlockingConnection(amqp_parameters()) as connection:
         channel = connection.channel()
         method, properties, body = channel.basic_get(dead_letter_queue(names.queue), auto_ack=False)
         assert method is not None
@@ -263,10 +235,10 @@ def test_implausible_jump_is_dead_lettered_with_its_reason(names: Names, spawn) 
     first = Pulse("main", "active", "cafe", 1, now - 10**9, 1.0)
     # 1,000 Wh in one second would be 3.6 MW.
     jump = Pulse("main", "active", "cafe", 1001, now, 1.0)
-    publish_raw(names, [(first.routing_key, encode(first)), (jump.routing_key, encode(jump))])
+    publish(names.exchange, [first, jump])
     writer = start_writer(spawn, names, writer_env(names))
     wait_until(lambda: queue_depth(dead_letter_queue(names.queue)) == 1, 20, "the dead letter")
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+    with pika.BlockingConnection(amqp_parameters()) as connection:
         _, properties, _ = connection.channel().basic_get(dead_letter_queue(names.queue), auto_ack=True)
     assert "kW limit" in properties.headers[ERROR_HEADER]
     assert saved_total_uwh(names.writer_dir) == 10**6
@@ -276,18 +248,18 @@ def test_implausible_jump_is_dead_lettered_with_its_reason(names: Names, spawn) 
 
 def test_writer_keeps_running_across_a_consumer_cancellation(names: Names, spawn) -> None:
     writer = start_writer(spawn, names, writer_env(names))
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+    with pika.BlockingConnection(amqp_parameters()) as connection:
         connection.channel().queue_delete(names.queue)  # cancels the writer's consumer
     # The writer re-declares its queue and consumes again.
     wait_until(lambda: consumers(names.queue) > 0, 30, "the writer to consume again")
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(10)])
+    publish(names.exchange, pulses(10))
     wait_until(lambda: saved_total_uwh(names.writer_dir) == 10 * 10**6, 20, "the pulses to be counted")
     assert writer.proc.poll() is None
 
 
 def test_sigterm_finishes_the_work_in_hand_and_exits_0(names: Names, spawn) -> None:
     declare_queue(names)
-    publish_raw(names, [(p.routing_key, encode(p)) for p in pulses(5000)])
+    publish(names.exchange, pulses(5000))
     wait_until(lambda: queue_depth(names.queue) == 5000, 30, "the backlog to be queued")
     writer = spawn(["writer"], writer_env(names), "writer")
     wait_until(lambda: saved_total_uwh(names.writer_dir), 30, "the first batch to be saved", interval=0.005)
@@ -299,7 +271,7 @@ def test_sigterm_finishes_the_work_in_hand_and_exits_0(names: Names, spawn) -> N
 
 
 def test_dns_failure_at_the_edge_spools_pulses_and_says_so(names: Names, spawn) -> None:
-    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir, EMDC_AMQP_URL="amqp://guest:guest@broker.invalid:5672/%2F")
+    edge_env = names.edge_env(EMDC_AMQP_URL=amqp_url_at(AMQP_PORT, "broker.invalid"))
     edge = spawn(["edge", "simulate", "--power", "3600", "--count", "20", "--speed", "max"], edge_env, "edge")
     wait_until(lambda: (names.edge_dir / "edge.sqlite3").exists(), 30, "the edge to open its outbox")
     wait_until(lambda: "outbox: 20 pulses waiting" in run_emdc(["edge", "status"], edge_env).stdout, 30,
@@ -311,7 +283,7 @@ def test_dns_failure_at_the_edge_spools_pulses_and_says_so(names: Names, spawn) 
 def test_broker_memory_alarm_blocks_publishing_without_losing_pulses(names: Names, watch: MqttWatcher,
                                                                      spawn) -> None:
     start_writer(spawn, names, writer_env(names))
-    edge_env = names.env(EMDC_STATE_DIR=names.edge_dir)
+    edge_env = names.edge_env()
     subprocess.run(["rabbitmqctl", "set_vm_memory_high_watermark", "0"], check=True, capture_output=True)
     try:
         edge = spawn(["edge", "simulate", "--power", "3600", "--count", "100", "--speed", "max"], edge_env, "edge")

@@ -23,8 +23,8 @@ from backend.report import (
     report_window,
     slots_from_pulses,
 )
-from emdc.cli import main
 from common.message import Pulse
+from emdc.cli import main
 
 BERLIN = ZoneInfo("Europe/Berlin")
 S = 1_000_000_000

@@ -161,26 +161,14 @@ def test_crash_before_the_rename_keeps_the_old_state(store: StateStore, monkeypa
     assert store.load() == NEW
 
 
-def test_crash_while_writing_the_temporary_file_keeps_the_old_state(store: StateStore, monkeypatch):
+@pytest.mark.parametrize("call", ["fsync", "link"], ids=["writing the temporary file", "updating the backup"])
+def test_a_crash_while_saving_keeps_the_old_state(store: StateStore, monkeypatch, call: str):
     store.save(OLD)
 
-    def failing_fsync(fd: int) -> None:
+    def failing(*_args: object) -> None:
         raise OSError("simulated I/O error")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
-        store.save(NEW)
-    monkeypatch.undo()
-    assert store.load() == OLD
-
-
-def test_crash_while_updating_the_backup_keeps_the_old_state(store: StateStore, monkeypatch):
-    store.save(OLD)
-
-    def failing_link(src, dst) -> None:
-        raise OSError("simulated failure")
-
-    monkeypatch.setattr(os, "link", failing_link)
+    monkeypatch.setattr(os, call, failing)
     with pytest.raises(OSError):
         store.save(NEW)
     monkeypatch.undo()

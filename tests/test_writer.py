@@ -11,14 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.memory_transport import MemorySink
 from backend.batch import Delivery
+from backend.memory_transport import MemorySink
 from backend.writer import EnergyWriter
 from common.config import load_config
-from common.message import Pulse, SetTotal, encode, encode_set_total
-
-T0 = 1_800_000_000_000_000_000
-S = 1_000_000_000
+from common.message import SetTotal, encode, encode_set_total
+from tests.support import T0, S, deliveries, pulse
 
 
 class FakeClock:
@@ -45,18 +43,10 @@ def make_writer(tmp_path: Path, clock: FakeClock, **settings_: str) -> tuple[Ene
     return EnergyWriter.open(load_config(env=env), sink=sink, clock=clock), sink
 
 
-def deliveries(*pulses: Pulse) -> list[Delivery]:
-    return [Delivery(i, p.routing_key, encode(p)) for i, p in enumerate(pulses, 1)]
-
-
-def pulse(seq: int, ts_ns: int, meter: str = "main", channel: str = "active", epoch: str = "e1") -> Pulse:
-    return Pulse(meter, channel, epoch, seq, ts_ns, 1.0)
-
-
 def test_a_batch_is_counted_persisted_and_published_once(tmp_path: Path) -> None:
     clock = FakeClock(T0 + 3 * S)
     writer, sink = make_writer(tmp_path, clock)
-    dead = writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S), pulse(3, T0 + 2 * S)))
+    dead = writer.handle_batch(deliveries(pulse(1, 0), pulse(2, 1), pulse(3, 2)))
     assert dead == []
     assert sink.log == [("home/energy/active_energy", "0.003"), ("home/energy/active_power", "3.600")]
     saved = json.loads((tmp_path / "energy_state.json").read_text())
@@ -65,8 +55,8 @@ def test_a_batch_is_counted_persisted_and_published_once(tmp_path: Path) -> None
 
 def test_malformed_and_implausible_messages_are_returned_as_dead_letters(tmp_path: Path) -> None:
     writer, sink = make_writer(tmp_path, FakeClock())
-    batch = [Delivery(1, "pulse.main.active", b"{"), *deliveries(pulse(1, T0)),
-             Delivery(3, "pulse.main.active", encode(pulse(5000, T0 + S)))]
+    batch = [Delivery(1, "pulse.main.active", b"{"), *deliveries(pulse(1, 0)),
+             Delivery(3, "pulse.main.active", encode(pulse(5000, 1)))]
     dead = writer.handle_batch(batch)
     assert [d.delivery.tag for d in dead] == [1, 3]
     assert "not JSON" in dead[0].reason and "kW limit" in dead[1].reason
@@ -75,7 +65,7 @@ def test_malformed_and_implausible_messages_are_returned_as_dead_letters(tmp_pat
 
 def test_nothing_is_published_at_start_until_asked(tmp_path: Path) -> None:
     writer, _ = make_writer(tmp_path, FakeClock())
-    writer.handle_batch(deliveries(pulse(1, T0)))
+    writer.handle_batch(deliveries(pulse(1, 0)))
     again, sink = make_writer(tmp_path, FakeClock())
     assert sink.log == []
     again.publish_all()
@@ -85,7 +75,7 @@ def test_nothing_is_published_at_start_until_asked(tmp_path: Path) -> None:
 def test_idle_power_decays_as_an_upper_bound_then_drops_to_zero(tmp_path: Path) -> None:
     clock = FakeClock(T0 + S)
     writer, sink = make_writer(tmp_path, clock, EMDC_POWER_TIMEOUT_S="300")
-    writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S)))  # 1 Wh per second = 3.6 kW
+    writer.handle_batch(deliveries(pulse(1, 0), pulse(2, 1)))  # 1 Wh per second = 3.6 kW
     assert sink.retained["home/energy/active_power"] == "3.600"
 
     clock.now = T0 + S + S // 2  # idle 0.5 s: the bound (7.2 kW) is above the measurement
@@ -106,7 +96,7 @@ def test_idle_power_decays_as_an_upper_bound_then_drops_to_zero(tmp_path: Path) 
 def test_refresh_publishes_only_changes(tmp_path: Path) -> None:
     clock = FakeClock(T0 + S)
     writer, sink = make_writer(tmp_path, clock)
-    writer.handle_batch(deliveries(pulse(1, T0), pulse(2, T0 + S)))
+    writer.handle_batch(deliveries(pulse(1, 0), pulse(2, 1)))
     before = len(sink.log)
     writer.refresh_power()
     writer.refresh_power()
@@ -116,15 +106,15 @@ def test_refresh_publishes_only_changes(tmp_path: Path) -> None:
 def test_after_a_backlog_only_the_present_power_is_published(tmp_path: Path) -> None:
     clock = FakeClock(T0 + 3600 * S)  # the pulses below are an hour old
     writer, sink = make_writer(tmp_path, clock)
-    writer.handle_batch(deliveries(*(pulse(i, T0 + i * S) for i in range(1, 100))))
+    writer.handle_batch(deliveries(*(pulse(i, i) for i in range(1, 100))))
     assert [v for t, v in sink.log if t.endswith("active_power")] == ["0.000"]
 
 
 def test_calibration_sets_the_total_in_order_and_logs_old_and_new(tmp_path: Path, caplog) -> None:
     writer, sink = make_writer(tmp_path, FakeClock())
     command = SetTotal("main", "active", Decimal("12345.678"), T0, "c1")
-    batch = [*deliveries(pulse(1, T0)), Delivery(2, command.routing_key, encode_set_total(command)),
-             Delivery(3, "pulse.main.active", encode(pulse(2, T0 + S)))]
+    batch = [*deliveries(pulse(1, 0)), Delivery(2, command.routing_key, encode_set_total(command)),
+             Delivery(3, "pulse.main.active", encode(pulse(2, 1)))]
     with caplog.at_level(logging.WARNING):
         assert writer.handle_batch(batch) == []
     assert sink.retained["home/energy/active_energy"] == "12345.679"
@@ -142,7 +132,7 @@ def test_bad_control_message_is_dead_lettered(tmp_path: Path) -> None:
 
 def test_two_meters_get_their_own_topics_and_devices(tmp_path: Path) -> None:
     writer, sink = make_writer(tmp_path, FakeClock(T0 + S), EMDC_DISCOVERY="device")
-    writer.handle_batch(deliveries(pulse(1, T0), pulse(1, T0, meter="garage", epoch="e2")))
+    writer.handle_batch(deliveries(pulse(1, 0), pulse(1, 0, meter="garage", epoch="e2")))
     assert sink.retained["home/energy/active_energy"] == "0.001"
     assert sink.retained["home/energy/garage/active_energy"] == "0.001"
     assert "homeassistant/device/emdc_main/config" in sink.retained
@@ -152,8 +142,8 @@ def test_two_meters_get_their_own_topics_and_devices(tmp_path: Path) -> None:
 
 def test_discovery_is_announced_once_and_again_on_publish_all(tmp_path: Path) -> None:
     writer, sink = make_writer(tmp_path, FakeClock(T0 + 2 * S), EMDC_DISCOVERY="device")
-    writer.handle_batch(deliveries(pulse(1, T0)))
-    writer.handle_batch(deliveries(pulse(2, T0 + S)))
+    writer.handle_batch(deliveries(pulse(1, 0)))
+    writer.handle_batch(deliveries(pulse(2, 1)))
     topic = "homeassistant/device/emdc_main/config"
     assert [t for t, _ in sink.log].count(topic) == 1
     writer.publish_all()
@@ -168,7 +158,7 @@ def test_discovery_is_announced_once_and_again_on_publish_all(tmp_path: Path) ->
 def test_published_energy_never_goes_down(tmp_path_factory: pytest.TempPathFactory, batches: list[list[int]]) -> None:
     writer, sink = make_writer(tmp_path_factory.mktemp("w"), FakeClock())
     for batch in batches:  # arbitrary seqs, duplicates and reorderings included
-        writer.handle_batch(deliveries(*(pulse(seq, T0 + seq * S) for seq in batch)))
+        writer.handle_batch(deliveries(*(pulse(seq, seq) for seq in batch)))
     energies = [Decimal(v) for t, v in sink.log if t.endswith("active_energy")]
     assert energies == sorted(energies)
     assert energies[-1] == Decimal(max(max(b) for b in batches)) / 1000
@@ -176,7 +166,7 @@ def test_published_energy_never_goes_down(tmp_path_factory: pytest.TempPathFacto
 
 def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: Path, monkeypatch) -> None:
     writer, sink = make_writer(tmp_path, FakeClock())
-    batch = deliveries(pulse(1, T0), pulse(2, T0 + S))
+    batch = deliveries(pulse(1, 0), pulse(2, 1))
 
     def disk_full(_state: object) -> None:
         raise OSError(28, "No space left on device")
