@@ -59,3 +59,24 @@ def test_a_backlog_many_windows_long_arrives_complete_and_in_order(names: Names,
         channel = connection.channel()
         seqs = [decode(channel.basic_get(names.queue, auto_ack=True)[2]).seq for _ in range(25)]
     assert seqs == list(range(1, 26))
+
+
+def test_unroutable_pulses_stay_in_the_outbox_until_a_queue_is_bound(names: Names, factory: MockFactory) -> None:
+    config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir))  # the edge declares the exchange only
+    backlog = Outbox(names.edge_dir / FILENAME, config.meter_id, config.outbox_max)
+    backlog.record([("active", time.time_ns() - (3 - i) * 10**9, 1.0) for i in range(3)])
+    backlog.close()
+    service = EdgeService(config, pin_factory=factory)
+    service.start()
+    reader = OutboxReader(names.edge_dir / FILENAME)
+    try:
+        wait_until(lambda: reader.status().get("link_state", "").startswith("unroutable"), 10,
+                   "the broker to return the pulses")
+        assert reader.depth() == 3
+        declare_queue(names)  # the next resend (backoff 0.5, 1, 2 ... s) is routed
+        wait_until(lambda: reader.depth() == 0, 15, "the outbox to empty")
+        assert reader.status()["link_state"].startswith("publishing")
+    finally:
+        service.stop()
+        reader.close()
+    assert queue_depth(names.queue) == 3  # each pulse delivered once: returned ones were never queued
