@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help simulate test bench docs lint install-edge uninstall-edge clean
+.PHONY: help simulate test test-fast bench docs lint install-edge uninstall-edge clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ simulate: $(STAMP) ## Simulate an hour of household load end to end (embedded br
 
 test: $(STAMP) ## Run the whole test suite against the real brokers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## The tests that need no broker or database (a quick inner loop)
+	$(BIN)/python -m pytest -m "not brokers" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Measure throughput and latency against the real brokers; writes bench-results.json
 	$(BIN)/python -m bench $(ARGS)

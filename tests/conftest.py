@@ -4,8 +4,10 @@ Every test that talks to a broker gets its own queue, topic prefix and state
 directories, so tests never see each other's messages. Brokers that are down
 make the session fail loudly instead of skipping: CI must not pass vacuously.
 
-The helpers the fixtures build on are plain functions and classes in
-tests/support.py.
+Every test that needs a broker or database server is marked ``brokers``
+(:func:`pytest_collection_modifyitems`), so ``pytest -m "not brokers"`` (``make
+test-fast``) is a quick inner loop without them. The helpers the fixtures
+build on are plain functions and classes in tests/support.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from tests.support import EmdcProcess, MqttWatcher, Names, unreachable_brokers
+
+# Fixtures that reach a broker or database server, the shared ones or one the test starts itself. A test
+# that uses any of them, directly or through another fixture, is marked `brokers`. A test that reaches a
+# server without such a fixture carries the mark itself (and the MariaDB half of `db_url` carries it).
+BROKER_FIXTURES = frozenset({
+    "brokers", "names", "watch",  # the shared RabbitMQ and Mosquitto (below)
+    "mariadb",  # tests/test_db_writer.py: the shared MariaDB
+    "broker", "mosquitto_broker",  # tests/test_deploy.py: definitions in the shared RabbitMQ; a private Mosquitto
+    "private_mosquitto",  # tests/test_reliability.py: a Mosquitto the test kills and restarts
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.brokers)
+
 
 @pytest.fixture(scope="session")
 def brokers() -> None:

@@ -55,7 +55,7 @@ def mariadb() -> sa.Engine:
     return sa.create_engine(url)
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.brokers)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a MariaDB database of this test's own."""
     if request.param == "sqlite":
