@@ -29,9 +29,24 @@ from backend.heartbeat import Heartbeat
 from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
-from common.topology import ERROR_HEADER, dead_letter_exchange, declare_consumer_queue
+from common.topology import (
+    ERROR_HEADER,
+    READMITTED_HEADER,
+    ROUTING_KEY_HEADER,
+    dead_letter_exchange,
+    declare_consumer_queue,
+)
 
 log = logging.getLogger("emdc.amqp")
+
+def delivery(method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes) -> Delivery:
+    """The :class:`Delivery` of a received message; a re-admitted dead letter keeps its original routing key."""
+    headers = props.headers or {}
+    # Only through the default exchange: an edge account can set any header, but may write only its exchange.
+    if method.exchange == "" and headers.get(READMITTED_HEADER) is True:
+        return Delivery(method.delivery_tag, str(headers.get(ROUTING_KEY_HEADER, method.routing_key)), body, True)
+    return Delivery(method.delivery_tag, method.routing_key, body)
+
 
 class ConsumerCancelled(Exception):
     """The broker cancelled our consumer (queue deleted, node failover)."""
@@ -90,8 +105,9 @@ class BatchConsumer:
             pending: list[Delivery] = []
             cancelled: list[object] = []
 
-            def on_message(_ch: object, method: pika.spec.Basic.Deliver, _props: object, body: bytes) -> None:
-                pending.append(Delivery(method.delivery_tag, method.routing_key, body))
+            def on_message(_ch: object, method: pika.spec.Basic.Deliver, props: pika.BasicProperties,
+                           body: bytes) -> None:
+                pending.append(delivery(method, props, body))
 
             channel.add_on_cancel_callback(cancelled.append)
             channel.basic_consume(self.queue, on_message)
@@ -127,7 +143,7 @@ class BatchConsumer:
 
     def _finish(self, channel: pika.adapters.blocking_connection.BlockingChannel, batch: list[Delivery]) -> None:
         for dead in self.handler(batch):
-            headers = {ERROR_HEADER: dead.reason[:1000], "x-emdc-routing-key": dead.delivery.routing_key}
+            headers = {ERROR_HEADER: dead.reason[:1000], ROUTING_KEY_HEADER: dead.delivery.routing_key}
             channel.basic_publish(dead_letter_exchange(self.config.exchange), self.queue, dead.delivery.body,
                                   pika.BasicProperties(delivery_mode=2, headers=headers), mandatory=True)
         channel.basic_ack(batch[-1].tag, multiple=True)

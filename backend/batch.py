@@ -16,17 +16,23 @@ batch unacknowledged, so it is delivered again. Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One message as the transport received it: its delivery tag, routing key and raw body."""
+    """One message as the transport received it: its delivery tag, routing key and raw body.
+
+    ``readmitted`` marks a dead letter a person sent back after inspection: the
+    handler counts it without the counter-jump guard that held it back.
+    """
 
     tag: int
     routing_key: str
     body: bytes
+    readmitted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +44,10 @@ class DeadLetter:
 
 
 BatchHandler = Callable[[Sequence[Delivery]], list[DeadLetter]]
+
+
+def hold_back(delivery: Delivery, reason: str, log: logging.Logger) -> DeadLetter:
+    """The dead letter for ``delivery``, with the one log line that says why and where to look."""
+    log.warning("held back message %d (%s) in the dead-letter queue: %s; inspect it with "
+                "`emdc dead-letters list`", delivery.tag, delivery.routing_key, reason)
+    return DeadLetter(delivery, reason)

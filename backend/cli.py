@@ -156,6 +156,65 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
     click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(messages)} topics)")
 
 
+def writer_queue(config: Config, writer_name: str) -> str:
+    return config.db_queue if writer_name == "db" else config.queue
+
+
+WRITER_CHOICE = click.option("--writer", "writer_name", type=click.Choice(["mqtt", "db"]), default="mqtt",
+                             show_default=True, help="Whose dead letters: the MQTT writer's or the db-writer's queue.")
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect and re-admit the messages a writer held back."""
+
+
+@dead_letters.command("list", short_help="Show held-back messages and why each was refused.")
+@WRITER_CHOICE
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Show at most N.")
+@click.pass_obj
+def dead_letters_list(obj: CommandContext, /, writer_name: str, limit: int) -> None:
+    """Show held-back messages with the reason each was refused; they stay where they are."""
+    import pika.exceptions
+
+    from backend.dead_letters import peek
+    from common.amqp import reason
+
+    cfg = obj.config({})
+    queue = writer_queue(cfg, writer_name)
+    try:
+        letters, total = peek(cfg, queue, limit)
+    except pika.exceptions.AMQPError as exc:
+        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
+    for number, letter in enumerate(letters, 1):
+        click.echo(f"{number}. {letter.describe()}")
+    click.echo(f"{total} message(s) held back in {queue}.dead" + (f", {len(letters)} shown" if total else ""))
+
+
+@dead_letters.command("readmit", short_help="Send held-back messages back to their writer.")
+@WRITER_CHOICE
+@click.option("--count", type=click.IntRange(min=1), help="Re-admit only the first N (default: all).")
+@click.pass_obj
+def dead_letters_readmit(obj: CommandContext, /, writer_name: str, count: int | None) -> None:
+    """Send held-back messages back to their writer, which then counts them without the counter-jump guard.
+
+    Inspect them first with `emdc dead-letters list`. Needs an account that may
+    publish to the default exchange (the deployment's admin account).
+    """
+    import pika.exceptions
+
+    from backend.dead_letters import readmit
+    from common.amqp import reason
+
+    cfg = obj.config({})
+    queue = writer_queue(cfg, writer_name)
+    try:
+        moved = readmit(cfg, queue, count)
+    except pika.exceptions.AMQPError as exc:
+        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
+    click.echo(f"re-admitted {moved} message(s) from {queue}.dead to {queue}")
+
+
 @click.command("db-writer", short_help="Store every pulse once in SQLite or MariaDB.")
 @click.option("--check", is_flag=True, help="Exit 0 if a running db-writer showed life recently (health check).")
 @click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")

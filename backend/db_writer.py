@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import OperationalError
 
 from backend.amqp_consumer import BatchConsumer
-from backend.batch import DeadLetter, Delivery
+from backend.batch import DeadLetter, Delivery, hold_back
 from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
 from backend.ledger import Cursor, Implausible, Ledger
@@ -46,9 +47,10 @@ class StoreUnavailable(OSError):
 class DbWriter:
     """Stores batches of pulse deliveries; returns the ones to dead-letter."""
 
-    def __init__(self, store: PulseStore, max_power_w: float) -> None:
+    def __init__(self, store: PulseStore, max_power_w: float, clock: Callable[[], int] = time.time_ns) -> None:
         self.store = store
         self.max_power_w = max_power_w
+        self.clock = clock
         self._forget()
 
     def _forget(self) -> None:
@@ -67,11 +69,10 @@ class DbWriter:
                     self._resume(pulse)
                     # Its count is irrelevant here (0 for a duplicate, which the unique
                     # key absorbs); what matters is that the ledger accepts the pulse.
-                    self.ledger.apply(pulse)
+                    self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
                     keep.append(pulse)
                 except (MessageError, Implausible) as exc:
-                    log.warning("dead-lettering message %d (%s): %s", delivery.tag, delivery.routing_key, exc)
-                    dead.append(DeadLetter(delivery, str(exc)))
+                    dead.append(hold_back(delivery, str(exc), log))
             self.store.insert(keep)
         except BaseException as exc:
             # The ledger is now ahead of the database. The batch will be redelivered:

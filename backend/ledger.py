@@ -10,12 +10,18 @@ epoch). The ledger remembers the highest ``seq`` it has counted per epoch, so
 * a ``seq`` at or below the highest one but *later* than it is no duplicate
   but a reused counter (a restored backup of the Pi's store): refused.
 
+Timestamps are believed only where :mod:`backend.trust` says so: a pulse
+with an untrusted timestamp (ahead of the writer's clock, behind the
+channel's previous pulse, from an unsynchronised edge) is counted all the
+same, but its time is used neither for power nor for judging counter jumps.
+
 A calibration sets a total to a meter reading taken at some time; pulses up
 to that time that arrive afterwards (a Pi's backlog) are already part of the
 reading, so they advance the counters without adding energy.
 
 Energy is kept as an integer number of microwatt-hours, so sums are exact.
-Power comes only from two consecutive pulses of one epoch. No I/O, no clock.
+Power comes only from two consecutive trusted pulses of one epoch. No I/O;
+the writer's clock is passed in (``now_ns``).
 
 Example::
 
@@ -36,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend.trust import jump_doubt, timestamp_doubt
 from common.channels import CHANNELS
 from common.message import MessageError, Pulse, validate_meter_id
 
@@ -54,10 +61,24 @@ def wh_to_uwh(wh: float) -> int:
 
 @dataclass
 class Cursor:
-    """The newest counted pulse of one epoch."""
+    """The newest counted pulse of one epoch: its ``seq`` and timestamp as sent, the epoch's last
+    trusted timestamp, and the writer's clock when it was counted (None where unknown)."""
 
     seq: int
     ts_ns: int
+    trusted_ns: int | None = None
+    received_ns: int | None = None
+
+    def to_json(self) -> list[int | None]:
+        return [self.seq, self.ts_ns, self.trusted_ns, self.received_ns]
+
+    @classmethod
+    def from_json(cls, doc: list[Any]) -> Cursor:
+        """``[seq, ts_ns]`` (saved by older versions, whose timestamps were all trusted) or the full form."""
+        if len(doc) == 2:
+            return cls(_int(doc[0]), _int(doc[1]), _int(doc[1]))
+        seq, ts_ns, trusted_ns, received_ns = doc
+        return cls(_int(seq), _int(ts_ns), _optional_int(trusted_ns), _optional_int(received_ns))
 
 
 @dataclass
@@ -66,8 +87,13 @@ class ChannelState:
 
     total_uwh: int = 0
     epochs: dict[str, Cursor] = field(default_factory=dict)
+    # The newest trusted timestamp of any epoch: the idle time of power is measured from it.
     last_ts_ns: int | None = None
     wh: float = 1.0
+    # The writer's clock when the channel last counted a pulse, and why that
+    # pulse's timestamp was not trusted ("" if it was).
+    received_ns: int | None = None
+    ts_doubt: str = ""
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
@@ -83,18 +109,20 @@ class ChannelState:
         return len(self.intervals_ns) * self.wh * 3600 * NS_PER_S / sum(self.intervals_ns)
 
     def to_json(self) -> dict[str, Any]:
-        return {"total_uwh": self.total_uwh, "epochs": {e: [c.seq, c.ts_ns] for e, c in self.epochs.items()},
+        return {"total_uwh": self.total_uwh, "epochs": {e: c.to_json() for e, c in self.epochs.items()},
                 "last_ts_ns": self.last_ts_ns, "wh": self.wh, "intervals_ns": list(self.intervals_ns),
-                "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations)}
+                "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
+                "received_ns": self.received_ns, "ts_doubt": self.ts_doubt}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ChannelState:
         state = cls(total_uwh=_int(doc["total_uwh"]),
-                    epochs={str(e): Cursor(_int(s), _int(t)) for e, (s, t) in doc["epochs"].items()},
-                    last_ts_ns=None if doc["last_ts_ns"] is None else _int(doc["last_ts_ns"]),
+                    epochs={str(e): Cursor.from_json(c) for e, c in doc["epochs"].items()},
+                    last_ts_ns=_optional_int(doc["last_ts_ns"]),
                     wh=float(doc["wh"]), intervals_ns=[_int(i) for i in doc["intervals_ns"]],
                     calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
-                    calibrations=[str(c) for c in doc.get("calibrations", [])])
+                    calibrations=[str(c) for c in doc.get("calibrations", [])],
+                    received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")))
         if state.total_uwh < 0 or not 0 < state.wh <= 1000:
             raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
         return state
@@ -104,6 +132,10 @@ def _int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"expected an integer, got {value!r:.40}")
     return value
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
 
 
 class Ledger:
@@ -121,12 +153,13 @@ class Ledger:
     def __iter__(self) -> Iterator[tuple[tuple[str, str], ChannelState]]:
         return iter(sorted(self._channels.items()))
 
-    def apply(self, pulse: Pulse, now_ns: int | None = None) -> int:
+    def apply(self, pulse: Pulse, now_ns: int | None = None, *, readmitted: bool = False) -> int:
         """Count ``pulse``; return how many new pulses it accounted for (0 for a duplicate).
 
-        Raises :class:`Implausible` (and changes nothing) if counting it would
-        imply more than ``max_power_w``, time running backwards, a timestamp
-        more than ``max_ahead_s`` after ``now_ns``, or a reused counter.
+        ``now_ns`` is the writer's clock (None: no clock-based checks).
+        Raises :class:`Implausible` (and changes nothing) for a reused
+        counter, or for a counter jump implying more than ``max_power_w``
+        unless the pulse was ``readmitted`` by a person after inspection.
         """
         state = self.channel(pulse.meter, pulse.channel)
         cursor = state.epochs.get(pulse.epoch)
@@ -135,39 +168,43 @@ class Ledger:
                 raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was already counted at an earlier "
                                   "time: was the edge's counter store restored from a backup or copied?")
             return 0
-        if now_ns is not None and pulse.ts_ns > now_ns + self.max_ahead_s * NS_PER_S:
-            raise Implausible(f"ts_ns {pulse.ts_ns} is {(pulse.ts_ns - now_ns) / NS_PER_S:.0f} s in the future: "
-                              "is the edge's clock right?")
-        if cursor is None:
-            new = pulse.seq
-            reference_ts = state.last_ts_ns
-        else:
-            new = pulse.seq - cursor.seq
-            reference_ts = cursor.ts_ns
-        if reference_ts is not None:
-            self._check_plausible(pulse, new, reference_ts, new_epoch=cursor is None)
+        new = pulse.seq if cursor is None else pulse.seq - cursor.seq
+        reference_ns = state.last_ts_ns if cursor is None or cursor.trusted_ns is None else cursor.trusted_ns
+        reference_received_ns = state.received_ns if cursor is None else cursor.received_ns
+        doubt = timestamp_doubt(pulse.ts_ns, now_ns=now_ns, previous_ns=reference_ns,
+                                max_ahead_ns=round(self.max_ahead_s * NS_PER_S), synced=pulse.synced)
+        if not readmitted and (cursor is not None or state.epochs):
+            jump = jump_doubt(
+                new, wh=pulse.wh,
+                edge_elapsed_ns=None if doubt or reference_ns is None else pulse.ts_ns - reference_ns,
+                received_elapsed_ns=None if now_ns is None or reference_received_ns is None
+                else now_ns - reference_received_ns,
+                max_power_w=self.max_power_w)
+            if jump:
+                what = f"new epoch {pulse.epoch} starting at seq {pulse.seq}" if cursor is None else "counter"
+                raise Implausible(f"{what}: {jump}")
 
         if pulse.ts_ns > state.calibrated_at_ns:
             state.total_uwh += new * wh_to_uwh(pulse.wh)
-        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns)
-        if state.last_ts_ns is None or pulse.ts_ns > state.last_ts_ns:
-            if cursor is not None and new == 1 and cursor.ts_ns == state.last_ts_ns:
+        if not doubt:
+            trusted_ns: int | None = pulse.ts_ns
+        else:  # the epoch's last trusted time stays the reference for its next pulse
+            trusted_ns = reference_ns
+        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns)
+        state.received_ns = now_ns
+        state.ts_doubt = doubt
+        if doubt:
+            state.intervals_ns = []  # power is unknown until two consecutive trusted pulses
+        elif state.last_ts_ns is None or pulse.ts_ns > state.last_ts_ns:
+            consecutive = (cursor is not None and new == 1 and cursor.ts_ns == cursor.trusted_ns
+                           and cursor.ts_ns == state.last_ts_ns)
+            if consecutive and cursor is not None:
                 state.intervals_ns = [*state.intervals_ns, pulse.ts_ns - cursor.ts_ns][-self.smoothing_pulses:]
             else:
                 state.intervals_ns = []
             state.last_ts_ns = pulse.ts_ns
             state.wh = pulse.wh
         return new
-
-    def _check_plausible(self, pulse: Pulse, new: int, reference_ts: int, *, new_epoch: bool) -> None:
-        elapsed = pulse.ts_ns - reference_ts
-        what = f"new epoch {pulse.epoch} starting at seq {pulse.seq}" if new_epoch else f"seq jump of {new}"
-        if elapsed <= 0:
-            raise Implausible(f"{what}: ts_ns {pulse.ts_ns} is not after the previous pulse ({reference_ts})")
-        implied_w = new * pulse.wh * 3600 * NS_PER_S / elapsed
-        if implied_w > self.max_power_w:
-            raise Implausible(f"{what} in {elapsed / NS_PER_S:.3f} s implies {implied_w / 1000:.1f} kW, "
-                              f"above the {self.max_power_w / 1000:g} kW limit")
 
     def set_total(self, meter: str, channel: str, total_uwh: int, *, as_of_ns: int = 0,
                   command_id: str = "") -> int | None:

@@ -4,6 +4,9 @@ With 1 Wh per pulse a 100 W load pulses every 36 s, so the last measured power
 can be stale for a long time. While a channel is idle, the power cannot be
 higher than one pulse over the time since the last one, ``wh·3600/idle``; we
 show that bound once it is below the measurement, and 0 after a timeout.
+After a pulse whose timestamp the writer could not trust, power is unknown:
+nothing is shown until two trusted pulses measure it again, or 0 once the
+writer itself has received nothing for the timeout.
 
 Example (1 Wh pulses 1.2 s apart = 3 kW, then silence)::
 
@@ -23,6 +26,9 @@ from backend.ledger import NS_PER_S, ChannelState
 
 def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> float | None:
     """Power to publish at ``now_ns`` in W, or None when nothing honest can be said."""
+    if state.ts_doubt:
+        quiet = state.received_ns is not None and now_ns - state.received_ns >= timeout_s * NS_PER_S
+        return 0.0 if quiet else None
     if state.last_ts_ns is None:
         return None
     idle_ns = now_ns - state.last_ts_ns

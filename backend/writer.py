@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Protocol
 
 from backend.amounts import format_kw, format_kwh
-from backend.batch import DeadLetter, Delivery
+from backend.batch import DeadLetter, Delivery, hold_back
 from backend.discovery import Discovery
-from backend.ledger import Implausible, Ledger
+from backend.ledger import ChannelState, Implausible, Ledger
 from backend.power import displayed_power_w
 from backend.state_store import StateError, StateStore
 from backend.topics import state_topic
 from common.channels import channel_spec
 from common.config import Config
-from common.message import MessageError, decode, decode_control
+from common.message import MessageError, Pulse, decode, decode_control
 from common.topology import is_control
 
 log = logging.getLogger("emdc.writer")
@@ -90,12 +90,14 @@ class EnergyWriter:
                     dirty = True
                     continue
                 pulse = decode(delivery.body)
-                if self.ledger.apply(pulse, self.clock()):
+                state = self.ledger.channel(pulse.meter, pulse.channel)
+                doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
+                if self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted):
                     touched.add((pulse.meter, pulse.channel))
                     dirty = True
+                    report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
             except (MessageError, Implausible) as exc:
-                log.warning("dead-lettering message %d (%s): %s", delivery.tag, delivery.routing_key, exc)
-                dead.append(DeadLetter(delivery, str(exc)))
+                dead.append(hold_back(delivery, str(exc), log))
         if dirty:
             try:
                 self.store.save(self.ledger.to_json())
@@ -157,6 +159,19 @@ class EnergyWriter:
     def current_values(self) -> dict[str, str]:
         """The last value published on each topic."""
         return dict(self._published)
+
+
+def report_changes(pulse: Pulse, state: ChannelState, *, doubted: str, new_epoch: bool) -> None:
+    """One log line when a channel starts a new counter epoch, or its timestamps stop or start being trusted."""
+    where = f"{pulse.meter}/{pulse.channel}"
+    if new_epoch:
+        log.warning("%s: new counter epoch %s (the edge restarted after an unclean stop, or its counter store "
+                    "was recreated or restored); counting continues from it", where, pulse.epoch)
+    if state.ts_doubt and not doubted:
+        log.warning("%s: counting by the counter alone, timestamps not trusted: %s; power is unknown until "
+                    "they are", where, state.ts_doubt)
+    elif doubted and not state.ts_doubt:
+        log.info("%s: timestamps trusted again", where)
 
 
 def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:

@@ -85,6 +85,8 @@ class Config:
     commit_interval_ms: float = _setting(100.0, "Edge: at most one disk commit (fsync) per interval; closer pulses "
                                                 "share it, a pulse after a pause is committed at once (0: never wait)")
     publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
+    clock_sync: str = _setting("kernel", "Edge: tell the writer whether the clock is synchronised as the kernel "
+                                         "says (kernel), or claim nothing (unknown)")
     # Where each non-default value came from (file, variable or flag); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -241,6 +243,8 @@ def _check(cfg: Config) -> None:
     for name, limit in limits.items():  # AMQP's prefetch count is 16 bits; ports are too
         if getattr(cfg, name) > limit:
             raise ConfigError(f"{name} must be at most {limit:g}, got {getattr(cfg, name)}")
+    if cfg.clock_sync not in {"kernel", "unknown"}:
+        raise ConfigError(f"clock_sync must be kernel or unknown, got {cfg.clock_sync!r}")
     if cfg.discovery not in {"device", "entity", "off"}:
         raise ConfigError(f"discovery must be device, entity or off, got {cfg.discovery!r}")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

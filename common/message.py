@@ -7,7 +7,9 @@ One JSON object per meter pulse (schema version 1)::
 
 ``seq`` is the edge's cumulative pulse count for (meter, channel) within
 ``epoch``, so a receiver can count exactly even when it sees a message twice or
-misses one. Example::
+misses one. An optional ``"synced"`` (true or false) says whether the edge's
+clock was synchronised when it stamped ``ts_ns``; without it, nothing is
+claimed. Example::
 
     >>> p = Pulse("main", "active", "ab12", 7, 1_700_000_000_000_000_000, 1.0)
     >>> decode(encode(p)) == p
@@ -49,6 +51,7 @@ class Pulse:
     seq: int
     ts_ns: int
     wh: float = 1.0
+    synced: bool | None = None
 
     @property
     def routing_key(self) -> str:
@@ -71,8 +74,10 @@ def encode(pulse: Pulse) -> bytes:
     """Serialise a pulse to its JSON body (validating it first)."""
     _validate(pulse)
     wh = int(pulse.wh) if float(pulse.wh).is_integer() else pulse.wh
-    doc = {"v": SCHEMA_VERSION, "meter": pulse.meter, "channel": pulse.channel,
-           "epoch": pulse.epoch, "seq": pulse.seq, "ts_ns": pulse.ts_ns, "wh": wh}
+    doc: dict[str, Any] = {"v": SCHEMA_VERSION, "meter": pulse.meter, "channel": pulse.channel,
+                           "epoch": pulse.epoch, "seq": pulse.seq, "ts_ns": pulse.ts_ns, "wh": wh}
+    if pulse.synced is not None:
+        doc["synced"] = pulse.synced
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -87,9 +92,9 @@ def decode(body: bytes) -> Pulse:
     missing = _FIELDS - doc.keys()
     if missing:
         raise MessageError(f"missing field(s): {', '.join(sorted(missing))}")
-    pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"])
+    pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"], doc.get("synced"))
     _validate(pulse)
-    return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh))
+    return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh), pulse.synced)
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:
@@ -125,6 +130,8 @@ def _validate(p: Pulse) -> None:
         raise MessageError(f"ts_ns must be a positive 64-bit integer, got {p.ts_ns!r:.40}")
     if not isinstance(p.wh, int | float) or isinstance(p.wh, bool) or not 0 < p.wh <= MAX_WH:
         raise MessageError(f"wh must be a number > 0 and <= {MAX_WH:g}, got {p.wh!r:.40}")
+    if p.synced is not None and not isinstance(p.synced, bool):
+        raise MessageError(f"synced must be true or false when present, got {p.synced!r:.40}")
 
 
 @dataclass(frozen=True, slots=True)

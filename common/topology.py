@@ -16,7 +16,12 @@ PULSE_BINDING = f"{PULSE_PREFIX}.#"
 CONTROL_BINDING = f"{CONTROL_PREFIX}.#"
 WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING)
 DB_WRITER_BINDINGS = (PULSE_BINDING,)
+# Headers of a dead letter: why it was refused, and the routing key it came with.
 ERROR_HEADER = "x-emdc-error"
+ROUTING_KEY_HEADER = "x-emdc-routing-key"
+# Set on a dead letter a person re-admitted after inspection (``emdc dead-letters readmit``). Honoured
+# only on messages that reach the queue through the default exchange, which no edge account may write.
+READMITTED_HEADER = "x-emdc-readmitted"
 
 
 def pulse_routing_key(meter: str, channel: str) -> str:

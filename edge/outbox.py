@@ -15,10 +15,18 @@ When the outbox holds ``max_rows``, the oldest rows are dropped: their timing
 detail is lost, but the counter stays exact, so the next delivered ``seq``
 still tells the backend how many pulses happened.
 
+A counter epoch continues only across a *clean* stop, proven by a token that
+:meth:`Outbox.close` writes both into the database and into a file beside it.
+Any other start (a power cut, kill -9, a lost ``-wal`` file, a restored
+backup, a deleted or recreated store) begins a new epoch with counters at
+zero, so no genuine new pulse can reuse a ``seq`` the writer has already
+counted. Each outbox row carries its own epoch, so rows of the previous
+epoch still go out correctly after the change.
+
 Example::
 
     outbox = Outbox(Path("state/edge.sqlite3"), meter="main", max_rows=1_000_000)
-    [pulse] = outbox.record([("active", 1_764_000_000_000_000_000, 1.0)])
+    [pulse] = outbox.record([("active", 1_764_000_000_000_000_000, 1.0)], synced=True)
     queue = outbox.reader()          # in the publisher thread
     rows = queue.pending(after_id=0, limit=100)
     queue.confirm([row_id for row_id, _ in rows])
@@ -27,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -37,14 +46,17 @@ from common.message import Pulse
 log = logging.getLogger("emdc.outbox")
 
 FILENAME = "edge.sqlite3"
+CLEAN_STOP_SUFFIX = ".clean"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counter (meter TEXT NOT NULL, channel TEXT NOT NULL, seq INTEGER NOT NULL,
                                     last_ts_ns INTEGER NOT NULL, PRIMARY KEY (meter, channel));
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, meter TEXT NOT NULL,
                                    channel TEXT NOT NULL, seq INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
-                                   wh REAL NOT NULL);
+                                   wh REAL NOT NULL, epoch TEXT, synced INTEGER);
 """
+# Columns added since the first version; rows stored before have the epoch of that time.
+_ADDED_COLUMNS = {"epoch": "TEXT", "synced": "INTEGER"}
 
 
 class OutboxError(RuntimeError):
@@ -70,35 +82,73 @@ class Outbox:
         self.path = path
         self.meter = meter
         self.max_rows = max_rows
+        self.clean_stop_path = path.with_name(path.name + CLEAN_STOP_SUFFIX)
         self._conn = _connect(path, "FULL")
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                self._conn.execute(statement)
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
-        self.epoch: str = self._conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
+            self.epoch, self.started_epoch_because = self._open_epoch()
+        # Neither the main file nor the token file may prove a clean stop from now on, even if the -wal
+        # is lost later: a restart after this session's end must begin a new epoch unless it is clean too.
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.clean_stop_path.unlink(missing_ok=True)
         self._seq = dict(self._conn.execute("SELECT channel, seq FROM counter WHERE meter=?", (meter,)).fetchall())
         self.last_ts_ns: int = self._conn.execute("SELECT coalesce(max(last_ts_ns), 0) FROM counter").fetchone()[0]
         self._dropping = False
+        self._closed = False
+
+    def _open_epoch(self) -> tuple[str, str]:
+        """The epoch to count in, and why a new one was started ("" if the last stop was clean)."""
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            self._conn.execute(statement)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(outbox)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in columns:
+                self._conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        old = meta.get("epoch")
+        if old is not None:
+            self._conn.execute("UPDATE outbox SET epoch = ? WHERE epoch IS NULL", (old,))
+        token = meta.get("clean_stop")
+        self._conn.execute("DELETE FROM meta WHERE key = 'clean_stop'")
+        if old is not None and token is not None and token == self._read_clean_stop_file():
+            return old, ""
+        if old is None:
+            why = "a new counter store (right on a first start; otherwise the store was deleted or lost)"
+        else:
+            why = (f"the last stop of epoch {old} was not clean (power cut, crash, kill -9) or the store was "
+                   "restored or copied")
+        epoch = secrets.token_hex(8)
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
+        self._conn.execute("DELETE FROM counter")
+        return epoch, why
+
+    def _read_clean_stop_file(self) -> str | None:
+        try:
+            return self.clean_stop_path.read_text().strip()
+        except OSError:
+            return None
 
     def counters(self) -> dict[str, int]:
         """Pulses counted so far per channel of this meter."""
         return dict(self._seq)
 
-    def record(self, pulses: Sequence[tuple[str, int, float]]) -> list[Pulse]:
-        """Number and store ``(channel, ts_ns, wh)`` pulses durably; return them as messages."""
+    def record(self, pulses: Sequence[tuple[str, int, float]], synced: bool | None = None) -> list[Pulse]:
+        """Number and store ``(channel, ts_ns, wh)`` pulses durably; return them as messages.
+
+        ``synced`` is whether the clock that stamped them was synchronised (None: unknown).
+        """
         if not pulses:
             return []
         numbered = []
         for channel, ts_ns, wh in pulses:
             self._seq[channel] = self._seq.get(channel, 0) + 1
-            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh))
+            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh, synced))
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
-                    "INSERT INTO outbox (meter, channel, seq, ts_ns, wh) VALUES (?, ?, ?, ?, ?)",
-                    [(p.meter, p.channel, p.seq, p.ts_ns, p.wh) for p in numbered])
+                    "INSERT INTO outbox (meter, channel, seq, ts_ns, wh, epoch, synced) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(p.meter, p.channel, p.seq, p.ts_ns, p.wh, p.epoch, p.synced) for p in numbered])
                 last = {p.channel: p for p in numbered}
                 self._conn.executemany(
                     "INSERT INTO counter VALUES (?, ?, ?, ?) ON CONFLICT (meter, channel) "
@@ -131,7 +181,27 @@ class Outbox:
         return OutboxReader(self.path)
 
     def close(self) -> None:
-        self._conn.close()
+        """Close after a clean stop: the epoch continues at the next start (and only then)."""
+        if self._closed:
+            return
+        self._closed = True
+        token = secrets.token_hex(8)
+        try:
+            with self._conn:
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('clean_stop', ?)", (token,))
+            _write_durably(self.clean_stop_path, token)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not mark the stop of epoch %s as clean (%s): the next start begins a new epoch",
+                        self.epoch, exc)
+        finally:
+            self._conn.close()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class OutboxReader:
@@ -143,10 +213,10 @@ class OutboxReader:
 
     def pending(self, after_id: int, limit: int) -> list[tuple[int, Pulse]]:
         rows = self._conn.execute(
-            "SELECT id, meter, channel, seq, ts_ns, wh FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, meter, channel, seq, ts_ns, wh, epoch, synced FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit)).fetchall()
-        return [(row_id, Pulse(meter, channel, self.epoch, seq, ts_ns, wh))
-                for row_id, meter, channel, seq, ts_ns, wh in rows]
+        return [(row_id, Pulse(meter, channel, epoch, seq, ts_ns, wh, None if synced is None else bool(synced)))
+                for row_id, meter, channel, seq, ts_ns, wh, epoch, synced in rows]
 
     def confirm(self, row_ids: Iterable[int]) -> None:
         with self._conn:

@@ -30,6 +30,7 @@ from typing import Any
 
 from gpiozero import DigitalInputDevice
 
+from edge.clock_sync import describe_sync
 from edge.commit_pacer import CommitPacer
 from edge.outbox import Outbox
 from edge.pulse_filter import PulseFilter
@@ -40,6 +41,13 @@ log = logging.getLogger("emdc.reader")
 Edge = tuple[str, float, bool]
 _STOP = ("", 0.0, False)
 REANCHOR_EVERY_S = 10.0
+_NEVER_SET = threading.Event()
+
+
+def pause(seconds: float) -> None:
+    """Wait ``seconds`` on the monotonic clock. Not time.sleep(), which fails with EINVAL under
+    libfaketime when the wall clock alone is faked (as the clock tests do)."""
+    _NEVER_SET.wait(seconds)
 
 
 class PulseInput(DigitalInputDevice):
@@ -85,7 +93,8 @@ class PulseRecorder(threading.Thread):
 
     def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
                  filters: Mapping[str, PulseFilter], wh: float, commit_interval_s: float = 0.0,
-                 on_recorded: Callable[[], None] = lambda: None) -> None:
+                 on_recorded: Callable[[], None] = lambda: None,
+                 clock_synced: Callable[[], bool | None] = lambda: None) -> None:
         super().__init__(name="emdc-recorder", daemon=True)
         self.edges = edges
         self.outbox = outbox
@@ -94,6 +103,8 @@ class PulseRecorder(threading.Thread):
         self.wh = wh
         self.pacer = CommitPacer(commit_interval_s)
         self.on_recorded = on_recorded
+        self._clock_synced = clock_synced
+        self.synced = clock_synced()
         self._rejected_reported = 0
         self._next_noise_report = 0.0
 
@@ -109,10 +120,10 @@ class PulseRecorder(threading.Thread):
             edges = []
             try:
                 edges.append(self.edges.get(timeout=REANCHOR_EVERY_S))
-                # Sleeping rather than waiting on the queue: edges arriving meanwhile cost no wake-up.
-                # (Only when needed: time.sleep(0) is still a system call, on every pulse at low rates.)
+                # Pausing rather than waiting on the queue: edges arriving meanwhile cost no wake-up.
+                # (Only when needed: a zero wait is still a system call, on every pulse at low rates.)
                 if delay := self.pacer.delay(time.monotonic()):
-                    time.sleep(delay)
+                    pause(delay)
                 while True:  # group what arrived meanwhile into one commit
                     edges.append(self.edges.get_nowait())
             except queue.Empty:
@@ -135,12 +146,12 @@ class PulseRecorder(threading.Thread):
         self.pacer.committed(time.monotonic())
         while True:
             try:
-                self.outbox.record(pulses)
+                self.outbox.record(pulses, self.synced)
                 break
             except Exception:
                 # The disk is the only place a pulse can survive; keep trying rather than lose it.
                 log.exception("cannot write the outbox %s; retrying in 1 s", self.outbox.path)
-                time.sleep(1.0)
+                pause(1.0)
         self.on_recorded()
 
     def _report_noise(self) -> None:
@@ -155,5 +166,13 @@ class PulseRecorder(threading.Thread):
 
     def _reanchor(self) -> None:
         step = self.clock.reanchor()
-        if step:
-            log.warning("wall clock jumped forward by %.1f s (NTP?); pulse timestamps follow it", step / 1e9)
+        if step > 0:
+            log.warning("the wall clock stepped forward by %.1f s (NTP setting it?); pulse times follow it",
+                        step / 1e9)
+        elif step < 0:
+            log.warning("the wall clock stepped back by %.1f s: pulses of the last while were stamped ahead; "
+                        "pulse times follow it, and the writer counts every pulse either way", -step / 1e9)
+        synced = self._clock_synced()
+        if synced != self.synced:
+            log.log(logging.INFO if synced else logging.WARNING, "the clock is now %s", describe_sync(synced))
+            self.synced = synced

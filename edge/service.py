@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from common.config import Config
+from edge.clock_sync import describe_sync, kernel_clock_synced
 from edge.outbox import FILENAME, Outbox, OutboxReader
 from edge.pulse_filter import PulseFilter
-from edge.reader import Edge, PulseInput, PulseRecorder
+from edge.reader import Edge, PulseInput, PulseRecorder, pause
 from edge.tick_clock import TickClock
 
 log = logging.getLogger("emdc.edge")
@@ -45,7 +45,7 @@ class EdgeService:
 
     def __init__(self, config: Config, *, pin_factory: Any = None,
                  publisher_factory: Callable[[Callable[[], OutboxReader]], Publisher] | None = None,
-                 clock: TickClock | None = None) -> None:
+                 clock: TickClock | None = None, clock_synced: Callable[[], bool | None] | None = None) -> None:
         if publisher_factory is None:
             from edge.amqp_publisher import AmqpPublisher
 
@@ -73,16 +73,25 @@ class EdgeService:
             raise
         factory = self.inputs[0].pin_factory
         clock = clock or TickClock(factory.ticks)
-        behind_ns = clock.not_before(self.outbox.last_ts_ns)
-        if behind_ns:
-            log.warning("the wall clock is %.1f s behind the last recorded pulse (no RTC, NTP not synced yet?); "
-                        "timestamps continue from that pulse until the clock catches up", behind_ns / 1e9)
+        if clock_synced is None:
+            clock_synced = kernel_clock_synced if config.clock_sync == "kernel" else lambda: None
         self.recorder = PulseRecorder(edges, self.outbox, clock, filters, config.wh_per_pulse,
                                       commit_interval_s=config.commit_interval_ms / 1000,
-                                      on_recorded=self.publisher.wake)
+                                      on_recorded=self.publisher.wake, clock_synced=clock_synced)
+        if self.outbox.started_epoch_because:
+            log.warning("meter %s: new counter epoch %s: %s; the writer counts on from it", config.meter_id,
+                        self.outbox.epoch, self.outbox.started_epoch_because)
+        behind_ns = self.outbox.last_ts_ns - clock.now_ns()
+        if behind_ns > 0:
+            log.warning("the wall clock is %.0f s behind the last recorded pulse, so it is wrong now (%s) or was "
+                        "wrong then; pulse times follow it, and the writer counts every pulse either way",
+                        behind_ns / 1e9, describe_sync(self.recorder.synced))
         log.info("meter %s: %s; counter store %s (epoch %s, counters %s)", config.meter_id,
                  ", ".join(f"{c} on GPIO{p}" for c, p in pins.items()), self.outbox.path, self.outbox.epoch,
                  self.outbox.counters() or "new")
+        log.log(logging.WARNING if self.recorder.synced is False else logging.INFO,
+                "the clock is %s; pulses say so, and the writer trusts only times it can check",
+                describe_sync(self.recorder.synced))
 
     def start(self) -> None:
         self.recorder.start()
@@ -99,7 +108,7 @@ class EdgeService:
             while reader.depth():
                 if stop is not None and stop.is_set():
                     return False
-                time.sleep(poll_s)
+                pause(poll_s)
             return True
         finally:
             reader.close()

@@ -264,8 +264,9 @@ class EdgeSimulation:
         # starts after the service has opened (importing pika alone takes ~0.1 s), so that at
         # --speed 1 a pulse's ts_ns is the moment it is really driven.
         self._time_zero = time.monotonic()
+        # A virtual clock is neither synchronised nor not: the messages claim nothing.
         self.service = EdgeService(config, pin_factory=self.factory, publisher_factory=publisher_factory,
-                                   clock=self.clock)
+                                   clock=self.clock, clock_synced=lambda: None)
 
     def now_ns(self) -> int:
         return self.clock.to_utc_ns(self.factory.now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from edge.clock_sync import describe_sync, kernel_clock_synced
 from edge.outbox import FILENAME, OutboxReader
 
 
@@ -26,7 +27,8 @@ def edge_status_lines(state_dir: Path) -> list[str]:
                   sorted(reader.counters().items())]
         lines += [f"outbox: {reader.depth()} pulses waiting for the broker",
                   f"last broker confirm: {_when(status.get('last_confirm_ns'))}",
-                  f"link: {status.get('link_state', 'unknown (never started)')}"]
+                  f"link: {status.get('link_state', 'unknown (never started)')}",
+                  f"clock: {describe_sync(kernel_clock_synced())}"]
         return lines
     finally:
         reader.close()

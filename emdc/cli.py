@@ -32,6 +32,7 @@ SIDE_COMMANDS = {
     "state": "backend.cli:state",
     "ha": "backend.cli:ha",
     "db-writer": "backend.cli:db_writer",
+    "dead-letters": "backend.cli:dead_letters",
     "report": "backend.cli:report",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -254,7 +255,9 @@ def test_confirmed_rows_make_room_under_the_cap(opened: Opened):
 
 
 def test_the_cap_applies_to_rows_left_by_an_earlier_run(opened: Opened):
-    opened.outbox().record(active(5))
+    earlier = Outbox(opened.path, meter="main", max_rows=1_000_000)
+    earlier.record(active(5))
+    earlier.close()
     box = opened.outbox(max_rows=3)
     box.record(active(1, start_s=5))
     assert [p.seq for _, p in opened.reader(box).pending(0, 100)] == [4, 5, 6]
@@ -318,3 +321,105 @@ def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(OutboxError, match="restore it from a backup"):
         Outbox(path, "main", 100)
+
+
+# --- epochs: a counter continues only across a clean stop ------------------------------------------
+
+def copy_store(source: Path, target_dir: Path, *, with_wal: bool) -> Path:
+    """A copy of the store's files as a crash, a lost -wal or a restored backup would leave them."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    suffixes = ["", "-wal", "-shm"] if with_wal else [""]
+    for suffix in suffixes:
+        if source.with_name(source.name + suffix).exists():
+            shutil.copy2(source.with_name(source.name + suffix), target_dir / (source.name + suffix))
+    return target_dir / source.name
+
+
+def test_a_clean_stop_continues_the_epoch(opened: Opened):
+    box = opened.outbox()
+    box.record(active(3))
+    box.close()
+    again = opened.outbox()
+    assert again.epoch == box.epoch and again.started_epoch_because == ""
+    assert again.record(active(1, start_s=3))[0].seq == 4
+
+
+def test_a_start_after_a_crash_begins_a_new_epoch_and_old_rows_keep_theirs(opened: Opened, tmp_path: Path):
+    box = opened.outbox()
+    old = box.record(active(3))
+    crashed = copy_store(box.path, tmp_path / "crashed", with_wal=True)  # the files as kill -9 leaves them
+    after = opened.outbox(path=crashed)
+    assert after.epoch != box.epoch and "was not clean" in after.started_epoch_because
+    new = after.record(active(2, start_s=3))
+    assert [p.seq for p in new] == [1, 2]
+    assert [p for _, p in opened.reader(after).pending(0, 100)] == [*old, *new]
+
+
+def test_a_lost_wal_after_a_crash_never_continues_the_epoch(opened: Opened, tmp_path: Path):
+    first = opened.outbox()
+    first.record(active(5))
+    first.close()  # a clean stop: its token is in the main file after the checkpoint at close
+    running = opened.outbox()
+    assert running.epoch == first.epoch
+    running.record(active(30, start_s=5))  # in the -wal only
+    lost = copy_store(running.path, tmp_path / "lost-wal", with_wal=False)
+    restarted = opened.outbox(path=lost)
+    assert restarted.epoch != first.epoch, "the rolled-back counter (5) would reuse seq 6..35"
+    assert restarted.record(active(1, start_s=35))[0].seq == 1
+
+
+def test_a_restored_backup_of_a_cleanly_stopped_store_begins_a_new_epoch(opened: Opened, tmp_path: Path):
+    box = opened.outbox()
+    box.record(active(5))
+    box.close()
+    backup = copy_store(box.path, tmp_path / "backup", with_wal=False)
+    later = opened.outbox()
+    later.record(active(5, start_s=5))
+    later.close()
+    shutil.copy2(backup, box.path)  # the operator restores the store from the backup
+    restored = opened.outbox()
+    assert restored.epoch != box.epoch, "seq 6..10 were counted already"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "empty"])
+def test_a_deleted_or_empty_store_is_a_new_counter_store(opened: Opened, damage: str):
+    box = opened.outbox()
+    box.record(active(5))
+    box.close()
+    for suffix in ("", "-wal", "-shm"):
+        box.path.with_name(box.path.name + suffix).unlink(missing_ok=True)
+    if damage == "empty":
+        box.path.write_bytes(b"")
+    fresh = opened.outbox()
+    assert fresh.epoch != box.epoch and "a new counter store" in fresh.started_epoch_because
+
+
+def test_rows_of_a_store_from_before_row_epochs_keep_the_epoch_they_were_counted_in(tmp_path: Path):
+    path = tmp_path / FILENAME
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE counter (meter TEXT NOT NULL, channel TEXT NOT NULL, seq INTEGER NOT NULL,
+                                  last_ts_ns INTEGER NOT NULL, PRIMARY KEY (meter, channel));
+            CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, meter TEXT NOT NULL, channel TEXT NOT NULL,
+                                 seq INTEGER NOT NULL, ts_ns INTEGER NOT NULL, wh REAL NOT NULL);
+            INSERT INTO meta VALUES ('epoch', 'abc123');
+            INSERT INTO counter VALUES ('main', 'active', 7, 1);
+            INSERT INTO outbox (meter, channel, seq, ts_ns, wh) VALUES ('main', 'active', 7, 1, 1.0);
+        """)
+    box = Outbox(path, "main", 100)
+    try:
+        assert box.epoch != "abc123"  # no clean-stop token: that version could not prove one
+        reader = box.reader()
+        assert [(p.epoch, p.seq, p.synced) for _, p in reader.pending(0, 10)] == [("abc123", 7, None)]
+        reader.close()
+    finally:
+        box.close()
+
+
+def test_synced_is_stored_with_each_row(opened: Opened):
+    box = opened.outbox()
+    box.record(active(1), synced=False)
+    box.record(active(1, start_s=1), synced=True)
+    box.record(active(1, start_s=2))
+    assert [p.synced for _, p in opened.reader(box).pending(0, 10)] == [False, True, None]

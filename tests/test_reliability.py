@@ -242,7 +242,7 @@ def test_implausible_jump_is_dead_lettered_with_its_reason(names: Names, spawn) 
         _, properties, _ = connection.channel().basic_get(dead_letter_queue(names.queue), auto_ack=True)
     assert "kW limit" in properties.headers[ERROR_HEADER]
     assert saved_total_uwh(names.writer_dir) == 10**6
-    assert "dead-lettering" in writer.log()
+    assert "held back message" in writer.log()
     assert writer.stop(signal.SIGINT) == 0
 
 

@@ -1,0 +1,69 @@
+"""What the writer believes of a pulse: its counter always, its timestamp only when it can.
+
+The counter (``epoch``, ``seq``) is the truth about energy; a timestamp only
+carries timing. So a pulse is counted whatever its timestamp says, and the
+timestamp is used for power and for time-based checks only if it is
+*trusted*: not further ahead of the writer's own clock than allowed, after
+the channel's last trusted pulse, and not from an edge that reports its clock
+unsynchronised. An untrusted timestamp is kept for the record.
+
+A counter jump (``seq`` advancing by more than one, or a new epoch starting
+high) must still be plausible, without relying on the edge's clock: the
+jump's implied power is judged over the *longer* of the edge's trusted
+interval and the writer's own receive interval, so a wrong edge clock can
+loosen the bound but never make it refuse genuine pulses. A single pulse is
+always plausible: the edge's filter spaces pulses, and its energy is capped
+by the message schema. Example::
+
+    >>> S = 10**9
+    >>> timestamp_doubt(1000 * S, now_ns=1000 * S, previous_ns=990 * S, max_ahead_ns=600 * S, synced=None)
+    ''
+    >>> timestamp_doubt(4600 * S, now_ns=1000 * S, previous_ns=990 * S, max_ahead_ns=600 * S, synced=None)
+    "ts_ns 4600000000000 is 3600 s ahead of the writer's clock"
+    >>> jump_doubt(3600, wh=1.0, edge_elapsed_ns=None, received_elapsed_ns=3600 * S, max_power_w=3600)
+    ''
+    >>> jump_doubt(3601, wh=1.0, edge_elapsed_ns=None, received_elapsed_ns=3600 * S, max_power_w=3600)
+    'a jump of 3601 pulses in 3600.000 s implies 3.6 kW, above the 3.6 kW limit'
+"""
+
+from __future__ import annotations
+
+NS_PER_S = 1_000_000_000
+
+
+def timestamp_doubt(ts_ns: int, *, now_ns: int | None, previous_ns: int | None, max_ahead_ns: int,
+                    synced: bool | None) -> str:
+    """Why ``ts_ns`` cannot be trusted, or ``""`` if it can.
+
+    ``now_ns`` is the writer's clock (None: no such check), ``previous_ns`` the
+    channel's last trusted timestamp, ``synced`` what the edge says of its
+    clock (None: it does not say).
+    """
+    if synced is False:
+        return "the edge reports its clock as not synchronised"
+    if now_ns is not None and ts_ns > now_ns + max_ahead_ns:
+        return f"ts_ns {ts_ns} is {(ts_ns - now_ns) / NS_PER_S:.0f} s ahead of the writer's clock"
+    if previous_ns is not None and ts_ns <= previous_ns:
+        return f"ts_ns {ts_ns} is not after the channel's previous pulse ({previous_ns})"
+    return ""
+
+
+def jump_doubt(new: int, *, wh: float, edge_elapsed_ns: int | None, received_elapsed_ns: int | None,
+               max_power_w: float) -> str:
+    """Why counting ``new`` pulses of ``wh`` at once is implausible, or ``""`` if it is not.
+
+    ``edge_elapsed_ns`` is the time since the reference pulse by trusted edge
+    timestamps (None if either is untrusted), ``received_elapsed_ns`` by the
+    writer's receive times (None if unknown). With neither, a jump cannot be
+    judged and is accepted.
+    """
+    if new <= 1:
+        return ""
+    elapsed = max(edge_elapsed_ns or 0, received_elapsed_ns or 0)
+    if edge_elapsed_ns is None and received_elapsed_ns is None:
+        return ""
+    implied_w = new * wh * 3600 * NS_PER_S / elapsed if elapsed > 0 else float("inf")
+    if implied_w <= max_power_w:
+        return ""
+    return (f"a jump of {new} pulses in {elapsed / NS_PER_S:.3f} s implies {implied_w / 1000:.1f} kW, "
+            f"above the {max_power_w / 1000:g} kW limit")
