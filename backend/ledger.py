@@ -94,6 +94,9 @@ class ChannelState:
     # pulse's timestamp was not trusted ("" if it was).
     received_ns: int | None = None
     ts_doubt: str = ""
+    # Pulses of this channel held back in the dead-letter queue so far, and the last reason.
+    held_back: int = 0
+    held_back_reason: str = ""
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
@@ -112,7 +115,8 @@ class ChannelState:
         return {"total_uwh": self.total_uwh, "epochs": {e: c.to_json() for e, c in self.epochs.items()},
                 "last_ts_ns": self.last_ts_ns, "wh": self.wh, "intervals_ns": list(self.intervals_ns),
                 "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
-                "received_ns": self.received_ns, "ts_doubt": self.ts_doubt}
+                "received_ns": self.received_ns, "ts_doubt": self.ts_doubt, "held_back": self.held_back,
+                "held_back_reason": self.held_back_reason}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ChannelState:
@@ -122,7 +126,8 @@ class ChannelState:
                     wh=float(doc["wh"]), intervals_ns=[_int(i) for i in doc["intervals_ns"]],
                     calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
-                    received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")))
+                    received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
+                    held_back=_int(doc.get("held_back", 0)), held_back_reason=str(doc.get("held_back_reason", "")))
         if state.total_uwh < 0 or not 0 < state.wh <= 1000:
             raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
         return state

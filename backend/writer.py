@@ -90,14 +90,23 @@ class EnergyWriter:
                     dirty = True
                     continue
                 pulse = decode(delivery.body)
-                state = self.ledger.channel(pulse.meter, pulse.channel)
-                doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
-                if self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted):
-                    touched.add((pulse.meter, pulse.channel))
-                    dirty = True
-                    report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
-            except (MessageError, Implausible) as exc:
+            except MessageError as exc:
                 dead.append(hold_back(delivery, str(exc), log))
+                continue
+            state = self.ledger.channel(pulse.meter, pulse.channel)
+            doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
+            try:
+                counted = self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
+            except Implausible as exc:
+                dead.append(hold_back(delivery, str(exc), log))
+                state.held_back += 1  # shown by `emdc state show` until someone looks
+                state.held_back_reason = str(exc)
+                dirty = True
+                continue
+            if counted:
+                touched.add((pulse.meter, pulse.channel))
+                dirty = True
+                report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
         if dirty:
             try:
                 self.store.save(self.ledger.to_json())
@@ -197,9 +206,16 @@ def saved_totals(config: Config) -> list[str]:
     store, ledger = load_ledger(config)
     if ledger is None:
         return [f"no state saved in {store.path} yet"]
-    return [f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {channel_spec(channel).total_unit:<5} "
-            f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})"
-            for (meter, channel), st in ledger]
+    lines = []
+    for (meter, channel), st in ledger:
+        lines.append(f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {channel_spec(channel).total_unit:<5} "
+                     f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})")
+        if st.ts_doubt:
+            lines.append(f"    timestamps not trusted: {st.ts_doubt}")
+        if st.held_back:
+            lines.append(f"    {st.held_back} pulse message(s) held back so far, the last: {st.held_back_reason}; "
+                         "see `emdc dead-letters list`")
+    return lines
 
 
 def known_meters(config: Config) -> tuple[str, ...]:

@@ -41,6 +41,8 @@ def test_a_held_back_jump_is_listed_with_its_reason_and_counted_once_readmitted(
     assert f"pulse.main.active: counter: a jump of {JUMP} pulses" in listed
     assert "1 message(s) held back" in listed
     assert queue_depth(dead_letter_queue(names.queue)) == 1, "listing must leave the messages in place"
+    shown = run_emdc(["state", "show"], writer_env(names)).stdout
+    assert "1 pulse message(s) held back so far, the last: counter: a jump of" in shown
 
     readmitted = run_emdc(["dead-letters", "readmit"], writer_env(names)).stdout
     assert "re-admitted 1 message(s)" in readmitted
