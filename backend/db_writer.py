@@ -30,7 +30,7 @@ from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
 from backend.ledger import Cursor, Implausible, Ledger
 from common.config import Config
-from common.message import MessageError, Pulse, decode
+from common.message import MessageError, Pulse, decode_routed
 from common.topology import DB_WRITER_BINDINGS
 
 log = logging.getLogger("emdc.db_writer")
@@ -65,7 +65,7 @@ class DbWriter:
         try:
             for delivery in deliveries:
                 try:
-                    pulse = decode(delivery.body)
+                    pulse = decode_routed(delivery.body, delivery.routing_key)
                     self._resume(pulse)
                     # Its count is irrelevant here (0 for a duplicate, which the unique
                     # key absorbs); what matters is that the ledger accepts the pulse.

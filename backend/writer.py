@@ -31,7 +31,7 @@ from backend.state_store import StateError, StateStore
 from backend.topics import state_topic
 from common.channels import channel_spec
 from common.config import Config
-from common.message import MessageError, Pulse, decode, decode_control
+from common.message import MessageError, Pulse, decode_control, decode_routed
 from common.topology import is_control
 
 log = logging.getLogger("emdc.writer")
@@ -89,7 +89,7 @@ class EnergyWriter:
                     touched.add(self._apply_control(delivery.body))
                     dirty = True
                     continue
-                pulse = decode(delivery.body)
+                pulse = decode_routed(delivery.body, delivery.routing_key)
             except MessageError as exc:
                 dead.append(hold_back(delivery, str(exc), log))
                 continue

@@ -97,6 +97,19 @@ def decode(body: bytes) -> Pulse:
     return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh), pulse.synced)
 
 
+def decode_routed(body: bytes, routing_key: str) -> Pulse:
+    """:func:`decode` a pulse that arrived under ``routing_key``, which must name its meter and channel.
+
+    The broker's permissions are written on routing keys: a body naming
+    another meter than its key would bypass them, so it is refused.
+    """
+    pulse = decode(body)
+    if pulse.routing_key != routing_key:
+        raise MessageError(f"routing key {routing_key!r:.80} does not match the body's meter and channel "
+                           f"({pulse.routing_key})")
+    return pulse
+
+
 def _parse_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body.decode("utf-8"))

@@ -19,6 +19,7 @@ import pika
 import pytest
 import sqlalchemy as sa
 
+from backend.batch import Delivery
 from backend.database import DatabaseError, PulseStore, SchemaError, create_engine, schema_version
 from backend.db_writer import DbWriter, StoreUnavailable
 from backend.report import slots_from_pulses
@@ -147,6 +148,13 @@ def test_malformed_and_implausible_pulses_are_dead_lettered_with_the_reason(stor
         (5, "counter: a jump of 9998 pulses in 1.000 s implies 35992.8 kW, above the 10 kW limit")]
     # Time running backwards: counted all the same, its timestamp kept for the record.
     assert [r[3] for r in rows(db_url)] == [1, 2, 3]
+
+
+def test_a_body_naming_another_meter_than_its_routing_key_is_not_stored(store: PulseStore, db_url: str) -> None:
+    [dead] = DbWriter(store, max_power_w=10_000, clock=writer_clock).handle_batch(
+        [Delivery(1, "pulse.garage.active", encode(pulse(1)))])
+    assert "does not match the body's meter and channel (pulse.main.active)" in dead.reason
+    assert rows(db_url) == []
 
 
 def test_a_restarted_writer_judges_new_pulses_against_the_stored_ones(store: PulseStore, db_url: str) -> None:

@@ -179,3 +179,16 @@ def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: 
     writer.handle_batch(batch)  # the broker redelivers the unacknowledged batch
     saved = json.loads((tmp_path / "energy_state.json").read_text())
     assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 2_000_000
+
+
+@pytest.mark.parametrize("routing_key", ["pulse.garage.active", "pulse.main.reactive", "pulse.main", "control.main"])
+def test_a_body_naming_another_meter_or_channel_than_its_routing_key_is_held_back(tmp_path: Path,
+                                                                                 routing_key: str) -> None:
+    # Broker permissions are written on routing keys: the body must not name something else.
+    writer, sink = make_writer(tmp_path, FakeClock(T0 + S))
+    [dead] = writer.handle_batch([Delivery(1, routing_key, encode(pulse(1, 0)))])
+    if routing_key.startswith("control."):
+        assert "control message" in dead.reason
+    else:
+        assert f"routing key '{routing_key}' does not match the body's meter and channel" in dead.reason
+    assert writer.ledger.channel("main", "active").total_uwh == 0 and sink.log == []
