@@ -6,8 +6,10 @@ SQLAlchemy are imported when a command runs, so listing commands works anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,19 @@ def exact_decimal(_ctx: click.Context, _param: click.Parameter, value: str) -> D
     if not number.is_finite():
         raise click.BadParameter(f"{value!r} is not a finite number")
     return number
+
+
+@contextlib.contextmanager
+def rabbitmq_failures(config: Config) -> Iterator[None]:
+    """Turn a broker failure into one line naming the broker (without its password) and the reason."""
+    import pika.exceptions
+
+    from common.amqp import describe, reason
+
+    try:
+        yield
+    except (pika.exceptions.AMQPError, OSError) as exc:  # OSError: the host name does not resolve
+        raise click.ClickException(f"RabbitMQ at {describe(config)}: {reason(exc)}") from None
 
 
 def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
@@ -105,19 +120,17 @@ def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decim
     import pika.exceptions
 
     from backend.control import send_set_total
-    from common.amqp import reason
     from common.message import MessageError, SetTotal
 
     cfg = obj.config({})
     try:
-        send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
+        with rabbitmq_failures(cfg):
+            send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
     except MessageError as exc:
         raise click.BadParameter(str(exc)) from None
     except pika.exceptions.UnroutableError:
         raise click.ClickException(f"no queue is bound for {control_routing_key(meter)} on exchange {cfg.exchange}: "
                                    "start the writer once so that it declares its queue") from None
-    except pika.exceptions.AMQPError as exc:
-        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
     click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
 
 
@@ -175,17 +188,12 @@ def dead_letters() -> None:
 @click.pass_obj
 def dead_letters_list(obj: CommandContext, /, writer_name: str, limit: int) -> None:
     """Show held-back messages with the reason each was refused; they stay where they are."""
-    import pika.exceptions
-
     from backend.dead_letters import peek
-    from common.amqp import reason
 
     cfg = obj.config({})
     queue = writer_queue(cfg, writer_name)
-    try:
+    with rabbitmq_failures(cfg):
         letters, total = peek(cfg, queue, limit)
-    except pika.exceptions.AMQPError as exc:
-        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
     for number, letter in enumerate(letters, 1):
         click.echo(f"{number}. {letter.describe()}")
     click.echo(f"{total} message(s) held back in {queue}.dead" + (f", {len(letters)} shown" if total else ""))
@@ -201,17 +209,12 @@ def dead_letters_readmit(obj: CommandContext, /, writer_name: str, count: int | 
     Inspect them first with `emdc dead-letters list`. Needs an account that may
     publish to the default exchange (the deployment's admin account).
     """
-    import pika.exceptions
-
     from backend.dead_letters import readmit
-    from common.amqp import reason
 
     cfg = obj.config({})
     queue = writer_queue(cfg, writer_name)
-    try:
+    with rabbitmq_failures(cfg):
         moved = readmit(cfg, queue, count)
-    except pika.exceptions.AMQPError as exc:
-        raise click.ClickException(f"RabbitMQ: {reason(exc)}") from None
     click.echo(f"re-admitted {moved} message(s) from {queue}.dead to {queue}")
 
 

@@ -34,11 +34,26 @@ def describe(config: Config) -> str:
 
 
 def reason(error: BaseException) -> str:
-    """A short, readable cause for a connection failure (pika nests the real one)."""
-    nested = getattr(error, "exceptions", None) or getattr(error, "exception", None)
-    if isinstance(nested, list | tuple) and nested:
-        error = nested[-1]
-    elif isinstance(nested, BaseException):
+    """A short, readable cause for a connection failure.
+
+    pika nests the real one several levels deep (a connection error holding a
+    workflow failure holding a connector error holding the socket's error)::
+
+        >>> import pika.exceptions
+        >>> from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
+        ...                                                      AMQPConnectorSocketConnectError)
+        >>> refused = AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "Connection refused"))
+        >>> reason(pika.exceptions.AMQPConnectionError(AMQPConnectionWorkflowFailed([refused])))
+        '[Errno 111] Connection refused'
+    """
+    for _ in range(10):  # pika's nesting is shallow; never loop on a cycle
+        nested = getattr(error, "exceptions", None) or getattr(error, "exception", None)
+        if nested is None and error.args and isinstance(error.args[0], BaseException):
+            nested = error.args[0]
+        if isinstance(nested, list | tuple) and nested:
+            nested = nested[-1]
+        if not isinstance(nested, BaseException):
+            break
         error = nested
     text = str(error) or type(error).__name__
     return text if len(text) < 200 else text[:200] + "..."

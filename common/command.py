@@ -71,7 +71,8 @@ class CommandContext:
         logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         if cfg.log_level.upper() != "DEBUG":
-            logging.getLogger("pika").setLevel(logging.WARNING)
+            # pika logs every failed attempt at ERROR, with tracebacks; our own lines say what changed.
+            logging.getLogger("pika").setLevel(logging.CRITICAL)
         return cfg
 
 
