@@ -189,7 +189,10 @@ class Ledger:
                 what = f"new epoch {pulse.epoch} starting at seq {pulse.seq}" if cursor is None else "counter"
                 raise Implausible(f"{what}: {jump}")
 
-        if pulse.ts_ns > state.calibrated_at_ns:
+        # Pulses up to a calibration's reading time are part of the reading. An untrusted timestamp cannot
+        # say when a pulse happened: the writer's receive time decides instead, so none is silently lost.
+        happened_ns = pulse.ts_ns if not doubt or now_ns is None else now_ns
+        if happened_ns > state.calibrated_at_ns:
             state.total_uwh += new * wh_to_uwh(pulse.wh)
         if not doubt:
             trusted_ns: int | None = pulse.ts_ns

@@ -107,3 +107,12 @@ def test_untrusted_timing_shows_no_power_until_the_writer_hears_nothing_for_the_
     state = ChannelState(last_ts_ns=0, wh=1.0, received_ns=100 * S, ts_doubt="the edge reports ...")
     assert displayed_power_w(state, now_ns=399 * S, timeout_s=300) is None
     assert displayed_power_w(state, now_ns=400 * S, timeout_s=300) == 0.0
+
+
+def test_after_a_calibration_a_pulse_stamped_years_behind_still_counts() -> None:
+    ledger = Ledger(max_power_w=MAX_W)
+    ledger.apply(Pulse("main", "active", "e1", 1, T0, 1.0), now_ns=T0)
+    ledger.set_total("main", "active", 5_000_000_000, as_of_ns=T0 + 60 * S)  # the meter read 5 kWh a minute later
+    # A Pi booted with a clock two years behind: its timestamps say "before the reading", the writer knows better.
+    assert ledger.apply(Pulse("main", "active", "e1", 2, T0 - 2 * YEAR, 1.0), now_ns=T0 + 120 * S) == 1
+    assert ledger.channel("main", "active").total_uwh == 5_001_000_000
