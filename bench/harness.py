@@ -271,11 +271,11 @@ class Scratch:
         return f"{self.names.prefix}/active_energy"
 
     @contextlib.contextmanager
-    def energy_subscriber(self, pulses: int) -> Iterator[Subscriber]:
-        """A subscriber to the energy topic, armed for the total of ``pulses`` 1 Wh pulses."""
+    def energy_subscriber(self, count: int) -> Iterator[Subscriber]:
+        """A subscriber to the energy topic, armed for the total of ``count`` 1 Wh pulses."""
         subscriber = Subscriber(self.energy_topic)
         try:
-            subscriber.expect(self.energy_topic, energy_payload(pulses))
+            subscriber.expect(self.energy_topic, energy_payload(count))
             yield subscriber
         finally:
             subscriber.close()
@@ -345,8 +345,9 @@ def consume_all(channel: Any, queue: str, on_message: Callable[..., None], handl
     channel.queue_declare(queue, passive=True)
 
 
-def energy_payload(pulses: int) -> str:
-    return format_kwh(pulses * UWH_PER_WH)
+def energy_payload(count: int) -> str:
+    """The energy value on MQTT once ``count`` 1 Wh pulses are counted."""
+    return format_kwh(count * UWH_PER_WH)
 
 
 def pulses_in(payload: str) -> int:
