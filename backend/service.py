@@ -6,10 +6,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from backend.amqp_consumer import BatchConsumer
 from backend.heartbeat import WRITER, Heartbeat
 from backend.mqtt_publisher import MqttPublisher
+from backend.state_store import exclusive_state_dir
 from backend.writer import EnergyWriter
 from common.config import Config
 from common.topology import WRITER_BINDINGS
@@ -18,20 +20,21 @@ log = logging.getLogger("emdc.writer")
 
 
 def run_writer(config: Config, stop: threading.Event) -> None:
-    """Run until ``stop`` is set; raises StateError if the saved state is unusable."""
-    mqtt = MqttPublisher(config)
-    writer = EnergyWriter.open(config, sink=mqtt)
-    if config.discovery != "off":
-        mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
-    mqtt.start()
-    consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
-                             heartbeat=Heartbeat.of(config, WRITER),
-                             on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
-    try:
-        consumer.run(stop)
-    finally:
-        mqtt.stop()
-        log.info("writer stopped; state saved in %s", writer.store.path)
+    """Run until ``stop`` is set; raises StateError if the saved state is unusable or in use by another writer."""
+    with exclusive_state_dir(Path(config.state_dir)):
+        mqtt = MqttPublisher(config)
+        writer = EnergyWriter.open(config, sink=mqtt)
+        if config.discovery != "off":
+            mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
+        mqtt.start()
+        consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+                                 heartbeat=Heartbeat.of(config, WRITER),
+                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
+        try:
+            consumer.run(stop)
+        finally:
+            mqtt.stop()
+            log.info("writer stopped; state saved in %s", writer.store.path)
 
 
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:

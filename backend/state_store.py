@@ -14,16 +14,43 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 STATE_FORMAT = 1
+LOCK_FILENAME = "writer.lock"
 
 
 class StateError(RuntimeError):
     """The state file exists but cannot be trusted; the writer must not start."""
+
+
+@contextlib.contextmanager
+def exclusive_state_dir(directory: Path) -> Iterator[None]:
+    """Hold the state dir for this process, or raise :class:`StateError` if another writer has it.
+
+    Two writers on the same files would race each other's temporary files and
+    overwrite each other's totals. The claim is an ``flock`` on ``writer.lock``,
+    which the kernel releases when the process ends, however it ends.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILENAME).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise StateError(f"{directory} is in use by another writer ({holder}); one writer per state dir: "
+                             "stop the other one, or give this one its own state_dir") from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
 
 
 class StateStore:
