@@ -28,7 +28,7 @@ bench: $(STAMP) ## Measure throughput and latency against the real brokers; writ
 	$(BIN)/python -m bench $(ARGS)
 
 docs: $(STAMP) ## Build the documentation site (strict)
-	$(BIN)/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 lint: $(STAMP) ## ruff, and mypy --strict over the packages
 	$(BIN)/ruff check .
