@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pika
-import pytest
 from gpiozero.pins.mock import MockFactory
 
 from common.config import load_config
@@ -13,13 +12,6 @@ from common.message import decode
 from edge.outbox import FILENAME, Outbox, OutboxReader
 from edge.service import EdgeService
 from tests.support import AMQP_URL, Names, declare_queue, queue_depth, wait_until
-
-
-@pytest.fixture
-def factory():
-    f = MockFactory()
-    yield f
-    f.reset()
 
 
 def test_a_stop_right_after_delivery_leaves_no_confirmed_row_behind(names: Names, factory: MockFactory) -> None:

@@ -75,7 +75,9 @@ def test_edge_connection_cut_repeatedly_while_publishing_5000_pulses(names: Name
     start_writer(spawn, names, writer_env(names))
     proxy = TcpProxy(AMQP_PORT).start()
     edge_env = names.edge_env(EMDC_AMQP_URL=amqp_url_at(proxy.port))
-    edge = spawn(["edge", "simulate", "--power", "7200", "--count", "5000", "--speed", "max"], edge_env, "edge")
+    # Paced to last about 10 s whatever the machine's speed (2 pulses/s simulated, 250 times faster), so that
+    # the connection is cut several times while pulses are in flight.
+    edge = spawn(["edge", "simulate", "--power", "7200", "--count", "5000", "--speed", "250"], edge_env, "edge")
     seen = 0
     while edge.proc.poll() is None:
         time.sleep(0.3)
