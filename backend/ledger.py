@@ -7,8 +7,11 @@ epoch). The ledger remembers the highest ``seq`` it has counted per epoch, so
 * a jump counts every pulse the counter says happened (``seq - last_seq``);
 * a new epoch (the edge's counter store was recreated) counts its ``seq``
   pulses since that counter began, on top of the same total;
-* a ``seq`` at or below the highest one but *later* than it is no duplicate
-  but a reused counter (a restored backup of the Pi's store): refused.
+* a ``seq`` at or below the highest one but stamped later than every pulse
+  counted in its epoch is no duplicate but a reused counter (a restored
+  backup of the Pi's store): refused. Later than the highest ``seq``'s own
+  time is not enough: the edge follows its wall clock back, so after a step
+  back a resent lower ``seq`` carries a later time than the newest pulse.
 
 Timestamps are believed only where :mod:`backend.trust` says so: a pulse
 with an untrusted timestamp (ahead of the writer's clock, behind the
@@ -62,23 +65,33 @@ def wh_to_uwh(wh: float) -> int:
 @dataclass
 class Cursor:
     """The newest counted pulse of one epoch: its ``seq`` and timestamp as sent, the epoch's last
-    trusted timestamp, and the writer's clock when it was counted (None where unknown)."""
+    trusted timestamp, the writer's clock when it was counted (None where unknown), and the latest
+    timestamp of any pulse counted in the epoch, which tells a duplicate from a reused counter
+    (None: ``ts_ns``, as for cursors saved by older versions or seeded from a database)."""
 
     seq: int
     ts_ns: int
     trusted_ns: int | None = None
     received_ns: int | None = None
+    latest_ns: int | None = None
+
+    def latest_counted_ns(self) -> int:
+        return self.ts_ns if self.latest_ns is None else self.latest_ns
 
     def to_json(self) -> list[int | None]:
-        return [self.seq, self.ts_ns, self.trusted_ns, self.received_ns]
+        return [self.seq, self.ts_ns, self.trusted_ns, self.received_ns, self.latest_ns]
 
     @classmethod
     def from_json(cls, doc: list[Any]) -> Cursor:
-        """``[seq, ts_ns]`` (saved by older versions, whose timestamps were all trusted) or the full form."""
+        """``[seq, ts_ns]`` (saved by older versions, whose timestamps were all trusted), the four-item
+        form of versions that did not keep the latest timestamp, or the full form."""
         if len(doc) == 2:
             return cls(_int(doc[0]), _int(doc[1]), _int(doc[1]))
-        seq, ts_ns, trusted_ns, received_ns = doc
-        return cls(_int(seq), _int(ts_ns), _optional_int(trusted_ns), _optional_int(received_ns))
+        if len(doc) not in (4, 5):
+            raise ValueError(f"a cursor has 2, 4 or 5 items, not {len(doc)}")
+        seq, ts_ns, trusted_ns, received_ns, *latest = doc
+        return cls(_int(seq), _int(ts_ns), _optional_int(trusted_ns), _optional_int(received_ns),
+                   _optional_int(latest[0]) if latest else None)
 
 
 @dataclass
@@ -169,7 +182,7 @@ class Ledger:
         state = self.channel(pulse.meter, pulse.channel)
         cursor = state.epochs.get(pulse.epoch)
         if cursor is not None and pulse.seq <= cursor.seq:
-            if pulse.ts_ns > cursor.ts_ns:
+            if pulse.ts_ns > cursor.latest_counted_ns():
                 raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was already counted at an earlier "
                                   "time: was the edge's counter store restored from a backup or copied?")
             return 0
@@ -198,7 +211,8 @@ class Ledger:
             trusted_ns: int | None = pulse.ts_ns
         else:  # the epoch's last trusted time stays the reference for its next pulse
             trusted_ns = reference_ns
-        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns)
+        latest_ns = pulse.ts_ns if cursor is None else max(pulse.ts_ns, cursor.latest_counted_ns())
+        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns, latest_ns)
         state.received_ns = now_ns
         state.ts_doubt = doubt
         if doubt:

@@ -417,8 +417,6 @@ def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn,
     assert power.power_between(distrusted_at + DELIVERY_SLACK_S) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the ledger takes a resent pulse stamped after the newest counted one for a "
-                                       "reused counter (backend/ledger.py)")
 def test_pulses_resent_across_a_step_back_are_duplicates(names: Names, spawn: Spawn, pi: Pi,
                                                          power: PowerWatcher) -> None:
     """The link loses the confirms of pulses stamped on both sides of a step back; the edge resends them all.
@@ -452,4 +450,6 @@ def test_pulses_resent_across_a_step_back_are_duplicates(names: Names, spawn: Sp
     finally:
         proxy.stop()
     assert proxy.connections >= 2, "the edge reconnected"
+    assert_steps(pi.log(), ("back", HOUR_S))
+    assert len(DISTRUST.findall(writer.log())) == 1, writer.log()
     assert "already counted" not in writer.log(), writer.log()

@@ -65,6 +65,25 @@ def test_older_seq_with_a_later_timestamp_is_a_reused_counter(ledger: Ledger):
     assert total(ledger) == 5_000_000
 
 
+def test_a_pulse_resent_after_a_step_back_is_a_duplicate(ledger: Ledger):
+    for seq in range(1, 6):
+        ledger.apply(pulse(seq))
+    for seq in range(6, 9):  # the edge's clock stepped back an hour
+        ledger.apply(pulse(seq, seq - 3600))
+    before = snapshot(ledger)
+    assert ledger.apply(pulse(4)) == 0  # later than seq 8's time, but not than seq 5's
+    assert snapshot(ledger) == before
+
+
+def test_a_reused_seq_stamped_after_every_counted_pulse_is_refused_after_a_step_back_too(ledger: Ledger):
+    for seq in range(1, 6):
+        ledger.apply(pulse(seq))
+    ledger.apply(pulse(6, 6 - 3600))
+    with pytest.raises(Implausible, match="restored from a backup"):
+        ledger.apply(pulse(3, 5.5))
+    assert total(ledger) == 6_000_000
+
+
 def test_a_timestamp_far_in_the_future_is_counted_but_not_trusted(ledger: Ledger):
     now = 1_000 * S
     assert ledger.apply(Pulse("main", "active", "e1", 1, now + 3600 * S, 1.0), now_ns=now) == 1
@@ -312,7 +331,7 @@ def busy_ledger() -> Ledger:
 def test_to_json_is_plain_json(ledger: Ledger):
     doc = busy_ledger().to_json()
     assert json.loads(json.dumps(doc)) == doc
-    assert doc["meters"]["main"]["active"]["epochs"]["aa"] == [4, T0 + 3 * S, T0 + 3 * S, None]
+    assert doc["meters"]["main"]["active"]["epochs"]["aa"] == [4, T0 + 3 * S, T0 + 3 * S, None, T0 + 3 * S]
 
 
 def test_json_roundtrip_preserves_state_and_behaviour():
@@ -348,6 +367,11 @@ def test_channel_from_json_reads_cursors():
     assert state.total_uwh == 1 and state.intervals_ns == [3]
 
 
+def test_channel_from_json_reads_the_four_item_cursors_of_the_previous_version():
+    state = ChannelState.from_json({**channel_doc(), "epochs": {"aa": [5, 20, 10, None]}})
+    assert state.epochs["aa"].latest_counted_ns() == 20  # its own time: the check of that version
+
+
 def test_channel_from_json_accepts_null_last_ts():
     assert ChannelState.from_json({**channel_doc(), "last_ts_ns": None}).last_ts_ns is None
 
@@ -372,6 +396,8 @@ def with_channel(changes: dict[str, Any], remove: str | None = None) -> dict[str
     with_channel({"total_uwh": True}),
     with_channel({"epochs": {"aa": [1]}}),
     with_channel({"epochs": {"aa": [1, 2, 3]}}),
+    with_channel({"epochs": {"aa": [1, 2, 2, None, 2, 2]}}),
+    with_channel({"epochs": {"aa": [1, 2, 2, None, "2"]}}),
     with_channel({"epochs": {"aa": ["1", 2]}}),
     with_channel({"epochs": {"aa": 5}}),
     with_channel({"last_ts_ns": 1.5}),
@@ -467,6 +493,31 @@ def test_total_is_exact_across_a_save_and_restore_at_any_point(case: tuple[list[
     for p in stream[cut:]:
         ledger.apply(p)
     assert total(ledger) == sum(len(e.pulses) * round(e.wh * 1_000_000) for e in epochs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-2 * 365 * 86_400 * S, 2 * 365 * 86_400 * S), min_size=1, max_size=25), st.data())
+def test_a_resent_pulse_is_a_duplicate_and_a_reused_seq_refused_however_the_clock_stepped(
+        steps_ns: list[int], data: st.DataObject):
+    """The edge's clock may step either way between pulses, so times need not grow with seq."""
+    ledger = Ledger(max_power_w=MAX_W)
+    sent = []
+    ts = T0
+    for seq, step in enumerate(steps_ns, start=1):
+        ts += S + step
+        sent.append(Pulse("main", "active", "aa", seq, ts, 1.0))
+        ledger.apply(sent[-1], now_ns=T0)
+    if data.draw(st.booleans(), label="saved and restored"):
+        ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W)
+    before = snapshot(ledger)
+    for resent in data.draw(st.lists(st.sampled_from(sent), max_size=10), label="resent"):
+        assert ledger.apply(resent, now_ns=T0) == 0
+    assert snapshot(ledger) == before
+    seq = data.draw(st.integers(1, len(sent)), label="reused seq")
+    later = max(p.ts_ns for p in sent) + data.draw(st.integers(1, 3600 * S), label="after the latest")
+    with pytest.raises(Implausible, match="restored from a backup"):
+        ledger.apply(Pulse("main", "active", "aa", seq, later, 1.0), now_ns=T0)
+    assert total(ledger) == len(sent) * 1_000_000
 
 
 @settings(max_examples=200, deadline=None)
