@@ -95,6 +95,7 @@ class Pi:
         directory.mkdir()
         self.directory = directory
         self.clock_file = directory / "faketime"
+        # The offset is read from the clock file at every call (no cache), so a step takes effect at once.
         self._env = names.edge_env(EMDC_TEST_METER_DIR=directory, LD_PRELOAD=libfaketime,
                                    FAKETIME_DONT_FAKE_MONOTONIC=1, FAKETIME_TIMESTAMP_FILE=self.clock_file,
                                    FAKETIME_NO_CACHE=1)
@@ -252,8 +253,8 @@ def assert_steps(log: str, *expected: tuple[str, float]) -> None:
 
 
 def logged_at(log: str, text: str) -> float:
-    """When the one line containing ``text`` was logged (epoch seconds; for the writer, by the real clock)."""
-    [line] = [line for line in log.splitlines() if text in line]
+    """When the first line containing ``text`` was logged (epoch seconds; for the writer, by the real clock)."""
+    line = next(line for line in log.splitlines() if text in line)
     return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 

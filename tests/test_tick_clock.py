@@ -124,3 +124,51 @@ def test_it_tracks_the_wall_clock_within_the_threshold_and_intervals_follow_the_
             step = clock.reanchor(int(value))
             assert step == 0 or abs(step) >= value
             assert abs(clock.to_utc_ns(clocks.ticks) - clocks.wall) < value
+
+
+# Whole seconds of advance keep the fake's ticks and wall clock in exact step (no float rounding between them).
+exact_operations = st.lists(st.one_of(
+    st.tuples(st.just("advance"), st.integers(0, 1000)),
+    st.tuples(st.just("step"), st.integers(-10**13, 10**13)),
+    st.tuples(st.just("reanchor"), st.integers(1, 10**10)),
+), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(exact_operations)
+def test_reanchor_reports_how_far_the_mapping_moved_and_a_repeat_reports_nothing(ops: list[tuple[str, int]]):
+    """The recorder logs what reanchor returns as the step and its direction; it must be the real shift."""
+    clocks = FakeClocks()
+    clock = clocks.clock()
+    wall_moved = 0  # how far the wall clock stepped, apart from the ticks, since the last reanchor that followed
+    for op, value in ops:
+        if op == "advance":
+            clocks.advance(value)
+        elif op == "step":
+            clocks.wall += int(value)
+            wall_moved += int(value)
+        else:
+            before = clock.to_utc_ns(clocks.ticks)
+            step = clock.reanchor(int(value))
+            assert clock.to_utc_ns(clocks.ticks) - before == step
+            if step:
+                assert step == wall_moved
+                wall_moved = 0
+                assert clock.reanchor(int(value)) == 0
+            else:
+                assert abs(wall_moved) < value
+
+
+@settings(max_examples=100, deadline=None)
+@given(operations)
+def test_a_clock_that_does_not_follow_the_wall_keeps_its_first_anchor(ops: list[tuple[str, float]]):
+    clocks = FakeClocks()
+    clock = clocks.clock(follow=False)
+    for op, value in ops:
+        if op == "advance":
+            clocks.advance(value)
+        elif op == "step":
+            clocks.wall += int(value)
+        else:
+            assert clock.reanchor(int(value)) == 0
+        assert clock.to_utc_ns(100.0) == WALL0
