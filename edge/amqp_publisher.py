@@ -12,6 +12,13 @@ outbox; once nothing is in flight the publisher pauses with capped backoff
 and resends everything still in the outbox. Resends are harmless: the backend
 counts by ``seq``.
 
+The outbox may refuse writes for a while (a full or read-only disk). The
+publisher then keeps the confirmed row ids and the status in memory and writes
+them once the disk takes them, with a capped backoff
+(:class:`~edge.store_retry.StoreRetry`); a failed read waits the same way. Rows
+confirmed but not yet deleted are not sent again meanwhile. One log line marks
+each change, none each attempt, so no storage fault ends the thread.
+
 The rules for all of this live in :class:`~edge.publish_window.PublishWindow`,
 which holds no connection; AmqpPublisher only feeds it pika's callbacks and
 carries out its answers (publish these rows, delete those, resend later).
@@ -36,8 +43,9 @@ from common.backoff import Backoff
 from common.config import Config
 from common.message import CONTENT_TYPE, Pulse, encode
 from common.topology import declare_exchange
-from edge.outbox import OutboxReader
+from edge.outbox import OutboxReader, StoreError
 from edge.publish_window import PublishWindow, Step
+from edge.store_retry import StoreRetry
 
 log = logging.getLogger("emdc.publisher")
 
@@ -71,6 +79,9 @@ class AmqpPublisher:
         self._status_due = 0.0
         self.last_confirm_ns = 0
         self._window: PublishWindow[Pulse] = PublishWindow(config.publish_window)
+        self._writes = StoreRetry()  # deletes and status writes
+        self._reads = StoreRetry()
+        self._unsaved: dict[str, str] = {}  # status not yet written to the outbox
 
     # -- thread entry points -------------------------------------------------
 
@@ -89,7 +100,7 @@ class AmqpPublisher:
                     stop.wait(self._backoff.next_delay())
         finally:
             try:
-                self._delete_confirmed()
+                self._delete_confirmed(last_chance=True)
                 self._set_state("stopped")
             finally:
                 self._reader.close()
@@ -108,7 +119,34 @@ class AmqpPublisher:
         if state != self._state:
             self._state = state
             log.log(level, "%s", state)
-            self._reader.set_status(link_state=state)
+            self._save_status(link_state=state)
+
+    def _save_status(self, **values: str) -> None:
+        """Store status for ``emdc edge status``; what the outbox refuses now is written with the next attempt."""
+        self._unsaved.update(values)
+        if self._try_write(self._write_status, "cannot save the link status in the outbox"):
+            self._unsaved.clear()
+
+    def _write_status(self) -> None:
+        self._reader.set_status(**self._unsaved)
+
+    def _try_write(self, write: Callable[[], None], failure: str, last_chance: bool = False) -> bool:
+        """Run ``write`` unless a failed write is still backing off (or on the ``last_chance``); False if not done.
+
+        The first failure and the first success after failures are logged, one line each.
+        """
+        writes = self._writes
+        if not last_chance and not writes.due(time.monotonic()):
+            return False
+        try:
+            write()
+        except StoreError as exc:
+            if writes.failed(exc.reason, time.monotonic()) and not exc.damaged:  # the service reports damage
+                log.warning("%s (%s); retrying", failure, exc.reason)
+            return False
+        if writes.succeeded():
+            log.info("outbox writable again")
+        return True
 
     def _on_wake(self) -> None:
         if self._stop.is_set():
@@ -124,7 +162,9 @@ class AmqpPublisher:
         self._delete_confirmed()
         if time.monotonic() >= self._status_due and self.last_confirm_ns:
             self._status_due = time.monotonic() + STATUS_EVERY_S
-            self._reader.set_status(last_confirm_ns=str(self.last_confirm_ns))
+            self._save_status(last_confirm_ns=str(self.last_confirm_ns))
+        elif self._unsaved:
+            self._save_status()
         if self._connection is not None:
             self._connection.ioloop.call_later(TICK_S, self._tick)
 
@@ -191,9 +231,20 @@ class AmqpPublisher:
         limit = window.wanted()
         if not limit:
             return
+        reads = self._reads
+        if reads.failing and not reads.due(time.monotonic()):
+            return  # the tick tries again
+        try:
+            rows = self._reader.pending(window.last_sent, limit)
+        except StoreError as exc:
+            if reads.failed(exc.reason, time.monotonic()) and not exc.damaged:
+                log.warning("cannot read the outbox (%s); retrying", exc.reason)
+            return
+        if reads.failing and reads.succeeded():
+            log.info("outbox readable again")
         channel = self._channel
         assert channel is not None  # the window is open only while the channel is
-        for _row_id, pulse in window.take(self._reader.pending(window.last_sent, limit)):
+        for _row_id, pulse in window.take(rows):
             properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
                                               message_id=pulse.message_id)
             channel.basic_publish(self.config.exchange, pulse.routing_key, encode(pulse), properties,
@@ -222,10 +273,10 @@ class AmqpPublisher:
             assert self._connection is not None
             self._connection.ioloop.call_later(self._backoff.next_delay(), self._resend)
 
-    def _delete_confirmed(self) -> None:
+    def _delete_confirmed(self, last_chance: bool = False) -> None:
         rows = self._window.to_delete
-        if rows:
-            self._reader.confirm(rows)
+        if rows and self._try_write(lambda: self._reader.confirm(rows),
+                                    "cannot delete confirmed pulses from the outbox", last_chance):
             self._window.deleted()
 
     def _resend(self) -> None:

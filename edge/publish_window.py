@@ -140,10 +140,19 @@ class PublishWindow(Generic[M]):
         self._paused = False  # after a nack or return, until resend()
         self._tag = 0  # delivery tag of the newest publish
         self._oldest = 1  # no tag below this one is in flight
-        self._last_id = 0  # outbox id of the newest row sent since the last (re)start
         self._more = True  # the outbox may hold rows beyond the last fetch
         self._inflight: dict[int, tuple[int, M]] = {}  # tag -> row, oldest first
         self._returned: set[str] = set()  # message ids returned, their ack still to come
+        self._restart_from_zero()
+
+    def _restart_from_zero(self) -> None:
+        """The next fetch reads the outbox from its start; rows acked but not yet deleted must not go out again.
+
+        Normally the shell deletes them before that fetch (:attr:`deletes_due`);
+        if the outbox refuses the delete, :meth:`take` skips them instead.
+        """
+        self._last_id = 0  # outbox id of the newest row fetched since the last (re)start
+        self._acked_undeleted = set(self._to_delete)
 
     # -- sending ---------------------------------------------------------------
 
@@ -175,19 +184,36 @@ class PublishWindow(Generic[M]):
 
         They get the next delivery tags, one each. Fewer rows than wanted
         means the outbox holds no more for now: new rows come with a wake-up.
+        Rows the broker acked already, still in the outbox because their
+        delete failed, are left out of the answer.
+
+        >>> from types import SimpleNamespace
+        >>> def rows(*ids):
+        ...     return [(i, SimpleNamespace(message_id=str(i))) for i in ids]
+        >>> window = PublishWindow(size=4)
+        >>> window.open()
+        >>> batch = window.take(rows(1, 2))
+        >>> window.confirm(1, multiple=False, ack=True).acked   # row 1 acked; its delete fails (disk full)
+        True
+        >>> window.reset(); window.open()                       # reconnected: read from the start again
+        >>> [row_id for row_id, _ in window.take(rows(1, 2, 3))]
+        [2, 3]
         """
         room = self.wanted()
         if len(rows) > room:
             raise ValueError(f"{len(rows)} rows do not fit in the publish window ({room} free)")
         self._more = len(rows) == room
         if rows:
+            self._last_id = rows[-1][0]
+            if self._acked_undeleted:
+                acked = self._acked_undeleted
+                rows = [row for row in rows if row[0] not in acked]
             inflight = self._inflight
             tag = self._tag
             for row in rows:
                 tag += 1
                 inflight[tag] = row
             self._tag = tag
-            self._last_id = rows[-1][0]
         return rows
 
     def returned(self, message_id: str) -> None:
@@ -257,7 +283,7 @@ class PublishWindow(Generic[M]):
         if self._inflight:
             raise RuntimeError(f"resend() with {len(self._inflight)} messages in flight; wait for Step.RESEND")
         self._paused = False
-        self._last_id = 0
+        self._restart_from_zero()
         self._more = True
 
     # -- deleting --------------------------------------------------------------
@@ -275,3 +301,4 @@ class PublishWindow(Generic[M]):
     def deleted(self) -> None:
         """The rows of :attr:`to_delete` were deleted from the outbox."""
         self._to_delete = []
+        self._acked_undeleted = set()

@@ -10,6 +10,12 @@ and records them in the outbox, then wakes the publisher. A pulse after a
 quiet spell is committed at once; at high rates pulses share commits, at most
 one per ``commit_interval_s`` (see :class:`~edge.commit_pacer.CommitPacer`).
 
+While the outbox cannot be written (a full or read-only disk, an I/O error),
+the recorder keeps counting into a bounded :class:`~edge.pulse_hold.PulseHold`
+and writes it out in order as soon as the disk takes it, trying again with a
+capped backoff (:class:`~edge.store_retry.StoreRetry`) while it still consumes
+edges; it logs the start and the end of such a spell, one line each.
+
 Example::
 
     edges = queue.SimpleQueue()
@@ -22,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -32,8 +39,10 @@ from gpiozero import DigitalInputDevice
 
 from edge.clock_sync import describe_sync
 from edge.commit_pacer import CommitPacer
-from edge.outbox import Outbox
+from edge.outbox import Outbox, StoreError
 from edge.pulse_filter import PulseFilter
+from edge.pulse_hold import HOLD_MAX, PulseHold, Stamped
+from edge.store_retry import StoreRetry
 from edge.tick_clock import TickClock
 
 log = logging.getLogger("emdc.reader")
@@ -41,6 +50,11 @@ log = logging.getLogger("emdc.reader")
 Edge = tuple[str, float, bool]
 _STOP = ("", 0.0, False)
 REANCHOR_EVERY_S = 10.0
+# Held pulses per transaction once the disk takes writes again. The first write of each attempt is small, so
+# that an attempt on a disk that is still full costs little; the later ones are large, so that a long hold
+# goes out in a few commits.
+PROBE_WRITE = 100
+HOLD_WRITE = 10_000
 _NEVER_SET = threading.Event()
 
 
@@ -89,12 +103,17 @@ class PulseInput(DigitalInputDevice):
 
 
 class PulseRecorder(threading.Thread):
-    """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit."""
+    """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit.
+
+    A storage fault that is not a damaged store (:class:`~edge.outbox.StoreError`)
+    never ends the thread: the pulses wait in memory. Any other exception is a
+    bug and ends it, which the service reports.
+    """
 
     def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
                  filters: Mapping[str, PulseFilter], wh: float, commit_interval_s: float = 0.0,
                  on_recorded: Callable[[], None] = lambda: None,
-                 clock_synced: Callable[[], bool | None] = lambda: None) -> None:
+                 clock_synced: Callable[[], bool | None] = lambda: None, hold_limit: int = HOLD_MAX) -> None:
         super().__init__(name="emdc-recorder", daemon=True)
         self.edges = edges
         self.outbox = outbox
@@ -107,19 +126,40 @@ class PulseRecorder(threading.Thread):
         self.synced = clock_synced()
         self._rejected_reported = 0
         self._next_noise_report = 0.0
+        self._hold = PulseHold(hold_limit)
+        self._holding = False  # the hold has pulses: new ones queue behind them (the one check while healthy)
+        self._retry = StoreRetry()
+        self._written_from_hold = 0
+        self._stop_by = math.inf
 
-    def stop(self) -> None:
-        """Record every edge queued so far, then end the thread."""
+    @property
+    def unwritten(self) -> int:
+        """Pulses counted but not in the outbox yet; what is lost if the process ends now."""
+        return self._hold.pending
+
+    @property
+    def store_fault(self) -> str:
+        """Why the outbox cannot be written right now ("" when it can)."""
+        return self._retry.failing
+
+    def stop(self, timeout: float = math.inf) -> None:
+        """Record every edge queued so far, then end the thread.
+
+        Pulses held in memory get until ``timeout`` seconds from now to reach the
+        disk; what it still refuses then stays in :attr:`unwritten`.
+        """
+        self._stop_by = time.monotonic() + timeout
         self.edges.put(_STOP)
-        self.join()
+        self.join(None if timeout == math.inf else timeout + 1.0)
 
     def run(self) -> None:
         stopping = False
         next_anchor = time.monotonic() + REANCHOR_EVERY_S
         while not stopping:
             edges = []
+            wait = REANCHOR_EVERY_S if not self._holding else self._retry.wait(time.monotonic())
             try:
-                edges.append(self.edges.get(timeout=REANCHOR_EVERY_S))
+                edges.append(self.edges.get(timeout=wait))
                 # Pausing rather than waiting on the queue: edges arriving meanwhile cost no wake-up.
                 # (Only when needed: a zero wait is still a system call, on every pulse at low rates.)
                 if delay := self.pacer.delay(time.monotonic()):
@@ -133,6 +173,11 @@ class PulseRecorder(threading.Thread):
             if time.monotonic() >= next_anchor:
                 next_anchor = time.monotonic() + REANCHOR_EVERY_S
                 self._reanchor()
+        # At a stop, held pulses get until the deadline to reach the disk; a damaged store will not take them.
+        while self._holding and not self.outbox.health.damaged and (now := time.monotonic()) < self._stop_by:
+            self._write_held(now)
+            if self._holding:
+                pause(min(self._retry.wait(time.monotonic()), max(0.0, self._stop_by - time.monotonic())))
 
     def _record(self, edges: list[Edge]) -> None:
         pulses = []
@@ -141,18 +186,56 @@ class PulseRecorder(threading.Thread):
             if pulse_ticks is not None:
                 pulses.append((channel, self.clock.to_utc_ns(pulse_ticks), self.wh))
         self._report_noise()
+        if self._holding:
+            self._hold_back(pulses)
+            self._write_held(time.monotonic())
+            return
         if not pulses:
             return
         self.pacer.committed(time.monotonic())
-        while True:
-            try:
-                self.outbox.record(pulses, self.synced)
-                break
-            except Exception:
-                # The disk is the only place a pulse can survive; keep trying rather than lose it.
-                log.exception("cannot write the outbox %s; retrying in 1 s", self.outbox.path)
-                pause(1.0)
+        try:
+            self.outbox.record(pulses, self.synced)
+        except StoreError as exc:
+            self._holding = True
+            self._written_from_hold = 0
+            self._hold_back(pulses)
+            self._write_failed(exc)
+            return
         self.on_recorded()
+
+    def _hold_back(self, pulses: list[Stamped]) -> None:
+        """Queue ``pulses`` in memory behind those already held; say so once if timings start to be dropped."""
+        dropping = self._hold.dropped
+        self._hold.add(pulses, self.synced)
+        if self._hold.dropped and not dropping:
+            log.warning("holding %d pulses in memory, the most it keeps: dropping the oldest pulses' timing "
+                        "detail; they are still counted, so no energy is lost", self._hold.limit)
+
+    def _write_failed(self, exc: StoreError) -> None:
+        # A damaged store ends the service, which says so in one line of its own.
+        if self._retry.failed(exc.reason, time.monotonic()) and not exc.damaged:
+            log.warning("cannot write the outbox %s (%s): holding %d pulses in memory until the disk takes them",
+                        self.outbox.path, exc.reason, self._hold.pending)
+
+    def _write_held(self, now: float) -> None:
+        """Write the held pulses in order, if a retry is due; stop at the first failure, keeping the rest."""
+        if not self._retry.due(now):
+            return
+        limit = PROBE_WRITE
+        while self._hold.pending:
+            batch = self._hold.batch(limit)
+            try:
+                self.outbox.record(batch.pulses, batch.synced, batch.skipped)
+            except StoreError as exc:
+                self._write_failed(exc)
+                return
+            self._hold.written(batch)
+            self._written_from_hold += len(batch.pulses) + sum(batch.skipped.values())
+            self.on_recorded()
+            limit = HOLD_WRITE
+        self._holding = False
+        self._retry.succeeded()
+        log.info("outbox writable again: wrote the %d held pulses", self._written_from_hold)
 
     def _report_noise(self) -> None:
         """One line per minute at most when the filter rejects pulses: wiring or thresholds may be wrong."""

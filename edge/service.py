@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,11 @@ from edge.reader import Edge, PulseInput, PulseRecorder, pause
 from edge.tick_clock import TickClock
 
 log = logging.getLogger("emdc.edge")
+
+# How long a stop may take: systemd's stop timeout is longer, and a stop that hangs helps no one. Pulses held in
+# memory get most of it to reach the disk (RECORDER_STOP_S); the publisher gets what is left.
+STOP_TIMEOUT_S = 10.0
+RECORDER_STOP_S = 6.0
 
 
 class Publisher(Protocol):
@@ -98,8 +104,22 @@ class EdgeService:
         self._publisher_thread.start()
 
     def alive(self) -> bool:
-        """True while the recorder and publisher threads run (for the systemd watchdog)."""
-        return self.recorder.is_alive() and self._publisher_thread.is_alive()
+        """True while the edge can count (for the systemd watchdog): both threads run and the store is not damaged.
+
+        A full or read-only disk keeps it alive: pulses are counted in memory
+        meanwhile. A damaged store does not: the restart it leads to refuses
+        the store with instructions, instead of a process that counts nothing.
+        """
+        return (not self.outbox.health.damaged and self.recorder.is_alive()
+                and self._publisher_thread.is_alive())
+
+    def failure(self) -> str:
+        """Why :meth:`alive` is False, in a few words for the log."""
+        if self.outbox.health.damaged:
+            return (f"the counter store {self.outbox.path} is damaged ({self.outbox.health.damaged}); the restart "
+                    "checks it and says what to do")
+        dead = [t.name for t in (self.recorder, self._publisher_thread) if not t.is_alive()]
+        return f"a worker thread died ({', '.join(dead)})" if dead else ""
 
     def wait_drained(self, stop: threading.Event | None = None, poll_s: float = 0.05) -> bool:
         """Block until every recorded pulse is confirmed by the broker (False if stopped first)."""
@@ -114,14 +134,29 @@ class EdgeService:
             reader.close()
 
     def stop(self) -> None:
-        """Stop reading pins, record what is queued, stop publishing; unconfirmed pulses stay in the outbox."""
+        """Stop reading pins, record what is queued, stop publishing; unconfirmed pulses stay in the outbox.
+
+        Takes at most about :data:`STOP_TIMEOUT_S`. Pulses the disk still refuses
+        by then are lost, and one ERROR line says how many and why: the writer
+        cannot know of them, so the log is the only place the loss shows.
+        """
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         self._close_inputs()
         if self.recorder.is_alive():
-            self.recorder.stop()
+            self.recorder.stop(timeout=RECORDER_STOP_S)
         self._stop_publisher.set()
         self.publisher.wake()
         if self._publisher_thread.is_alive():
-            self._publisher_thread.join(timeout=10)
+            self._publisher_thread.join(timeout=max(0.5, deadline - time.monotonic()))
+        if lost := self.recorder.unwritten:
+            log.error("%d pulses counted in memory could not be written to the outbox before the stop (%s) and "
+                      "are lost: the writer's total stays %d pulses short of the meter", lost,
+                      self.recorder.store_fault or "the recorder stopped", lost)
+        if self.recorder.is_alive():
+            # Still inside a write: closing its connection under it is unsafe. Without the clean-stop mark the
+            # next start begins a new epoch, which is always safe.
+            log.error("the recorder did not stop in time; the next start begins a new counter epoch")
+            return
         self.outbox.close()
         log.info("edge stopped; counters %s", self.outbox.counters())
 
@@ -148,7 +183,7 @@ def run_edge(config: Config, stop: threading.Event) -> int:
     try:
         while not stop.wait(tick):
             if not service.alive():
-                log.error("a worker thread died; exiting so that the service is restarted")
+                log.error("%s: exiting so that the service is restarted", service.failure())
                 return 1
             notify(WATCHDOG)
         return 0
