@@ -57,11 +57,14 @@ class MeteredEdge:
         wait_until(lambda: proc.poll() is not None or "counter store" in self.log(), 30, "the edge to start")
         assert proc.poll() is None, self.log()
 
-    def refused(self) -> subprocess.CompletedProcess[str]:
-        """Run the edge expecting it to refuse its store at once."""
-        result = subprocess.run(self.command(), env=self.env, capture_output=True, text=True, timeout=30, cwd=ROOT)
-        assert result.returncode != 0, result.stdout + result.stderr
-        return result
+    def refused(self, *wrapper: str) -> str:
+        """Run the edge (under ``wrapper``) expecting it to refuse its store at once; return its one line."""
+        result = subprocess.run([*wrapper, *self.command()], env=self.env, capture_output=True, text=True,
+                                timeout=30, cwd=ROOT)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode != 0, output
+        assert "Traceback" not in output and len(output.splitlines()) == 1, output
+        return output
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
@@ -253,9 +256,7 @@ def test_a_damaged_store_is_refused_in_one_line_until_moved_aside(names: Names, 
     assert edge.stop() == 0, edge.log()
     DAMAGE[damage](edge.store)
 
-    refused = edge.refused()
-    output = (refused.stdout + refused.stderr).strip()
-    assert "Traceback" not in output and len(output.splitlines()) == 1, output
+    output = edge.refused()
     assert f"the counter store {edge.store} is damaged" in output, output
     move = re.search(r"\((mv [^)]*)\)", output)
     assert move, output
@@ -316,5 +317,13 @@ def test_a_store_damaged_while_running_ends_the_watchdog_pings_and_the_process(
     [exit_line] = [line for line in problems(log) if "is damaged" in line]
     assert " ERROR " in exit_line and "exiting so that the service is restarted" in exit_line, log
     edge.meter_off()
-    output = edge.refused()
-    assert "is damaged" in output.stderr and "Traceback" not in output.stderr, output.stderr
+    assert "is damaged" in edge.refused()
+
+
+def test_an_unwritable_state_directory_is_named_as_the_reason(names: Names, edge: MeteredEdge) -> None:
+    names.edge_dir.mkdir()
+    os.chown(names.edge_dir, 65534, -1)  # nobody's, mode 755: root without CAP_DAC_OVERRIDE may not write
+    no_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                   "--inh-caps=-dac_override,-dac_read_search"]
+    output = edge.refused(*no_override)
+    assert f"cannot create the counter store {edge.store}: Permission denied on the directory" in output, output

@@ -184,6 +184,7 @@ class PublisherAndBroker(RuleBasedStateMachine):
         self.returned_tags: set[int] = set()
         self.acked_ok: set[int] = set()  # rows the broker acked without returning them
         self.pass_last = 0  # newest id sent since the session start or the last resend
+        self.disk_full = False  # the outbox refuses deletes: acked rows stay in it, and must not go out again
 
     # -- the shell --
 
@@ -213,6 +214,8 @@ class PublisherAndBroker(RuleBasedStateMachine):
 
     def delete(self) -> None:
         self.check_deletable()
+        if self.disk_full:
+            return
         for row_id in self.window.to_delete:
             del self.outbox[row_id]
         self.window.deleted()
@@ -300,6 +303,10 @@ class PublisherAndBroker(RuleBasedStateMachine):
     def reconnect(self) -> None:
         self.connect()
 
+    @rule(full=st.booleans())
+    def disk(self, full: bool) -> None:
+        self.disk_full = full
+
     @precondition(lambda self: self.resend_scheduled)
     @rule()
     def resend(self) -> None:
@@ -312,7 +319,8 @@ class PublisherAndBroker(RuleBasedStateMachine):
         assert self.window.in_flight == len(self.outstanding), "the window lost count of what is in flight"
 
     def teardown(self) -> None:
-        """(2) Once the broker acks everything, one wake-up drains the outbox completely."""
+        """(2) Once the broker acks everything and the disk takes deletes, one wake-up drains the outbox."""
+        self.disk_full = False
         if self.connected:
             self.pump()
         else:
