@@ -166,3 +166,28 @@ def test_a_stop_while_the_disk_is_full_ends_in_time_and_reports_the_held_pulses(
 def test_a_store_in_a_missing_directory_says_so(tmp_path: Path) -> None:
     with pytest.raises(OutboxError, match=r"cannot create the counter store .*: No such file or directory on the"):
         OutboxReader(tmp_path / "none" / FILENAME)
+
+
+class CountingOutbox(Outbox):
+    """The real outbox, counting write attempts."""
+
+    attempts = 0
+
+    def record(self, *args, **kwargs):
+        self.attempts += 1
+        return super().record(*args, **kwargs)
+
+
+def test_while_the_disk_is_full_new_pulses_do_not_bring_the_next_attempt_forward(tmp_path: Path) -> None:
+    box = CountingOutbox(tmp_path / FILENAME, "main", 1_000_000)
+    disk_full(box)
+    edges, recorder = _recorder(box)
+    box.attempts = 0
+    recorder.start()
+    for _ in range(40):  # a pulse every 25 ms for a second
+        _pulses(edges, 1)
+        time.sleep(0.025)
+    recorder.stop(timeout=0)
+    box.close()
+    assert recorder.unwritten == 40
+    assert box.attempts <= 6, "attempts back off (0.1 s, 0.2 s, 0.4 s, ...), not one per pulse"
