@@ -57,7 +57,7 @@ class BatchConsumer:
 
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
                  heartbeat: Heartbeat, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
-                 idle_interval_s: float = 1.0) -> None:
+                 idle_interval_s: float = 1.0, trouble: Callable[[], str] = lambda: "") -> None:
         self.config = config
         self.queue = queue
         self.bindings = bindings
@@ -66,6 +66,9 @@ class BatchConsumer:
         self.on_idle = on_idle
         self.idle_interval_s = idle_interval_s
         self.heartbeat = heartbeat
+        self.trouble = trouble
+        self._trouble = ""
+        self._trouble_since = 0.0
         self._state = ""
 
     def run(self, stop: threading.Event) -> None:
@@ -130,7 +133,7 @@ class BatchConsumer:
                     self._log_state(f"consuming {self.queue} on {describe(self.config)}")
                     backoff.reset()
                     next_idle = time.monotonic() + self.idle_interval_s
-                    self.heartbeat.touch()
+                    self._beat()
                     if self.on_idle:
                         self.on_idle()
             # Messages delivered but not yet handled are simply redelivered later.
@@ -140,6 +143,16 @@ class BatchConsumer:
             if connection.is_open:
                 with contextlib.suppress(pika.exceptions.AMQPError):
                     connection.close()
+
+    def _beat(self) -> None:
+        """Touch the heartbeat; note when ``trouble`` (e.g. MQTT out of reach) begins, changes or ends."""
+        trouble = self.trouble()
+        if trouble != self._trouble:
+            if not self._trouble:
+                self._trouble_since = time.time()
+            self.heartbeat.note(trouble, self._trouble_since)
+            self._trouble = trouble
+        self.heartbeat.touch()
 
     def _finish(self, channel: pika.adapters.blocking_connection.BlockingChannel, batch: list[Delivery]) -> None:
         for dead in self.handler(batch):

@@ -45,6 +45,19 @@ class Heartbeat:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
 
+    def note(self, trouble: str, since: float = 0.0) -> None:
+        """Record why the service cannot do its job right now (``""``: it can again) and since when (epoch s).
+
+        The heartbeat then still shows the process alive; :meth:`check` turns
+        unhealthy once the trouble has lasted longer than the allowed age.
+        """
+        text = f"{since:.3f} {trouble}" if trouble else ""
+        try:
+            self.path.write_text(text)
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(text)
+
     def age_s(self) -> float | None:
         """Seconds since the last :meth:`touch`, or None if there never was one."""
         try:
@@ -53,9 +66,16 @@ class Heartbeat:
             return None
 
     def check(self, max_age_s: float) -> str:
-        """A ``healthy: ...`` line, or :class:`HeartbeatStale` naming the file and its age."""
+        """A ``healthy: ...`` line, or :class:`HeartbeatStale` naming the file, its age or the lasting trouble."""
         age = self.age_s()
-        if age is None or age > max_age_s:
-            raise HeartbeatStale(f"unhealthy: no heartbeat in {self.path} for "
-                                 f"{'ever' if age is None else f'{age:.0f} s'}")
-        return f"healthy: heartbeat {age:.1f} s ago"
+        if age is None:
+            raise HeartbeatStale(f"unhealthy: no heartbeat in {self.path} yet (is the service running?)")
+        if age > max_age_s:
+            raise HeartbeatStale(f"unhealthy: no heartbeat in {self.path} for {age:.0f} s")
+        since, _, trouble = self.path.read_text().partition(" ")
+        if not trouble:
+            return f"healthy: heartbeat {age:.1f} s ago"
+        lasting = max(time.time() - float(since), 0.0)
+        if lasting > max_age_s:
+            raise HeartbeatStale(f"unhealthy: {trouble.strip()}, for {lasting:.0f} s")
+        return f"healthy: heartbeat {age:.1f} s ago ({trouble.strip()}, for {lasting:.0f} s)"

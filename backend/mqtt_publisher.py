@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import secrets
+import socket
 import threading
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from backend.topics import availability_topic
 from common.config import Config
 
 log = logging.getLogger("emdc.mqtt")
+UNREACHABLE = "cannot reach the MQTT broker"
 
 
 def new_client(config: Config, name: str) -> mqtt.Client:
@@ -58,8 +60,23 @@ class MqttPublisher:
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self._where = f"{config.mqtt_host}:{config.mqtt_port}"
+        # Why values cannot reach the broker; "" while connected.
+        self._trouble = f"not connected to the MQTT broker {self._where} yet"
+
+    def trouble(self) -> str:
+        """Why values do not reach the broker right now, or ``""``: the writer's health check reads it, because
+        a writer that counts while Home Assistant receives nothing is not healthy."""
+        return self._trouble
+
+    def _in_trouble(self, why: str) -> None:
+        """One log line when values stop reaching the broker, or when the reason changes."""
+        if why != self._trouble:
+            log.warning("%s; values are published again once it is back", why)
+        self._trouble = why
 
     def request_republish(self, delay_s: float = 0.0) -> None:
         """Ask the owner to re-publish everything after ``delay_s`` (thread-safe)."""
@@ -107,26 +124,39 @@ class MqttPublisher:
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
-            log.error("MQTT broker %s:%d refused the connection: %s", self.config.mqtt_host,
-                      self.config.mqtt_port, reason)
+            self._in_trouble(f"the MQTT broker {self._where} refused the connection: {reason} "
+                             "(check mqtt_username and mqtt_password)")
             return
-        log.info("connected to MQTT broker %s:%d", self.config.mqtt_host, self.config.mqtt_port)
+        log.info("connected to MQTT broker %s", self._where)
+        self._trouble = ""
         self.connected.set()
         client.publish(self.availability, "online", qos=1, retain=True)
         for topic in self._extra_subscriptions:
             client.subscribe(topic, qos=1)
         self.request_republish()
 
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        if not self._trouble.startswith(UNREACHABLE):  # one probe for the reason per outage, not per retry
+            self._in_trouble(f"{UNREACHABLE} {self._where} ({connect_failure(self.config)})")
+
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self.connected.is_set():
-            log.warning("lost the MQTT broker %s:%d (%s); values will be re-published on reconnect",
-                        self.config.mqtt_host, self.config.mqtt_port, reason)
+            self._in_trouble(f"lost the MQTT broker {self._where} ({reason})")
         self.connected.clear()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         callback = self._extra_subscriptions.get(message.topic)
         if callback:
             callback(message.payload)
+
+
+def connect_failure(config: Config) -> str:
+    """Why a TCP connection to the MQTT broker fails right now (paho does not say): for the log line."""
+    try:
+        with socket.create_connection((config.mqtt_host, config.mqtt_port), timeout=5):
+            return "connected at TCP, then failed: TLS or the MQTT handshake"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
 
 
 def publish_once(config: Config, messages: list[tuple[str, str]], timeout_s: float = 10.0) -> None:

@@ -29,7 +29,7 @@ def run_writer(config: Config, stop: threading.Event) -> None:
         mqtt.start()
         consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
-                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s))
+                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s), trouble=mqtt.trouble)
         try:
             consumer.run(stop)
         finally:

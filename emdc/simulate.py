@@ -19,6 +19,7 @@ from typing import Any
 
 from backend.heartbeat import WRITER, Heartbeat
 from backend.memory_transport import MemoryQueue, MemorySink
+from backend.mqtt_publisher import MqttPublisher
 from backend.service import idle_handler
 from backend.writer import EnergyWriter
 from common.config import Config
@@ -48,11 +49,7 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
             return MemoryPublisher(open_reader, memory_queue.put)
 
     simulation = EdgeSimulation(config, plan, publisher_factory=publisher_factory)
-    mqtt: Any = None
-    if real_mqtt:
-        from backend.mqtt_publisher import MqttPublisher
-
-        mqtt = MqttPublisher(config, client_name="emdc-simulate")
+    mqtt = MqttPublisher(config, client_name="emdc-simulate") if real_mqtt else None
     # The writer judges idle power against the simulation's clock, not the wall clock.
     writer = EnergyWriter.open(config, sink=mqtt or MemorySink(), clock=simulation.now_ns)
     if mqtt:
@@ -80,12 +77,23 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
     try:
         result = simulation.run(stop, progress)
         _wait_counted(writer, config.meter_id, result.epoch, result.counters, stop)
+        if mqtt is not None:
+            _wait_published(mqtt, stop)
     finally:
         writer_stop.set()
         thread.join(timeout=30)
         if mqtt:
             mqtt.stop()
     return writer.current_values()
+
+
+def _wait_published(mqtt: MqttPublisher, stop: threading.Event, timeout_s: float = 15.0) -> None:
+    """Fail unless the values reach the MQTT broker: a simulation that printed them is no proof they arrived."""
+    deadline = time.monotonic() + timeout_s
+    while mqtt.trouble() and not stop.is_set():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{mqtt.trouble()}: the simulated values never reached it")
+        stop.wait(0.1)
 
 
 def _wait_counted(writer: EnergyWriter, meter: str, epoch: str, counters: dict[str, int],
