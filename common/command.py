@@ -70,6 +70,8 @@ class CommandContext:
             raise click.ClickException(f"configuration: {exc}") from None
         logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
         if cfg.log_level.upper() != "DEBUG":
             # pika logs every failed attempt at ERROR, with tracebacks; our own lines say what changed.
             logging.getLogger("pika").setLevel(logging.CRITICAL)

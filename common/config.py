@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -89,6 +90,8 @@ class Config:
                                          "says (kernel), or claim nothing (unknown)")
     # Where each non-default value came from (file, variable or flag); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # What loading noticed but did not refuse (an unknown EMDC_* variable), for the log; not a setting.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def is_set(self, name: str) -> bool:
         """True if ``name`` was given explicitly rather than left at its default."""
@@ -108,12 +111,29 @@ class Config:
 
 
 def redact_url(url: str) -> str:
-    """``amqp://user:secret@host/`` → ``amqp://user:***@host/``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL fit for a log line: its password masked, also when the URL is malformed.
+
+    >>> redact_url("amqp://edge:S3cret@broker:5672/%2F")
+    'amqp://edge:***@broker:5672/%2F'
+    >>> redact_url("amqp//edge:S3cret@broker")   # a typo: no scheme, but still a password
+    '***@broker'
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        password = None
+        parts = None
+    if parts is not None and password is not None:
+        netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    if parts is not None and parts.scheme and parts.netloc:  # a well-formed URL without a password
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if "@" in url:  # not parseable as user:password@host, but may still hold one
+        head, _, tail = url.rpartition("@")
+        scheme, sep, _ = head.partition("://")
+        return f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
+    return url
 
 
 def _settings() -> list[Any]:
@@ -142,16 +162,39 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     raw: list[tuple[str, Any, str]] = []
     path = path or env.get("EMDC_CONFIG")
     if path:
-        doc = _read_toml(Path(path))
-        raw += sorted(((k, v, f"{path}: {k}") for k, v in doc.items()), key=lambda item: item[0].endswith("_file"))
+        entries = _read_toml(Path(path))
+        raw += sorted(((k, v, f"{path}: {label}") for k, v, label in entries),
+                      key=lambda item: item[0].endswith("_file"))
     for suffix in ("", "_FILE"):
         raw += [(f.name + suffix.lower(), env[var], var) for f in _settings()
                 if env.get(var := env_name(f.name) + suffix, "") != ""]
     raw += [(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items() if v is not None]
-    return _build(raw)
+    return replace(_build(raw), warnings=tuple(_unknown_variables(env)))
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A line for each ``EMDC_*`` variable that is no setting: a typo must not pass unnoticed."""
+    known = {"EMDC_CONFIG", *(env_name(f.name) for f in _settings()),
+             *(env_name(f.name) + "_FILE" for f in _settings() if f.metadata["secret"])}
+    lines = []
+    for var in sorted(env):
+        if var.startswith("EMDC_") and not var.startswith("EMDC_TEST_") and var not in known:
+            close = difflib.get_close_matches(var, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"environment variable {var} is not an EMDC setting and is ignored{hint}")
+    return lines
+
+
+def _did_you_mean(key: str, origin: str) -> str:
+    """A suggestion for a misspelt setting; a key in a TOML table is also tried with its table's name."""
+    names = [f.name for f in _settings()]
+    written = origin.rpartition(": ")[2].replace(".", "_")
+    close = difflib.get_close_matches(key, names, n=1) or difflib.get_close_matches(written, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_toml(path: Path) -> list[tuple[str, Any, str]]:
+    """(setting name, value, the key as written: ``mqtt.port``) for every key of the file."""
     try:
         with path.open("rb") as fh:
             doc = tomllib.load(fh)
@@ -162,16 +205,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
     # Tables only group keys for the reader: [mqtt] port = 1 means mqtt_port,
     # [edge] active_pin = 17 means active_pin.
     known = {f.name for f in _settings()}
-    flat: dict[str, Any] = {}
+    entries: list[tuple[str, Any, str]] = []
     for key, value in doc.items():
         if not isinstance(value, dict):
-            flat[key] = value
+            entries.append((key, value, key))
             continue
         for sub, sub_value in value.items():
             prefixed = f"{key}_{sub}"
             is_known = prefixed in known or (prefixed.endswith("_file") and prefixed[:-5] in known)
-            flat[prefixed if is_known else sub] = sub_value
-    return flat
+            entries.append((prefixed if is_known else sub, sub_value, f"{key}.{sub}"))
+    return entries
 
 
 def _build(raw: list[tuple[str, Any, str]]) -> Config:
@@ -184,7 +227,7 @@ def _build(raw: list[tuple[str, Any, str]]) -> Config:
             sources[key[:-5]] = origin
             continue
         if key not in known:
-            raise ConfigError(f"{origin}: unknown setting {key!r}")
+            raise ConfigError(f"{origin}: unknown setting {key!r}{_did_you_mean(key, origin)}")
         values[key] = _coerce(value, type(known[key].default), origin, secret=known[key].metadata["secret"])
         sources[key] = origin
     cfg = replace(Config(), **values, sources=sources)

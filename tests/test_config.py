@@ -375,7 +375,7 @@ def test_sources_do_not_affect_equality():
 def test_settings_table_covers_every_setting():
     table = settings_table()
     names = [name for name, *_ in table]
-    fields = [f.name for f in dataclasses.fields(Config) if f.name != "sources"]
+    fields = [f.name for f in dataclasses.fields(Config) if f.name not in {"sources", "warnings"}]
     assert names == fields
     for name, variable, default, help_text in table:
         assert variable == "EMDC_" + name.upper()
@@ -421,3 +421,21 @@ def test_a_secret_of_the_wrong_type_is_not_printed(toml):
     with pytest.raises(ConfigError) as info:
         load_config(toml("mqtt_password = 73519284\n"), env={})
     assert "73519284" not in str(info.value) and "expected str, got a int" in str(info.value)
+
+
+def test_a_misspelt_variable_is_warned_about_with_a_suggestion():
+    cfg = load_config(env={"EMDC_MQTT_PROT": "1884", "EMDC_TEST_AMQP_URL": "x", "EMDC_MQTT_PASSWORD_FILE": "/dev/null"})
+    assert cfg.warnings == ("environment variable EMDC_MQTT_PROT is not an EMDC setting and is ignored "
+                            "(did you mean EMDC_MQTT_PORT?)",)
+
+
+def test_a_misspelt_key_in_a_table_names_its_path_and_a_suggestion(toml):
+    with pytest.raises(ConfigError, match=r"mqtt\.prot: unknown setting 'prot' \(did you mean 'mqtt_port'\?\)"):
+        load_config(toml("[mqtt]\nprot = 1\n"), env={})
+
+
+@pytest.mark.parametrize("url", ["amqp//edge:S3cretPw@host/", "amqp://edge:S3cretPw@[::1/", "edge:S3cretPw@host"])
+def test_a_malformed_url_is_never_echoed_with_its_password(url: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"EMDC_AMQP_URL": url})
+    assert "S3cretPw" not in str(info.value)
