@@ -34,7 +34,11 @@ def run_writer(config: Config, stop: threading.Event) -> None:
             consumer.run(stop)
         finally:
             mqtt.stop()
-            log.info("writer stopped; state saved in %s", writer.store.path)
+            if writer.save_failed:
+                log.warning("writer stopped; the last batch could not be saved to %s and stays in the queue, "
+                            "to be counted at the next start", writer.store.path)
+            else:
+                log.info("writer stopped; state saved in %s", writer.store.path)
 
 
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:

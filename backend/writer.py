@@ -59,6 +59,8 @@ class EnergyWriter:
         self._meters = set(meters)
         self._announced: set[str] = set()
         self._published: dict[str, str] = {}
+        # True while the latest batch could not be saved (it stays unacknowledged in the queue).
+        self.save_failed = False
 
     @classmethod
     def open(cls, config: Config, sink: Sink, clock: Callable[[], int] = time.time_ns) -> EnergyWriter:
@@ -113,7 +115,9 @@ class EnergyWriter:
             except BaseException:
                 # The batch will be redelivered; counting it again must not look like a duplicate.
                 self.ledger.load_json(saved)
+                self.save_failed = True
                 raise
+            self.save_failed = False
         self._publish(touched, force=False)
         return dead
 

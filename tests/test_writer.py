@@ -175,8 +175,10 @@ def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: 
     with pytest.raises(OSError):
         writer.handle_batch(batch)
     assert sink.log == [], "nothing is published for a batch that was not saved"
+    assert writer.save_failed, "a stop now must not claim the state was saved"
     monkeypatch.undo()
     writer.handle_batch(batch)  # the broker redelivers the unacknowledged batch
+    assert not writer.save_failed
     saved = json.loads((tmp_path / "energy_state.json").read_text())
     assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 2_000_000
 
