@@ -110,19 +110,34 @@ def state_show(obj: CommandContext, /, **overrides: Any) -> None:
 @click.option("--channel", required=True, type=click.Choice(CHANNELS))
 @click.option("--kwh", required=True, metavar="DECIMAL", callback=exact_decimal,
               help="The physical meter's reading (kWh or kvarh).")
+@click.option("--new-meter", is_flag=True, help="The meter has no total yet: calibrate it anyway (a typo would "
+              "otherwise create a meter, and a Home Assistant device).")
+@setting_flags("state_dir")
 @click.pass_obj
-def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal) -> None:
+def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal, new_meter: bool,
+                    **overrides: Any) -> None:
     """Set a total to the physical meter reading, through the broker.
 
     The command is queued with the pulses, so the running writer applies it in
-    order, without racing its state file, and logs the old and new value.
+    order, without racing its state file, and logs the old and new value. Run it
+    where the writer's state dir is (the meters it knows are read from there).
     """
     import pika.exceptions
 
     from backend.control import send_set_total
+    from backend.state_store import StateError
+    from backend.writer import known_meters
     from common.message import MessageError, SetTotal
 
-    cfg = obj.config({})
+    cfg = obj.config(overrides)
+    if not new_meter:
+        try:
+            known = known_meters(cfg)
+        except StateError as exc:
+            raise click.ClickException(str(exc)) from None
+        if meter not in known:
+            raise click.BadParameter(f"{meter!r} is not a meter the writer knows ({', '.join(known)}); to "
+                                     "calibrate a new meter on purpose, add --new-meter", param_hint="--meter")
     try:
         with rabbitmq_failures(cfg):
             send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))

@@ -18,3 +18,15 @@ def test_an_unreachable_broker_is_one_line_with_its_address_and_reason(args: lis
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"Error: RabbitMQ at amqp://guest:***@{host}:") and why in lines[0]
     assert "Secret123" not in result.stderr + result.stdout
+
+
+def test_set_total_refuses_a_meter_the_writer_does_not_know_unless_told_it_is_new(tmp_path) -> None:
+    env = {"EMDC_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", "EMDC_STATE_DIR": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}
+    args = ["state", "set-total", "--meter", "mian", "--channel", "active", "--kwh", "1"]
+    refused = run_emdc(args, env, check=False)
+    assert refused.returncode == 2
+    assert "'mian' is not a meter the writer knows (main); to calibrate a new meter on purpose, add --new-meter" \
+        in refused.stderr
+    on_purpose = run_emdc([*args, "--new-meter"], env, check=False)
+    assert on_purpose.returncode == 1 and "RabbitMQ at" in on_purpose.stderr  # past the check, to the broker
