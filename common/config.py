@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 from common.message import MAX_WH, MessageError, validate_meter_id
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+# The GPIOs of a Raspberry Pi's 40-pin header, by BCM number.
+GPIO_PINS = range(28)
 
 
 class ConfigError(ValueError):
@@ -286,6 +288,13 @@ def _check(cfg: Config) -> None:
     for name, limit in limits.items():  # AMQP's prefetch count is 16 bits; ports are too
         if getattr(cfg, name) > limit:
             raise ConfigError(f"{name} must be at most {limit:g}, got {getattr(cfg, name)}")
+    if cfg.active_pin not in GPIO_PINS:
+        raise ConfigError(f"active_pin must be a BCM GPIO number from 0 to 27 (GPIO17 is header pin 11), "
+                          f"got {cfg.active_pin}")
+    if cfg.reactive_pin != -1 and cfg.reactive_pin not in GPIO_PINS:
+        raise ConfigError(f"reactive_pin must be -1 (none) or a BCM GPIO number from 0 to 27, got {cfg.reactive_pin}")
+    if cfg.reactive_pin == cfg.active_pin:
+        raise ConfigError(f"active_pin and reactive_pin are both GPIO{cfg.active_pin}: each output needs its own pin")
     if cfg.clock_sync not in {"kernel", "unknown"}:
         raise ConfigError(f"clock_sync must be kernel or unknown, got {cfg.clock_sync!r}")
     if cfg.discovery not in {"device", "entity", "off"}:

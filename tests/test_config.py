@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,14 @@ def test_a_malformed_url_is_never_echoed_with_its_password(url: str):
     with pytest.raises(ConfigError) as info:
         load_config(env={"EMDC_AMQP_URL": url})
     assert "S3cretPw" not in str(info.value)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"EMDC_ACTIVE_PIN": "99"}, "active_pin must be a BCM GPIO number from 0 to 27"),
+    ({"EMDC_ACTIVE_PIN": "-1"}, "active_pin must be a BCM GPIO number from 0 to 27"),
+    ({"EMDC_REACTIVE_PIN": "28"}, "reactive_pin must be -1 (none) or a BCM GPIO number from 0 to 27"),
+    ({"EMDC_ACTIVE_PIN": "22", "EMDC_REACTIVE_PIN": "22"}, "active_pin and reactive_pin are both GPIO22"),
+])
+def test_pins_a_pi_does_not_have_or_shares_are_refused_with_the_setting_named(env: dict[str, str], message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(env=env)
