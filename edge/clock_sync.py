@@ -44,9 +44,13 @@ def synced_from(state: int, status: int) -> bool:
 
 
 def describe_sync(synced: bool | None) -> str:
-    """For log and status lines."""
+    """For log and status lines, which put it after "the clock is", "clock:" or in parentheses.
+
+    >>> f"the clock is {describe_sync(None)}"
+    'the clock is not known to be synchronised'
+    """
     if synced is None:
-        return "synchronisation unknown"
+        return "not known to be synchronised"
     return "synchronised" if synced else "NOT synchronised (check timedatectl: is NTP running?)"
 
 

@@ -68,8 +68,6 @@ TWO_YEARS_S = 2 * 365 * 86_400.0  # libfaketime's "y" is 365 days
 UWH_PER_PULSE = 1_000_000  # the default 1 Wh per pulse
 # The recorder re-anchors its clock every 10 s (edge/reader.py), so a step shows within that, plus slack.
 REANCHOR_WAIT_S = 20.0
-# MQTT messages published before a log line may arrive this much later.
-DELIVERY_SLACK_S = 0.5
 
 Spawn = Callable[..., EmdcProcess]
 
@@ -165,27 +163,39 @@ def pi(names: Names, tmp_path: Path, libfaketime: str) -> Iterator[Pi]:
 
 
 class PowerWatcher(MqttWatcher):
-    """An MQTT watcher that also notes when (by the real clock) each active power value arrived."""
+    """An MQTT watcher that tells which batch of the writer each active power value came with.
+
+    The writer publishes a batch's values (energy, then power) after it has
+    logged what the batch changed, so a value published with the batch that
+    logged a line arrives after that line's time, and values of earlier
+    batches may arrive a little later too. Each power value is therefore timed
+    by the energy value before it, which the same batch published first: the
+    batch is from before a log line exactly when its energy arrived before it.
+    """
 
     def __init__(self, prefix: str) -> None:
+        self.energy_topic = f"{prefix}/active_energy"
         self.power_topic = f"{prefix}/active_power"
-        self.power_arrivals: list[tuple[float, str]] = []
-        self._arrivals_lock = threading.Lock()
+        self._batch_at = 0.0  # arrival of the latest energy value
+        self.power_values: list[tuple[float, str]] = []  # (arrival of its batch's energy, power)
+        self._power_lock = threading.Lock()
         super().__init__(f"{prefix}/#")
 
     def _on_message(self, client: object, userdata: object, message: mqtt.MQTTMessage) -> None:
-        if message.topic == self.power_topic:
-            with self._arrivals_lock:
-                self.power_arrivals.append((time.time(), message.payload.decode()))
+        if message.topic == self.energy_topic:
+            self._batch_at = time.time()
+        elif message.topic == self.power_topic:
+            with self._power_lock:
+                self.power_values.append((self._batch_at, message.payload.decode()))
         super()._on_message(client, userdata, message)
 
-    def power_between(self, start: float, end: float = float("inf")) -> list[str]:
-        """Active power values that arrived between ``start`` and ``end`` (epoch seconds)."""
-        with self._arrivals_lock:
-            return [value for at, value in self.power_arrivals if start < at < end]
+    def power_published(self, after: float, before: float = float("inf")) -> list[str]:
+        """Active power values of the batches published between ``after`` and ``before`` (epoch seconds)."""
+        with self._power_lock:
+            return [value for at, value in self.power_values if after <= at < before]
 
-    def wait_for_power_after(self, start: float, timeout: float = 10) -> None:
-        wait_until(lambda: self.power_between(start), timeout, "the writer to publish active power")
+    def wait_for_power_after(self, after: float, timeout: float = 10) -> None:
+        wait_until(lambda: self.power_published(after), timeout, "the writer to publish active power")
 
 
 @pytest.fixture
@@ -306,7 +316,7 @@ def test_an_hour_ahead_for_15_s_then_corrected(names: Names, spawn: Spawn, pi: P
     [distrust] = DISTRUST.findall(writer.log())
     assert "ahead of the writer's clock" in distrust
     assert writer.log().count(TRUSTED_AGAIN) == 1, writer.log()
-    assert power.power_between(distrusted_at + DELIVERY_SLACK_S, trusted_at) == []
+    assert power.power_published(distrusted_at, trusted_at) == []
 
 
 def test_two_years_behind_after_a_clean_stop_then_an_ntp_step_forward(names: Names, spawn: Spawn, pi: Pi,
@@ -338,7 +348,7 @@ def test_two_years_behind_after_a_clean_stop_then_an_ntp_step_forward(names: Nam
     [distrust] = DISTRUST.findall(writer.log())
     assert "not after the channel's previous pulse" in distrust
     assert writer.log().count(TRUSTED_AGAIN) == 1, writer.log()
-    assert power.power_between(distrusted_at + DELIVERY_SLACK_S, trusted_at) == []
+    assert power.power_published(distrusted_at, trusted_at) == []
 
 
 def test_first_start_two_years_behind_and_unsynchronised_then_an_ntp_step_forward(
@@ -366,7 +376,7 @@ def test_first_start_two_years_behind_and_unsynchronised_then_an_ntp_step_forwar
     [distrust] = DISTRUST.findall(writer.log())
     assert "the edge reports its clock as not synchronised" in distrust
     assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_between(0) == [], "no timestamp could be trusted, so no power is known"
+    assert power.power_published(0) == [], "no timestamp could be trusted, so no power is known"
 
 
 def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, power: PowerWatcher) -> None:
@@ -387,7 +397,7 @@ def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, 
     [distrust] = DISTRUST.findall(writer.log())
     assert "not after the channel's previous pulse" in distrust
     assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_between(distrusted_at + DELIVERY_SLACK_S) == []
+    assert power.power_published(distrusted_at) == []
 
 
 def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn, pi: Pi,
@@ -415,7 +425,7 @@ def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn,
     [distrust] = DISTRUST.findall(writer.log())
     assert "not after the channel's previous pulse" in distrust
     assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_between(distrusted_at + DELIVERY_SLACK_S) == []
+    assert power.power_published(distrusted_at) == []
 
 
 def test_pulses_resent_across_a_step_back_are_duplicates(names: Names, spawn: Spawn, pi: Pi,
