@@ -293,6 +293,8 @@ def run_meter_until(pi: Pi, more: int, timeout: float = 30) -> None:
 
 
 def test_an_hour_ahead_for_15_s_then_corrected(names: Names, spawn: Spawn, pi: Pi, power: PowerWatcher) -> None:
+    """Someone sets the Pi's clock an hour ahead, then corrects it: the edge follows both steps; pulses
+    stamped ahead are counted, not trusted, and power shows again once the times are right."""
     writer = start_writer(spawn, names, writer_env(names))
     pi.start("+0")
     pi.meter_on()
@@ -321,6 +323,8 @@ def test_an_hour_ahead_for_15_s_then_corrected(names: Names, spawn: Spawn, pi: P
 
 def test_two_years_behind_after_a_clean_stop_then_an_ntp_step_forward(names: Names, spawn: Spawn, pi: Pi,
                                                                        power: PowerWatcher) -> None:
+    """A Pi restarts without its clock, two years behind, then NTP sets it: the epoch continues across the
+    clean stop, the pulses stamped in the past are counted without being trusted, and power comes back."""
     writer = start_writer(spawn, names, writer_env(names))
     pi.start("+0")
     pi.meter_on()
@@ -380,6 +384,8 @@ def test_first_start_two_years_behind_and_unsynchronised_then_an_ntp_step_forwar
 
 
 def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, power: PowerWatcher) -> None:
+    """The clock of a running edge goes back an hour, the wrong way: the edge follows it; the pulses after the
+    step are behind the last trusted one, so they are counted without power until the times pass it."""
     writer = start_writer(spawn, names, writer_env(names))
     pi.start("+0")
     pi.meter_on()
@@ -402,6 +408,8 @@ def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, 
 
 def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn, pi: Pi,
                                                      power: PowerWatcher) -> None:
+    """Stopped cleanly at the right time, restarted an hour behind: the edge says so when it starts, the epoch
+    continues, and the writer counts on without trusting the times or showing power."""
     writer = start_writer(spawn, names, writer_env(names))
     pi.start("+0")
     pi.meter_on()
