@@ -105,9 +105,10 @@ class PulseInput(DigitalInputDevice):
 class PulseRecorder(threading.Thread):
     """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit.
 
-    A storage fault that is not a damaged store (:class:`~edge.outbox.StoreError`)
-    never ends the thread: the pulses wait in memory. Any other exception is a
-    bug and ends it, which the service reports.
+    A storage fault (:class:`~edge.outbox.StoreError`) never ends the thread:
+    the pulses wait in memory (a damaged store ends the service instead, through
+    its health). Any other exception is a bug and ends the thread, which the
+    service reports.
     """
 
     def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
