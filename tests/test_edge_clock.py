@@ -61,8 +61,11 @@ from tests.support import (
 
 pytestmark = pytest.mark.slow
 
-LIBFAKETIME_PATTERNS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
-                        "/usr/local/lib/faketime/libfaketime.so.1")
+# The multi-threaded variant: with the plain libfaketime.so.1, threads reading the clock at the same time
+# now and then get the real time instead of the faked one (hundreds of times a second with four threads),
+# which looks to the edge like a wall clock stepping back and forth.
+LIBFAKETIME_PATTERNS = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1",
+                        "/usr/local/lib/faketime/libfaketimeMT.so.1")
 HOUR_S = 3600.0
 TWO_YEARS_S = 2 * 365 * 86_400.0  # libfaketime's "y" is 365 days
 UWH_PER_PULSE = 1_000_000  # the default 1 Wh per pulse
@@ -74,7 +77,7 @@ Spawn = Callable[..., EmdcProcess]
 
 @pytest.fixture(scope="session")
 def libfaketime() -> str:
-    """The preload library of Debian's faketime package (installed by .ci/run)."""
+    """The preload library of Debian's faketime package (installed by .ci/run), for a multi-threaded process."""
     for pattern in LIBFAKETIME_PATTERNS:
         if found := sorted(glob.glob(pattern)):
             return found[0]
