@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -369,6 +370,18 @@ class Outbox:
                         self.epoch, exc)
         finally:
             self._conn.close()
+
+
+def last_recorded_ns(path: Path) -> int:
+    """The timestamp of the newest pulse ever recorded in the store at ``path`` (0 if none), read-only."""
+    if not path.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            newest: int | None = conn.execute("SELECT max(last_ts_ns) FROM counter").fetchone()[0]
+    except sqlite3.Error:  # no counter table yet, or damaged: the edge service will say which
+        return 0
+    return newest or 0
 
 
 def _write_durably(path: Path, text: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 from gpiozero.pins.mock import MockFactory, MockPin, PinState
 
 from common.config import Config
+from edge.outbox import FILENAME, last_recorded_ns
 from edge.service import EdgeService, channel_pins
 from edge.tick_clock import TickClock
 
@@ -255,11 +256,13 @@ class EdgeSimulation:
         self.factory = VirtualClockFactory()
         self.meter = SimulatedMeter(self.factory, channel_pins(config), plan.profile, config.wh_per_pulse,
                                     config.pull_up, plan.speed)
-        # Timestamps: let the simulated run end about now, as if it had happened in real time.
+        # Timestamps: let the simulated run end about now, as if it had happened in real time, but never
+        # overlap a previous run on the same store: that would stamp pulses before ones already counted.
         speedup = 1 - 1 / plan.speed if plan.speed else 1
         lead_ns = round(self.meter.duration_for(plan.count, plan.duration_s) * speedup * 1e9)
-        self.clock = TickClock(self.factory.ticks, wall_ns=lambda: time.time_ns() - lead_ns,
-                               follow_wall_clock=False)
+        start_ns = max(time.time_ns() - lead_ns, last_recorded_ns(Path(config.state_dir) / FILENAME) + 10**9)
+        shift_ns = start_ns - time.time_ns()
+        self.clock = TickClock(self.factory.ticks, wall_ns=lambda: time.time_ns() + shift_ns, follow_wall_clock=False)
         # Simulated time 0 is this instant: pulses are driven relative to it, not to when run()
         # starts after the service has opened (importing pika alone takes ~0.1 s), so that at
         # --speed 1 a pulse's ts_ns is the moment it is really driven.
