@@ -215,8 +215,8 @@ class PulseRecorder(threading.Thread):
     def _write_failed(self, exc: StoreError) -> None:
         # A damaged store ends the service, which says so in one line of its own.
         if self._retry.failed(exc.reason, time.monotonic()) and not exc.damaged:
-            log.warning("cannot write the outbox %s (%s): holding %d pulses in memory until the disk takes them",
-                        self.outbox.path, exc.reason, self._hold.pending)
+            log.warning("cannot write the outbox %s (%s): holding pulses in memory until the disk takes them "
+                        "(%d so far)", self.outbox.path, exc.reason, self._hold.pending)
 
     def _write_held(self, now: float) -> None:
         """Write the held pulses in order, if a retry is due; stop at the first failure, keeping the rest."""
@@ -236,7 +236,7 @@ class PulseRecorder(threading.Thread):
             limit = HOLD_WRITE
         self._holding = False
         self._retry.succeeded()
-        log.info("outbox writable again: wrote the %d held pulses", self._written_from_hold)
+        log.info("outbox writable again: wrote the %d held pulse(s)", self._written_from_hold)
 
     def _report_noise(self) -> None:
         """One line per minute at most when the filter rejects pulses: wiring or thresholds may be wrong."""

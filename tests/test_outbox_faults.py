@@ -148,7 +148,7 @@ def test_the_recorder_holds_pulses_while_the_disk_is_full_and_writes_them_when_i
     assert box.counters()["active"] == stored + 30
     lines = [r.getMessage() for r in caplog.records]
     assert sum("cannot write the outbox" in line for line in lines) == 1, lines
-    assert "outbox writable again: wrote the 30 held pulses" in lines
+    assert "outbox writable again: wrote the 30 held pulse(s)" in lines
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
 
