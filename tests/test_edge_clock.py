@@ -151,18 +151,30 @@ class Pi:
         assert proc.wait(30) == 0, self.log()
         assert "Traceback" not in self.log(), self.log()
 
-    def kill(self) -> None:
+    def end(self) -> None:
+        """End any run a failed test left behind, and the shared memory libfaketime keeps per process.
+
+        libfaketime removes its /dev/shm files when the process exits normally,
+        so a run gets SIGTERM first; after a SIGKILL they stay, and a later
+        process that gets the same pid fails to start under libfaketime.
+        """
         for proc, _ in self.runs:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    for name in (f"faketime_shm_{proc.pid}", f"sem.faketime_sem_{proc.pid}"):
+                        (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 @pytest.fixture
 def pi(names: Names, tmp_path: Path, libfaketime: str) -> Iterator[Pi]:
     device = Pi(names, tmp_path / "pi", libfaketime)
     yield device
-    device.kill()
+    device.end()
 
 
 class PowerWatcher(MqttWatcher):
