@@ -53,6 +53,17 @@ def setting_flags(*names: str) -> Callable[[F], F]:
     return decorate
 
 
+class ConfigurationError(click.ClickException):
+    """A start-up failure that a restart cannot cure (a bad setting, missing GPIO): one line, exit status 78.
+
+    78 is EX_CONFIG of sysexits.h; the Pi's systemd unit lists it in
+    ``RestartPreventExitStatus=``, so a mistake stops the service with its
+    message instead of restarting it every few seconds forever.
+    """
+
+    exit_code = 78
+
+
 class CommandContext:
     """The root group's options, and the configuration built from them for a command."""
 
@@ -67,7 +78,7 @@ class CommandContext:
         try:
             cfg = load_config(self.config_path, overrides=overrides)
         except ConfigError as exc:
-            raise click.ClickException(f"configuration: {exc}") from None
+            raise ConfigurationError(f"configuration: {exc}") from None
         logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         for warning in cfg.warnings:

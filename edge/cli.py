@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from common.command import CommandContext, setting_flags, stop_on_signals
+from common.command import CommandContext, ConfigurationError, setting_flags, stop_on_signals
 from common.config import Config
 
 if TYPE_CHECKING:
@@ -36,15 +36,19 @@ def edge_run(obj: CommandContext, /, **overrides: Any) -> None:
 
     Runs until SIGTERM/SIGINT. Under systemd (Type=notify) it reports READY
     once the pins and the outbox are open, and feeds the watchdog while its
-    threads are alive.
+    threads are alive. Pins that cannot be opened exit with status 78
+    (EX_CONFIG), which the unit does not restart: retrying would not help.
     """
     from edge.outbox import OutboxError
-    from edge.service import run_edge
+    from edge.service import GpioUnavailable, run_edge
 
     try:
         sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
     except OutboxError as exc:
         raise click.ClickException(str(exc)) from None
+    except GpioUnavailable as exc:
+        raise ConfigurationError(str(exc)) from None
+
 
 
 @edge.command("status", short_help="Counters, outbox depth, last confirm, link state.")

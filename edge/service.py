@@ -14,9 +14,12 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from gpiozero.exc import BadPinFactory, GPIOPinInUse, GPIOZeroError, PinFactoryFallback, PinInvalidPin
 
 from common.config import Config
 from edge.clock_sync import describe_sync, kernel_clock_synced
@@ -37,6 +40,26 @@ class Publisher(Protocol):
     def run(self, stop: threading.Event) -> None: ...
 
     def wake(self) -> None: ...
+
+
+class GpioUnavailable(RuntimeError):
+    """The configured pins cannot be opened; the text says why and what to do. Retrying will not help."""
+
+
+def gpio_failure(exc: BaseException, channel: str, pin: int) -> str:
+    """One line for a pin that cannot be opened, naming the setting and the likely fix."""
+    setting = f"{channel}_pin = {pin}"
+    if isinstance(exc, BadPinFactory):  # before ImportError, which it extends
+        return (f"no GPIO access here ({exc}): on a Raspberry Pi install lgpio (`sudo apt install python3-lgpio`) "
+                "and run as a user in the gpio group; to try EMDC without a meter, use `emdc edge simulate`")
+    if isinstance(exc, ImportError):
+        return (f"the GPIO library is missing ({exc}): on a Raspberry Pi install it with "
+                "`sudo apt install python3-lgpio` (or `pip install lgpio` in the edge's venv)")
+    if isinstance(exc, GPIOPinInUse):
+        return f"GPIO{pin} ({setting}) is already in use: is another `emdc edge run` running? ({exc})"
+    if isinstance(exc, PinInvalidPin):
+        return f"GPIO{pin} ({setting}) does not exist on this board ({exc})"
+    return f"cannot open GPIO{pin} ({setting}): {exc}"
 
 
 def channel_pins(config: Config) -> dict[str, int]:
@@ -71,8 +94,14 @@ class EdgeService:
         self.inputs: list[PulseInput] = []
         try:
             for channel, pin in pins.items():
-                self.inputs.append(PulseInput(pin, channel=channel, sink=edges.put, pull_up=config.pull_up,
-                                              pin_factory=pin_factory))
+                try:
+                    with warnings.catch_warnings():
+                        # gpiozero warns about each factory it cannot load; the error below says it once.
+                        warnings.simplefilter("ignore", PinFactoryFallback)
+                        self.inputs.append(PulseInput(pin, channel=channel, sink=edges.put,
+                                                      pull_up=config.pull_up, pin_factory=pin_factory))
+                except (GPIOZeroError, ImportError, OSError) as exc:
+                    raise GpioUnavailable(gpio_failure(exc, channel, pin)) from exc
         except Exception:
             self._close_inputs()
             self.outbox.close()

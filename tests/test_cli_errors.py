@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from tests.support import free_port, run_emdc
@@ -30,3 +32,25 @@ def test_set_total_refuses_a_meter_the_writer_does_not_know_unless_told_it_is_ne
         in refused.stderr
     on_purpose = run_emdc([*args, "--new-meter"], env, check=False)
     assert on_purpose.returncode == 1 and "RabbitMQ at" in on_purpose.stderr  # past the check, to the broker
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("nonsense", "no GPIO access here (Unable to find pin factory 'nonsense'): on a Raspberry Pi install lgpio"),
+    pytest.param("lgpio", "the GPIO library is missing (No module named 'lgpio'): on a Raspberry Pi install it",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("lgpio") is not None, reason="lgpio is here")),
+])
+def test_edge_run_without_usable_gpio_is_one_line_and_a_status_systemd_does_not_restart(tmp_path, factory: str,
+                                                                                        message: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "EMDC_STATE_DIR": str(tmp_path), "GPIOZERO_PIN_FACTORY": factory}
+    result = run_emdc(["edge", "run"], env, check=False)
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+def test_a_bad_setting_is_a_configuration_error_too() -> None:
+    result = run_emdc(["edge", "run"], {"PATH": "/usr/bin:/bin", "EMDC_ACTIVE_PIN": "99"}, check=False)
+    assert result.returncode == 78
+    assert result.stderr.strip() == ("Error: configuration: active_pin must be a BCM GPIO number from 0 to 27 "
+                                     "(GPIO17 is header pin 11), got 99")

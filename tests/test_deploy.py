@@ -100,6 +100,7 @@ def test_unit_has_the_required_directives():
     assert one["Type"] == "notify"
     assert one["NotifyAccess"] == "main"
     assert one["Restart"] == "on-failure"
+    assert one["RestartPreventExitStatus"] == "78"  # a configuration error: `emdc edge run` says it in one line
     assert re.fullmatch(r"\d+s?", one["WatchdogSec"])
     assert one["User"] == "emdc"  # dedicated, not root
     assert "gpio" in one["SupplementaryGroups"].split()
