@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from common.channels import CHANNELS
-from common.command import CommandContext, setting_flags, stop_on_signals
+from common.command import CommandContext, setting_flags, state_dir, stop_on_signals
 from common.config import Config
 from common.topology import control_routing_key
 
@@ -79,6 +79,7 @@ def writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: Any
     from backend.state_store import StateError
 
     try:
+        state_dir(cfg)
         run_writer(cfg, stop_on_signals())
     except StateError as exc:
         raise click.ClickException(str(exc)) from None
@@ -263,6 +264,7 @@ def db_writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: 
         check_heartbeat(cfg, DB_WRITER, max_age)
         return
     try:
+        state_dir(cfg)
         run_db_writer(cfg, stop_on_signals())
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None

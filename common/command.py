@@ -14,10 +14,12 @@ the root group (``emdc/cli.py``) puts in click's context. Example::
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -87,6 +89,23 @@ class CommandContext:
             # pika logs every failed attempt at ERROR, with tracebacks; our own lines say what changed.
             logging.getLogger("pika").setLevel(logging.CRITICAL)
         return cfg
+
+
+def state_dir(config: Config) -> Path:
+    """The configured state dir, created if need be; a :class:`ConfigurationError` naming why it is unusable.
+
+    Checked once at a service's start, so that a wrong path is one line
+    instead of a traceback from whichever component touches it first.
+    """
+    path = Path(config.state_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        hint = ": a part of the path is a file" if isinstance(exc, NotADirectoryError | FileExistsError) else ""
+        raise ConfigurationError(f"state_dir {path} cannot be created ({exc.strerror}{hint})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"state_dir {path} is not writable by this user (uid {os.getuid()})")
+    return path
 
 
 def stop_on_signals() -> threading.Event:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from common.command import CommandContext, ConfigurationError, setting_flags, stop_on_signals
+from common.command import CommandContext, ConfigurationError, setting_flags, state_dir, stop_on_signals
 from common.config import Config
 
 if TYPE_CHECKING:
@@ -43,7 +43,9 @@ def edge_run(obj: CommandContext, /, **overrides: Any) -> None:
     from edge.service import GpioUnavailable, run_edge
 
     try:
-        sys.exit(run_edge(obj.config(overrides), stop_on_signals()))
+        cfg = obj.config(overrides)
+        state_dir(cfg)
+        sys.exit(run_edge(cfg, stop_on_signals()))
     except OutboxError as exc:
         raise click.ClickException(str(exc)) from None
     except GpioUnavailable as exc:
@@ -147,6 +149,7 @@ def edge_simulate(obj: CommandContext, /, power: float | None, reactive_power: f
     cfg = simulation_config(obj, overrides, plan)
     stop = stop_on_signals()
     try:
+        state_dir(cfg)
         result = EdgeSimulation(cfg, plan).run(stop)
     except OutboxError as exc:
         raise click.ClickException(str(exc)) from None

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from common import __version__
-from common.command import CommandContext, setting_flags, stop_on_signals
+from common.command import CommandContext, setting_flags, state_dir, stop_on_signals
 from edge.cli import simulation_config, simulation_options, simulation_plan
 
 # Command name -> "module:attribute" of its click command or group.
@@ -101,12 +101,13 @@ def simulate(obj: CommandContext, /, power: float | None, reactive_power: float 
     embedded in-process transport (no broker needed); with them, through the
     real brokers. By default it simulates an hour of household load in seconds.
     """
-    from emdc.simulate import run_simulation
+    from emdc.simulate import run_simulation, simulation_settings
 
     plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
                            speed=speed, profile=profile, default_speed="720")
     cfg = simulation_config(obj, overrides, plan)
     try:
+        state_dir(simulation_settings(cfg))
         values = run_simulation(cfg, plan, stop_on_signals())
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None

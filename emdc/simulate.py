@@ -31,10 +31,14 @@ log = logging.getLogger("emdc.simulate")
 DEFAULT_STATE_DIR = "./state/simulate"
 
 
+def simulation_settings(config: Config) -> Config:
+    """``config`` with the simulation's own state dir unless one was given: a simulation never touches a real one."""
+    return config if config.is_set("state_dir") else dataclasses.replace(config, state_dir=DEFAULT_STATE_DIR)
+
+
 def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) -> dict[str, str]:
     """Simulate ``plan`` end to end; return the final value of every MQTT topic."""
-    if not config.is_set("state_dir"):
-        config = dataclasses.replace(config, state_dir=DEFAULT_STATE_DIR)
+    config = simulation_settings(config)
     real_amqp, real_mqtt = config.is_set("amqp_url"), config.is_set("mqtt_host")
     log.info("transport: %s; values: %s; state in %s",
              "RabbitMQ (EMDC_AMQP_URL)" if real_amqp else "embedded in-process queue (no broker configured)",

@@ -54,3 +54,14 @@ def test_a_bad_setting_is_a_configuration_error_too() -> None:
     assert result.returncode == 78
     assert result.stderr.strip() == ("Error: configuration: active_pin must be a BCM GPIO number from 0 to 27 "
                                      "(GPIO17 is header pin 11), got 99")
+
+
+@pytest.mark.parametrize("command", [["writer"], ["db-writer"], ["edge", "run"],
+                                     ["edge", "simulate", "--count", "5"], ["simulate", "--count", "5"]])
+def test_a_state_dir_under_a_file_is_one_line_naming_the_setting(tmp_path, command: list[str]) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "EMDC_STATE_DIR": str(tmp_path / "a-file" / "state")}
+    result = run_emdc(command, env, check=False)
+    assert result.returncode == 78
+    assert result.stderr.strip() == (f"Error: state_dir {tmp_path / 'a-file' / 'state'} cannot be created "
+                                     "(Not a directory: a part of the path is a file)")

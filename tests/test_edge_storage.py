@@ -330,4 +330,4 @@ def test_an_unwritable_state_directory_is_named_as_the_reason(names: Names, edge
     no_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
                    "--inh-caps=-dac_override,-dac_read_search"]
     output = edge.refused(*no_override)
-    assert f"cannot create the counter store {edge.store}: Permission denied on the directory" in output, output
+    assert output == f"Error: state_dir {names.edge_dir} is not writable by this user (uid 0)", output
