@@ -182,11 +182,20 @@ class PulseStore:
 
     # -- what the db-writer's ledger needs to resume --------------------------
 
-    def latest(self, meter: str, channel: str, epoch: str) -> tuple[int, int] | None:
-        """(seq, ts_ns) of the highest stored seq of a series, or None."""
-        return self._one(sa.select(pulses.c.seq, pulses.c.ts_ns)
-                         .where(pulses.c.meter == meter, pulses.c.channel == channel, pulses.c.epoch == epoch)
-                         .order_by(pulses.c.seq.desc()).limit(1))
+    def latest(self, meter: str, channel: str, epoch: str) -> tuple[int, int, int] | None:
+        """(seq, ts_ns) of the highest stored seq of a series and the latest ts_ns stored in it, or None.
+
+        The two times differ after the edge's clock stepped back: a resend of an
+        earlier pulse may then carry a time after the highest seq's.
+        """
+        where = (pulses.c.meter == meter, pulses.c.channel == channel, pulses.c.epoch == epoch)
+        highest = self._one(sa.select(pulses.c.seq, pulses.c.ts_ns).where(*where)
+                            .order_by(pulses.c.seq.desc()).limit(1))
+        if highest is None:
+            return None
+        with self.engine.connect() as conn:
+            latest_ns: int = conn.execute(sa.select(sa.func.max(pulses.c.ts_ns)).where(*where)).scalar_one()
+        return (*highest, int(latest_ns))
 
     def last_ts(self, meter: str, channel: str) -> int | None:
         """Time of the newest stored pulse of (meter, channel), or None."""

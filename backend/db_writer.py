@@ -95,7 +95,8 @@ class DbWriter:
             self._resumed.add(channel_key)
         latest = self.store.latest(pulse.meter, pulse.channel, pulse.epoch)
         if latest is not None:
-            state.epochs[pulse.epoch] = Cursor(*latest)
+            seq, ts_ns, latest_ns = latest
+            state.epochs[pulse.epoch] = Cursor(seq, ts_ns, latest_ns=latest_ns)
         self._resumed.add(epoch_key)
 
 

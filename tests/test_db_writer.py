@@ -324,3 +324,14 @@ def test_db_writer_refuses_to_start_on_an_unreachable_database_without_showing_t
     assert result.returncode != 0
     assert "cannot use the database" in result.stderr and "Can't connect" in result.stderr
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_restarted_writer_takes_a_resend_across_a_clock_step_back_for_a_duplicate(store: PulseStore,
+                                                                                    db_url: str) -> None:
+    # seq 1 at t = 100 s, then the edge's clock steps back an hour: seq 2 is stamped before seq 1.
+    first, stepped = pulse(1, 100), pulse(2, 100 - 3600)
+    DbWriter(store, max_power_w=10_000, clock=writer_clock).handle_batch(deliveries(first, stepped))
+    restarted = DbWriter(store, max_power_w=10_000, clock=writer_clock)
+    # The edge resends seq 1 (a lost confirm): later than the highest seq's time, but a duplicate all the same.
+    assert restarted.handle_batch(deliveries(first)) == []
+    assert [r[3] for r in rows(db_url)] == [1, 2]
