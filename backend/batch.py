@@ -46,8 +46,16 @@ class DeadLetter:
 BatchHandler = Callable[[Sequence[Delivery]], list[DeadLetter]]
 
 
-def hold_back(delivery: Delivery, reason: str, log: logging.Logger) -> DeadLetter:
-    """The dead letter for ``delivery``, with the one log line that says why and where to look."""
-    log.warning("held back message %d (%s) in the dead-letter queue: %s; inspect it with "
-                "`emdc dead-letters list`", delivery.tag, delivery.routing_key, reason)
-    return DeadLetter(delivery, reason)
+def report_held_back(dead: Sequence[DeadLetter], log: logging.Logger) -> None:
+    """One log line per batch for what it held back, saying why and where to look (a flood stays one line)."""
+    if not dead:
+        return
+    first = dead[0]
+    if len(dead) == 1:
+        log.warning("held back message %d (%s) in the dead-letter queue: %s; inspect it with "
+                    "`emdc dead-letters list`", first.delivery.tag, first.delivery.routing_key, first.reason)
+        return
+    reasons = len({d.reason.split(":")[0] for d in dead})
+    log.warning("held back %d messages of a batch in the dead-letter queue (%d kind(s) of reason), the first, "
+                "%d (%s): %s; inspect them with `emdc dead-letters list`", len(dead), reasons, first.delivery.tag,
+                first.delivery.routing_key, first.reason)

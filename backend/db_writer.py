@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.exc import OperationalError
 
 from backend.amqp_consumer import BatchConsumer
-from backend.batch import DeadLetter, Delivery, hold_back
+from backend.batch import DeadLetter, Delivery, report_held_back
 from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
 from backend.ledger import Cursor, Implausible, Ledger
@@ -72,7 +72,7 @@ class DbWriter:
                     self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
                     keep.append(pulse)
                 except (MessageError, Implausible) as exc:
-                    dead.append(hold_back(delivery, str(exc), log))
+                    dead.append(DeadLetter(delivery, str(exc)))
             self.store.insert(keep)
         except BaseException as exc:
             # The ledger is now ahead of the database. The batch will be redelivered:
@@ -81,6 +81,7 @@ class DbWriter:
             if isinstance(exc, OperationalError):
                 raise StoreUnavailable(f"database {self.store.describe()}: {str(exc.orig)[:200]}") from exc
             raise
+        report_held_back(dead, log)
         return dead
 
     def _resume(self, pulse: Pulse) -> None:

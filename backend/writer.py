@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from backend.amounts import format_kw, format_kwh
-from backend.batch import DeadLetter, Delivery, hold_back
+from backend.batch import DeadLetter, Delivery, report_held_back
 from backend.discovery import Discovery
 from backend.ledger import ChannelState, Implausible, Ledger
 from backend.power import displayed_power_w
@@ -93,14 +93,14 @@ class EnergyWriter:
                     continue
                 pulse = decode_routed(delivery.body, delivery.routing_key)
             except MessageError as exc:
-                dead.append(hold_back(delivery, str(exc), log))
+                dead.append(DeadLetter(delivery, str(exc)))
                 continue
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
             try:
                 counted = self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
             except Implausible as exc:
-                dead.append(hold_back(delivery, str(exc), log))
+                dead.append(DeadLetter(delivery, str(exc)))
                 state.held_back += 1  # shown by `emdc state show` until someone looks
                 state.held_back_reason = str(exc)
                 dirty = True
@@ -119,6 +119,7 @@ class EnergyWriter:
                 raise
             self.save_failed = False
         self._publish(touched, force=False)
+        report_held_back(dead, log)
         return dead
 
     def _apply_control(self, body: bytes) -> tuple[str, str]:

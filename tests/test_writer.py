@@ -194,3 +194,13 @@ def test_a_body_naming_another_meter_or_channel_than_its_routing_key_is_held_bac
     else:
         assert f"routing key '{routing_key}' does not match the body's meter and channel" in dead.reason
     assert writer.ledger.channel("main", "active").total_uwh == 0 and sink.log == []
+
+
+def test_a_flood_of_bad_messages_is_one_log_line_per_batch(tmp_path: Path, caplog) -> None:
+    writer, _ = make_writer(tmp_path, FakeClock())
+    with caplog.at_level(logging.WARNING, logger="emdc.writer"):
+        dead = writer.handle_batch([Delivery(i, "pulse.main.active", b"{") for i in range(1, 501)])
+    assert len(dead) == 500
+    [line] = [r.getMessage() for r in caplog.records if "held back" in r.getMessage()]
+    assert line.startswith("held back 500 messages of a batch in the dead-letter queue (1 kind(s) of reason), "
+                           "the first, 1 (pulse.main.active): body is not JSON")
