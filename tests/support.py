@@ -11,6 +11,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "ROOT",
     "T0",
     "EmdcProcess",
+    "MeteredEdge",
     "MqttWatcher",
     "Names",
     "S",
@@ -252,3 +254,92 @@ def run_emdc(args: list[str], env: dict[str, str], timeout: float = 120,
     if check:
         assert result.returncode == 0, f"emdc {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
     return result
+
+
+# -- a Pi with a meter: the real `emdc edge run` process ---------------------------
+
+
+class MeteredEdge:
+    """One Pi across restarts of its edge: one counter store, one meter (tests/metered_edge.py).
+
+    Each run is ``python -m tests.metered_edge edge run`` with its own log file;
+    the meter's files (``meter.on``, ``meter.count``) live in ``directory``, the
+    counter store in the edge directory of ``names``. Times are not claimed as
+    synchronised (``EMDC_CLOCK_SYNC=unknown``) unless a run asks for ``kernel``.
+    """
+
+    def __init__(self, names: Names, directory: Path, rate: float = 10, **env: object) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.store = names.edge_dir / "edge.sqlite3"
+        self.env = names.edge_env(EMDC_TEST_METER_DIR=directory, EMDC_TEST_METER_RATE=rate,
+                                  EMDC_CLOCK_SYNC="unknown", **env)
+        self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    @staticmethod
+    def command() -> list[str]:
+        return [sys.executable, "-m", "tests.metered_edge", "edge", "run"]
+
+    def start(self, **env: str) -> None:
+        """Start the edge; return once its pins and counter store are open."""
+        log_path = self.directory / f"edge-{len(self.runs)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(self.command(), env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT)
+        self.runs.append((proc, log_path))
+        wait_until(lambda: proc.poll() is not None or "counter store" in self.log(), 30, "the edge to start")
+        assert proc.poll() is None, self.log()
+
+    def refused(self, *wrapper: str) -> str:
+        """Run the edge (under ``wrapper``) expecting it to refuse to start at once; return its one line."""
+        result = subprocess.run([*wrapper, *self.command()], env=self.env, capture_output=True, text=True,
+                                timeout=30, cwd=ROOT)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode != 0, output
+        assert "Traceback" not in output and len(output.splitlines()) == 1, output
+        return output
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.runs[-1][0]
+
+    def log(self, run: int = -1) -> str:
+        return self.runs[run][1].read_text(errors="replace")
+
+    def produced(self) -> int:
+        """Pulses the meter produced so far, over all runs."""
+        path = self.directory / "meter.count"
+        return int(path.read_text()) if path.exists() else 0
+
+    def meter_on(self) -> None:
+        (self.directory / "meter.on").touch()
+
+    def meter_off(self) -> int:
+        """Stop the meter; return the pulses it produced, once the pulse under way (if any) has ended."""
+        (self.directory / "meter.on").unlink()
+        counts = [self.produced()]
+
+        def settled() -> bool:
+            counts.append(self.produced())
+            return counts[-1] == counts[-2]
+
+        wait_until(settled, 5, "the meter to stop", interval=0.3)
+        return counts[-1]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def end(self) -> None:
+        """End any run a failed test left behind: SIGTERM first (a preloaded libfaketime then cleans up
+        its /dev/shm files, which a later process with the same pid would trip over), then SIGKILL."""
+        for proc, _ in self.runs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    for name in (f"faketime_shm_{proc.pid}", f"sem.faketime_sem_{proc.pid}"):
+                        (Path("/dev/shm") / name).unlink(missing_ok=True)

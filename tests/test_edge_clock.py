@@ -29,10 +29,7 @@ import contextlib
 import datetime as dt
 import glob
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,8 +42,8 @@ from common.topology import dead_letter_queue
 from edge.clock_sync import kernel_clock_synced
 from edge.outbox import FILENAME, OutboxReader
 from tests.support import (
-    ROOT,
     EmdcProcess,
+    MeteredEdge,
     MqttWatcher,
     Names,
     TcpProxy,
@@ -84,24 +81,15 @@ def libfaketime() -> str:
     pytest.fail("libfaketime not found: install the faketime package (see .ci/run)")
 
 
-class Pi:
-    """A Raspberry Pi across restarts of its edge: one counter store, one meter, one wall clock to set.
-
-    Each run is ``python -m tests.metered_edge edge run`` with its own log file.
-    The meter's files (``meter.on``, ``meter.count``) and the clock file live in
-    ``directory``; the counter store in the edge directory of ``names``.
-    """
+class Pi(MeteredEdge):
+    """A :class:`~tests.support.MeteredEdge` whose wall clock the test sets, through libfaketime's clock file."""
 
     def __init__(self, names: Names, directory: Path, libfaketime: str) -> None:
-        directory.mkdir()
-        self.directory = directory
-        self.clock_file = directory / "faketime"
         # The offset is read from the clock file at every call (no cache), so a step takes effect at once.
-        self._env = names.edge_env(EMDC_TEST_METER_DIR=directory, LD_PRELOAD=libfaketime,
-                                   FAKETIME_DONT_FAKE_MONOTONIC=1, FAKETIME_TIMESTAMP_FILE=self.clock_file,
-                                   FAKETIME_NO_CACHE=1)
-        self._env.pop("FAKETIME", None)  # it would take priority over the file
-        self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        super().__init__(names, directory, LD_PRELOAD=libfaketime, FAKETIME_DONT_FAKE_MONOTONIC=1,
+                         FAKETIME_TIMESTAMP_FILE=directory / "faketime", FAKETIME_NO_CACHE=1)
+        self.clock_file = directory / "faketime"
+        self.env.pop("FAKETIME", None)  # it would take priority over the file
 
     def set_clock(self, offset: str) -> None:
         """Set the edge's wall clock relative to the real one, in libfaketime's syntax: "+0", "-3600", "-2y"."""
@@ -109,65 +97,15 @@ class Pi:
         tmp.write_text(offset + "\n")
         tmp.replace(self.clock_file)  # never a half-written file for the edge to read
 
-    def start(self, clock: str, clock_sync: str = "unknown", **env: str) -> None:
+    def start(self, clock: str = "+0", clock_sync: str = "unknown", **env: str) -> None:
         """Start the edge with its wall clock at ``clock``; return once its pins and counter store are open."""
         self.set_clock(clock)
-        log_path = self.directory / f"edge-{len(self.runs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "tests.metered_edge", "edge", "run"],
-                                    env={**self._env, "EMDC_CLOCK_SYNC": clock_sync, **env}, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
-        self.runs.append((proc, log_path))
-        wait_until(lambda: proc.poll() is not None or "counter store" in self.log(), 30, "the edge to start")
-        assert proc.poll() is None, self.log()
+        super().start(EMDC_CLOCK_SYNC=clock_sync, **env)
 
-    def log(self, run: int = -1) -> str:
-        return self.runs[run][1].read_text(errors="replace")
-
-    def produced(self) -> int:
-        """Pulses the meter produced so far, over all runs."""
-        path = self.directory / "meter.count"
-        return int(path.read_text()) if path.exists() else 0
-
-    def meter_on(self) -> None:
-        (self.directory / "meter.on").touch()
-
-    def meter_off(self) -> int:
-        """Stop the meter; return the pulses it produced, once the pulse under way (if any) has ended."""
-        (self.directory / "meter.on").unlink()
-        counts = [self.produced()]
-
-        def settled() -> bool:
-            counts.append(self.produced())
-            return counts[-1] == counts[-2]
-
-        wait_until(settled, 5, "the meter to stop", interval=0.3)
-        return counts[-1]
-
-    def stop(self) -> None:
-        """Stop the running edge cleanly (SIGTERM), as systemd does: its epoch continues at the next start."""
-        proc, _ = self.runs[-1]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, self.log()
+    def stop_cleanly(self) -> None:
+        """Stop the running edge (SIGTERM), as systemd does: its epoch continues at the next start."""
+        assert self.stop() == 0, self.log()
         assert "Traceback" not in self.log(), self.log()
-
-    def end(self) -> None:
-        """End any run a failed test left behind, and the shared memory libfaketime keeps per process.
-
-        libfaketime removes its /dev/shm files when the process exits normally,
-        so a run gets SIGTERM first; after a SIGKILL they stay, and a later
-        process that gets the same pid fails to start under libfaketime.
-        """
-        for proc, _ in self.runs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    for name in (f"faketime_shm_{proc.pid}", f"sem.faketime_sem_{proc.pid}"):
-                        (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -328,7 +266,7 @@ def test_an_hour_ahead_for_15_s_then_corrected(names: Names, spawn: Spawn, pi: P
     produced = pi.meter_off()
 
     assert_counted_exactly(names, produced)
-    pi.stop()
+    pi.stop_cleanly()
     assert_steps(pi.log(), ("forward", HOUR_S), ("back", HOUR_S))
     [distrust] = DISTRUST.findall(writer.log())
     assert "ahead of the writer's clock" in distrust
@@ -346,7 +284,7 @@ def test_two_years_behind_after_a_clean_stop_then_an_ntp_step_forward(names: Nam
     power.wait_for_power_after(0)
     run_meter_until(pi, 20)
     assert_counted_exactly(names, pi.meter_off())
-    pi.stop()
+    pi.stop_cleanly()
 
     pi.start("-2y")  # the Pi rebooted without its clock, and NTP has not set it yet
     pi.meter_on()
@@ -358,7 +296,7 @@ def test_two_years_behind_after_a_clean_stop_then_an_ntp_step_forward(names: Nam
     produced = pi.meter_off()
 
     assert_counted_exactly(names, produced)
-    pi.stop()
+    pi.stop_cleanly()
     [behind] = BEHIND.findall(pi.log())
     assert float(behind) == pytest.approx(TWO_YEARS_S, abs=60)
     assert_steps(pi.log(0))
@@ -389,7 +327,7 @@ def test_first_start_two_years_behind_and_unsynchronised_then_an_ntp_step_forwar
     produced = pi.meter_off()
 
     assert_counted_exactly(names, produced)
-    pi.stop()
+    pi.stop_cleanly()
     assert_steps(pi.log(), ("forward", TWO_YEARS_S))
     assert pi.log().count("NOT synchronised") == 1, "said once at the start, not per pulse"
     [distrust] = DISTRUST.findall(writer.log())
@@ -413,7 +351,7 @@ def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, 
     produced = pi.meter_off()
 
     assert_counted_exactly(names, produced)
-    pi.stop()
+    pi.stop_cleanly()
     assert_steps(pi.log(), ("back", HOUR_S))
     [distrust] = DISTRUST.findall(writer.log())
     assert "not after the channel's previous pulse" in distrust
@@ -431,7 +369,7 @@ def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn,
     power.wait_for_power_after(0)
     run_meter_until(pi, 20)
     assert_counted_exactly(names, pi.meter_off())
-    pi.stop()
+    pi.stop_cleanly()
 
     pi.start("-3600")
     pi.meter_on()
@@ -440,7 +378,7 @@ def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn,
     produced = pi.meter_off()
 
     assert_counted_exactly(names, produced)
-    pi.stop()
+    pi.stop_cleanly()
     [behind] = BEHIND.findall(pi.log())
     assert float(behind) == pytest.approx(HOUR_S, abs=60)
     assert_steps(pi.log(0) + pi.log())
@@ -480,7 +418,7 @@ def test_pulses_resent_across_a_step_back_are_duplicates(names: Names, spawn: Sp
         produced = pi.meter_off()
 
         assert_counted_exactly(names, produced)
-        pi.stop()
+        pi.stop_cleanly()
     finally:
         proxy.stop()
     assert proxy.connections >= 2, "the edge reconnected"

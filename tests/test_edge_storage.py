@@ -19,7 +19,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,86 +26,24 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import FILENAME
-from tests.support import ROOT, EmdcProcess, Names, saved_total_uwh, start_writer, wait_until, writer_env
+from tests.support import EmdcProcess, MeteredEdge, Names, saved_total_uwh, start_writer, wait_until, writer_env
 
 METER_RATE = 10  # pulses/s
 PAGE = 4096
 
 
-class MeteredEdge:
-    """One Pi across restarts: ``python -m tests.metered_edge edge run`` with the meter's files in ``directory``."""
-
-    def __init__(self, names: Names, directory: Path, **env: object) -> None:
-        directory.mkdir()
-        self.directory = directory
-        self.store = names.edge_dir / FILENAME
-        self.env = names.edge_env(EMDC_TEST_METER_DIR=directory, EMDC_TEST_METER_RATE=METER_RATE,
-                                  EMDC_CLOCK_SYNC="unknown", **env)
-        self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "tests.metered_edge", "edge", "run"]
-
-    def start(self, **env: str) -> None:
-        """Start the edge; return once its pins and counter store are open."""
-        log_path = self.directory / f"edge-{len(self.runs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(self.command(), env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT)
-        self.runs.append((proc, log_path))
-        wait_until(lambda: proc.poll() is not None or "counter store" in self.log(), 30, "the edge to start")
-        assert proc.poll() is None, self.log()
-
-    def refused(self, *wrapper: str) -> str:
-        """Run the edge (under ``wrapper``) expecting it to refuse its store at once; return its one line."""
-        result = subprocess.run([*wrapper, *self.command()], env=self.env, capture_output=True, text=True,
-                                timeout=30, cwd=ROOT)
-        output = (result.stdout + result.stderr).strip()
-        assert result.returncode != 0, output
-        assert "Traceback" not in output and len(output.splitlines()) == 1, output
-        return output
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.runs[-1][0]
-
-    def log(self, run: int = -1) -> str:
-        return self.runs[run][1].read_text(errors="replace")
-
-    def produced(self) -> int:
-        path = self.directory / "meter.count"
-        return int(path.read_text()) if path.exists() else 0
-
-    def meter_on(self) -> None:
-        (self.directory / "meter.on").touch()
-
-    def meter_off(self) -> int:
-        """Stop the meter; return what it produced once the pulse under way has ended."""
-        (self.directory / "meter.on").unlink()
-        time.sleep(2 / METER_RATE)
-        return self.produced()
-
-    def pulse_for(self, seconds: float) -> int:
-        self.meter_on()
-        time.sleep(seconds)
-        return self.meter_off()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        for proc, _ in self.runs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def pulse_for(edge: MeteredEdge, seconds: float) -> int:
+    """Run the meter for ``seconds``; return what it produced so far."""
+    edge.meter_on()
+    time.sleep(seconds)
+    return edge.meter_off()
 
 
 @pytest.fixture
 def edge(names: Names, tmp_path: Path) -> Iterator[MeteredEdge]:
-    pi = MeteredEdge(names, tmp_path / "meter")
+    pi = MeteredEdge(names, tmp_path / "meter", rate=METER_RATE)
     yield pi
-    pi.kill()
+    pi.end()
 
 
 @pytest.fixture
@@ -253,7 +190,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 def test_a_damaged_store_is_refused_in_one_line_until_moved_aside(names: Names, writer: EmdcProcess,
                                                                   edge: MeteredEdge, damage: str) -> None:
     edge.start()
-    wait_total(names, edge.pulse_for(1.5))  # everything counted: only what the writer has is in the store
+    wait_total(names, pulse_for(edge, 1.5))  # everything counted: only what the writer has is in the store
     assert edge.stop() == 0, edge.log()
     DAMAGE[damage](edge.store)
 
@@ -265,7 +202,7 @@ def test_a_damaged_store_is_refused_in_one_line_until_moved_aside(names: Names, 
 
     edge.start()
     assert "new counter epoch" in edge.log()
-    wait_total(names, edge.pulse_for(1.5))
+    wait_total(names, pulse_for(edge, 1.5))
     assert edge.stop() == 0, edge.log()
 
 
@@ -273,7 +210,7 @@ def test_a_damaged_store_is_refused_in_one_line_until_moved_aside(names: Names, 
 def test_a_lost_store_or_wal_starts_a_new_epoch_and_counts_on_exactly(names: Names, writer: EmdcProcess,
                                                                       edge: MeteredEdge, loss: str) -> None:
     edge.start()
-    wait_total(names, edge.pulse_for(1.5))
+    wait_total(names, pulse_for(edge, 1.5))
     if loss == "0 bytes":
         assert edge.stop() == 0, edge.log()
         os.truncate(edge.store, 0)
@@ -282,7 +219,7 @@ def test_a_lost_store_or_wal_starts_a_new_epoch_and_counts_on_exactly(names: Nam
         edge.store.with_name(FILENAME + "-wal").unlink()
     edge.start()
     assert "new counter epoch" in edge.log(), edge.log()
-    wait_total(names, edge.pulse_for(1.5))
+    wait_total(names, pulse_for(edge, 1.5))
     assert edge.stop() == 0, edge.log()
     assert "Traceback" not in edge.log(), edge.log()
 
