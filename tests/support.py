@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -96,7 +97,8 @@ def amqp_url_at(port: int, host: str = "127.0.0.1") -> str:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to ``target``; :meth:`cut` drops every live connection.
+    """Forwards 127.0.0.1:<port> to ``target``; :meth:`cut` drops every live connection, :meth:`hold_replies`
+    holds back what the target sends on the connections open now (until the next cut).
 
     Example::
 
@@ -114,6 +116,12 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._holding: frozenset[socket.socket] = frozenset()
+
+    def hold_replies(self) -> None:
+        """E.g. RabbitMQ's publisher confirms: the client's messages still arrive, their confirms do not."""
+        with self._lock:
+            self._holding = frozenset(upstream for _, upstream in self._pairs)
 
     def start(self) -> TcpProxy:
         listener = socket.socket()
@@ -134,6 +142,7 @@ class TcpProxy:
     def cut(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []
+            self._holding = frozenset()
         for pair in pairs:
             for sock in pair:
                 with contextlib.suppress(OSError):
@@ -160,10 +169,14 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
-            while data := source.recv(65536):
+            while True:
+                while source in self._holding:
+                    time.sleep(0.05)
+                data = source.recv(65536)
+                if not data:
+                    break
                 sink.sendall(data)
         except OSError:
             pass
