@@ -198,6 +198,15 @@ def assert_counted_exactly(names: Names, produced: int) -> None:
     assert queue_depth(dead_letter_queue(names.queue)) == 0
 
 
+def assert_distrusted_for_good(writer_log: str, reason: str, power: PowerWatcher, since: float) -> None:
+    """The writer said once, with ``reason``, that it stopped trusting the times, never that it trusts them
+    again, and published no power from ``since`` on."""
+    [distrust] = DISTRUST.findall(writer_log)
+    assert reason in distrust
+    assert TRUSTED_AGAIN not in writer_log
+    assert power.power_published(since) == []
+
+
 def run_meter_until(pi: Pi, more: int, timeout: float = 30) -> None:
     """Let the meter produce ``more`` pulses from now (so that some are stamped by the clock as it is now)."""
     target = pi.produced() + more
@@ -292,10 +301,7 @@ def test_first_start_two_years_behind_and_unsynchronised_then_an_ntp_step_forwar
     pi.stop_cleanly()
     assert_steps(pi.log(), ("forward", TWO_YEARS_S))
     assert pi.log().count("NOT synchronised") == 1, "said once at the start, not per pulse"
-    [distrust] = DISTRUST.findall(writer.log())
-    assert "the edge reports its clock as not synchronised" in distrust
-    assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_published(0) == [], "no timestamp could be trusted, so no power is known"
+    assert_distrusted_for_good(writer.log(), "the edge reports its clock as not synchronised", power, 0)
 
 
 def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, power: PowerWatcher) -> None:
@@ -315,10 +321,7 @@ def test_stepped_back_an_hour_while_running(names: Names, spawn: Spawn, pi: Pi, 
     assert_counted_exactly(names, produced)
     pi.stop_cleanly()
     assert_steps(pi.log(), ("back", HOUR_S))
-    [distrust] = DISTRUST.findall(writer.log())
-    assert "not after the channel's previous pulse" in distrust
-    assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_published(distrusted_at) == []
+    assert_distrusted_for_good(writer.log(), "not after the channel's previous pulse", power, distrusted_at)
 
 
 def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn, pi: Pi,
@@ -345,10 +348,7 @@ def test_restarted_an_hour_behind_after_a_clean_stop(names: Names, spawn: Spawn,
     assert float(behind) == pytest.approx(HOUR_S, abs=60)
     assert_steps(pi.log(0) + pi.log())
     assert "new counter epoch" not in pi.log() + writer.log(), "the clean stop continues the epoch"
-    [distrust] = DISTRUST.findall(writer.log())
-    assert "not after the channel's previous pulse" in distrust
-    assert TRUSTED_AGAIN not in writer.log()
-    assert power.power_published(distrusted_at) == []
+    assert_distrusted_for_good(writer.log(), "not after the channel's previous pulse", power, distrusted_at)
 
 
 def test_pulses_resent_across_a_step_back_are_duplicates(names: Names, spawn: Spawn, pi: Pi,
