@@ -10,7 +10,10 @@ also under libfaketime:
 * the meter pulses at ``EMDC_TEST_METER_RATE`` pulses/s (default 10) while
   ``<dir>/meter.on`` exists, and waits while it does not;
 * after every pulse it writes the number of pulses produced so far to
-  ``<dir>/meter.count`` (atomically): the truth a writer's total must equal.
+  ``<dir>/meter.count`` (atomically): the truth a writer's total must equal;
+* while it waits it keeps ``<dir>/meter.idle``, so a test knows no pulse is
+  under way (a busy machine can pause the meter thread in mid-pulse for longer
+  than any fixed wait).
 
 The meter waits on an event, not with ``time.sleep``, which fails with EINVAL
 under libfaketime with ``FAKETIME_DONT_FAKE_MONOTONIC=1``.
@@ -31,12 +34,14 @@ POLL_S = 0.05
 
 
 def meter(pin: object, directory: Path, rate: float, stop: threading.Event) -> None:
-    count_path, on_path = directory / "meter.count", directory / "meter.on"
+    count_path, on_path, idle_path = directory / "meter.count", directory / "meter.on", directory / "meter.idle"
     produced = int(count_path.read_text()) if count_path.exists() else 0
     while not stop.is_set():
         if not on_path.exists():
+            idle_path.touch()
             stop.wait(POLL_S)
             continue
+        idle_path.unlink(missing_ok=True)
         pin.drive_low()  # type: ignore[attr-defined]
         stop.wait(PULSE_S)
         pin.drive_high()  # type: ignore[attr-defined]

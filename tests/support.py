@@ -330,14 +330,12 @@ class MeteredEdge:
     def meter_off(self) -> int:
         """Stop the meter; return the pulses it produced, once the pulse under way (if any) has ended."""
         (self.directory / "meter.on").unlink()
-        counts = [self.produced()]
-
-        def settled() -> bool:
-            counts.append(self.produced())
-            return counts[-1] == counts[-2]
-
-        wait_until(settled, 5, "the meter to stop", interval=0.3)
-        return counts[-1]
+        idle = self.directory / "meter.idle"
+        idle.unlink(missing_ok=True)
+        if self.runs and self.proc.poll() is None:  # the meter runs in the edge's process
+            # It makes the file again only when it finds meter.on gone: then no pulse is under way.
+            wait_until(idle.exists, 10, "the meter to stop")
+        return self.produced()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         self.proc.send_signal(sig)
