@@ -6,6 +6,15 @@ handler returns to ``<exchange>.dead`` (with the reason in a header, confirmed
 by the broker) and acknowledges the whole batch with one ``multiple=True``
 ack. A lone live message is a batch of one, so batching adds no latency.
 
+Only one consumer may count a queue. Before consuming, the consumer takes
+the queue's lease (an exclusive consumer on ``<queue>.active``, see
+:func:`~common.topology.lease_queue`); while another writer holds it, this
+one is a standby, says so once, and takes over when the lease frees up. The
+queue's single-active-consumer argument guards the same against consumers
+that take no lease (older versions). ``on_active`` runs on every takeover
+and may refuse it (:class:`TakeoverRefused`), e.g. when this writer's state
+is not the one Home Assistant's totals came from.
+
 Example::
 
     consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
@@ -35,16 +44,26 @@ from common.topology import (
     ROUTING_KEY_HEADER,
     dead_letter_exchange,
     declare_consumer_queue,
+    lease_queue,
 )
 
 log = logging.getLogger("emdc.amqp")
+# How often a standby asks for the lease, and how long a refused takeover waits before it asks again.
+LEASE_RETRY_S = 2.0
+REFUSED_RETRY_S = 30.0
+
+def _ignore(*_: object) -> None:
+    """The lease queue is never bound: nothing ever arrives on it."""
+
 
 def delivery(method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes) -> Delivery:
-    """The :class:`Delivery` of a received message; a re-admitted dead letter keeps its original routing key."""
+    """The :class:`Delivery` of a received message; a message moved by a person (a re-admitted dead letter,
+    a queue migration) keeps its original routing key."""
     headers = props.headers or {}
     # Only through the default exchange: an edge account can set any header, but may write only its exchange.
-    if method.exchange == "" and headers.get(READMITTED_HEADER) is True:
-        return Delivery(method.delivery_tag, str(headers.get(ROUTING_KEY_HEADER, method.routing_key)), body, True)
+    if method.exchange == "" and ROUTING_KEY_HEADER in headers:
+        return Delivery(method.delivery_tag, str(headers[ROUTING_KEY_HEADER]), body,
+                        headers.get(READMITTED_HEADER) is True)
     return Delivery(method.delivery_tag, method.routing_key, body)
 
 
@@ -52,12 +71,21 @@ class ConsumerCancelled(Exception):
     """The broker cancelled our consumer (queue deleted, node failover)."""
 
 
+class TakeoverRefused(Exception):
+    """``on_active`` refused to count this queue; the text says why and what to do."""
+
+
+def _nothing_to_check() -> None:
+    return None
+
+
 class BatchConsumer:
     """Runs ``handler`` over batches from ``queue`` until ``stop`` is set."""
 
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
                  heartbeat: Heartbeat, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
-                 idle_interval_s: float = 1.0, trouble: Callable[[], str] = lambda: "") -> None:
+                 idle_interval_s: float = 1.0, trouble: Callable[[], str] = lambda: "",
+                 on_active: Callable[[], None] = _nothing_to_check) -> None:
         self.config = config
         self.queue = queue
         self.bindings = bindings
@@ -67,6 +95,8 @@ class BatchConsumer:
         self.idle_interval_s = idle_interval_s
         self.heartbeat = heartbeat
         self.trouble = trouble
+        self.on_active = on_active
+        self._refused = ""
         self._trouble = ""
         self._trouble_since = 0.0
         self._state = ""
@@ -76,6 +106,14 @@ class BatchConsumer:
         while not stop.is_set():
             try:
                 self._session(stop, backoff)
+            except TakeoverRefused as exc:
+                # Leaving the session released the lease: a writer whose state is right may take it.
+                self._refused = str(exc)
+                self._log_state(f"not taking over {self.queue}: {exc}", logging.ERROR)
+                retry_at = time.monotonic() + REFUSED_RETRY_S
+                while not stop.is_set() and time.monotonic() < retry_at:
+                    self._beat()  # alive, and unhealthy once the refusal lasts
+                    stop.wait(self.idle_interval_s)
             except (pika.exceptions.AMQPError, ConsumerCancelled) as exc:
                 self._log_state(f"disconnected from {describe(self.config)} ({reason(exc)}); retrying",
                                 logging.WARNING)
@@ -100,10 +138,14 @@ class BatchConsumer:
     def _session(self, stop: threading.Event, backoff: Backoff) -> None:
         connection = pika.BlockingConnection(connection_parameters(self.config, self.name))
         try:
-            channel = connection.channel()
-            channel.confirm_delivery()
             if self.config.declare_topology:
-                declare_consumer_queue(channel, self.config.exchange, self.queue, self.bindings)
+                self._declare(connection)
+            channel = self._take_lease(connection, stop)
+            if channel is None:
+                return
+            self.on_active()
+            self._refused = ""
+            channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.config.batch_size)
             pending: list[Delivery] = []
             cancelled: list[object] = []
@@ -144,9 +186,51 @@ class BatchConsumer:
                 with contextlib.suppress(pika.exceptions.AMQPError):
                     connection.close()
 
-    def _beat(self) -> None:
-        """Touch the heartbeat; note when ``trouble`` (e.g. MQTT out of reach) begins, changes or ends."""
-        trouble = self.trouble()
+    def _declare(self, connection: pika.BlockingConnection) -> None:
+        """Declare the topology; a queue declared without single active consumer is explained, not fatal."""
+        try:
+            declare_consumer_queue(connection.channel(), self.config.exchange, self.queue, self.bindings)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406 or "x-single-active-consumer" not in exc.reply_text:
+                raise
+            # Arguments of an existing queue cannot change; the lease still keeps to one writer.
+            log.warning("%s was declared by an older version without single active consumer; the writer "
+                        "lease still allows one writer only. To migrate, see 'Upgrading' in the security guide: "
+                        "emdc queue migrate %s", self.queue, self.queue)
+            channel = connection.channel()
+            for key in self.bindings:
+                channel.queue_bind(queue=self.queue, exchange=self.config.exchange, routing_key=key)
+
+    def _take_lease(self, connection: pika.BlockingConnection,
+                    stop: threading.Event) -> pika.adapters.blocking_connection.BlockingChannel | None:
+        """A channel holding the queue's lease, once no other writer holds it (None if stopped meanwhile)."""
+        lease = lease_queue(self.queue)
+        while not stop.is_set():
+            channel = connection.channel()
+            try:
+                channel.basic_consume(lease, _ignore, exclusive=True)
+                return channel
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 403 and "exclusive use" in exc.reply_text:
+                    self._log_state(f"standby: another writer is consuming {self.queue} on "
+                                    f"{describe(self.config)}; taking over when it stops")
+                elif exc.reply_code in (403, 404):
+                    # Broker definitions of an older version: no lease queue, or no right to read it.
+                    log.warning("cannot take the writer lease %s (%s); counting %s with single active consumer "
+                                "alone, which cannot tell a standby that it is one. Add %s to the broker "
+                                "definitions (see the security guide)", lease, exc.reply_text, self.queue, lease)
+                    return connection.channel()
+                else:
+                    raise
+            self._beat("")  # a standby is healthy: it is ready to take over
+            connection.process_data_events(time_limit=LEASE_RETRY_S)
+        return None
+
+    def _beat(self, trouble: str | None = None) -> None:
+        """Touch the heartbeat; note when ``trouble`` (by default: a refused takeover, or e.g. MQTT out of
+        reach) begins, changes or ends."""
+        if trouble is None:
+            trouble = self._refused or self.trouble()
         if trouble != self._trouble:
             if not self._trouble:
                 self._trouble_since = time.time()

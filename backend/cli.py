@@ -61,13 +61,17 @@ def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
 @click.command(short_help="Count pulses exactly and publish them to MQTT.")
 @click.option("--check", is_flag=True, help="Exit 0 if a running writer showed life recently (health check).")
 @click.option("--max-age", default=60.0, show_default=True, help="With --check: seconds of silence allowed.")
+@click.option("--take-over", is_flag=True,
+              help="Count even though Home Assistant's totals came from another writer's state (a deliberate move).")
 @setting_flags("state_dir", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
 @click.pass_obj
-def writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: Any) -> None:
+def writer(obj: CommandContext, /, check: bool, max_age: float, take_over: bool, **overrides: Any) -> None:
     """Consume pulses from RabbitMQ, keep exact energy totals, publish them to MQTT.
 
     State lives in <state dir>/energy_state.json and is saved before each
-    acknowledgement, so restarts never lose or repeat a pulse.
+    acknowledgement, so restarts never lose or repeat a pulse. Writers on one
+    queue take turns: one counts, the others stand by and take over when it
+    stops, provided their state is the one Home Assistant's totals came from.
     """
     from backend.heartbeat import WRITER
 
@@ -80,7 +84,7 @@ def writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: Any
 
     try:
         state_dir(cfg)
-        run_writer(cfg, stop_on_signals())
+        run_writer(cfg, stop_on_signals(), take_over=take_over)
     except StateError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -337,3 +341,32 @@ def report(obj: CommandContext, /, by: str, from_: str | None, to: str | None, t
         except OSError as exc:
             raise click.ClickException(f"cannot write {plot}: {exc.strerror}") from None
         click.echo(f"chart written to {plot}", err=True)
+
+
+@click.group("queue")
+def queue_group() -> None:
+    """Maintain the writers' RabbitMQ queues."""
+
+
+@queue_group.command("migrate", short_help="Re-declare a writer queue with single active consumer.")
+@click.option("--writer", "writer_name", type=click.Choice(["mqtt", "db"]), default="mqtt", show_default=True,
+              help="Whose queue: the MQTT writer's or the db-writer's.")
+@click.pass_obj
+def queue_migrate(obj: CommandContext, /, writer_name: str) -> None:
+    """Rebuild a queue that an older version declared without single active consumer, losing no message.
+
+    Stop that queue's writers first; the edges may keep publishing. Needs an
+    account that may declare queues (the deployment's admin account, e.g.
+    EMDC_AMQP_URL=amqp://emdc-admin:PASSWORD@host/).
+    """
+    from backend.queue_migration import MigrationRefused, migrate
+    from common.topology import DB_WRITER_BINDINGS, WRITER_BINDINGS
+
+    cfg = obj.config({})
+    queue = writer_queue(cfg, writer_name)
+    try:
+        with rabbitmq_failures(cfg):
+            held = migrate(cfg, queue, DB_WRITER_BINDINGS if writer_name == "db" else WRITER_BINDINGS)
+    except MigrationRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"migrated {queue}: single active consumer, {held} message(s) kept; start its writers again")

@@ -17,7 +17,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -74,27 +76,36 @@ def peek(config: Config, queue: str, limit: int) -> tuple[list[HeldBack], int]:
         connection.close()
 
 
-def readmit(config: Config, queue: str, limit: int | None) -> int:
-    """Send up to ``limit`` (None: all) held-back messages of ``queue`` back to it; return how many.
+def move_messages(channel: pika.adapters.blocking_connection.BlockingChannel, source: str, target: str,
+                  headers: Callable[[pika.spec.Basic.GetOk, pika.BasicProperties], dict[str, Any]],
+                  limit: int | None = None) -> int:
+    """Move up to ``limit`` (None: all) messages from ``source`` to ``target`` through the default exchange.
 
-    Each is published with confirms before its dead letter is acknowledged, so
-    an interruption can repeat a message (harmless: counting is by counter),
+    ``channel`` must be in confirm mode. Each message is published (with the
+    ``headers`` given for it) and confirmed before it is acknowledged, so an
+    interruption can repeat a message (harmless: counting is by counter),
     never lose one.
     """
-    connection = pika.BlockingConnection(connection_parameters(config, "emdc-dead-letters"))
     moved = 0
+    while limit is None or moved < limit:
+        method, properties, body = channel.basic_get(source, auto_ack=False)
+        if method is None:
+            break
+        channel.basic_publish("", target, body, pika.BasicProperties(
+            delivery_mode=2, content_type=properties.content_type, headers=headers(method, properties)),
+            mandatory=True)
+        channel.basic_ack(method.delivery_tag)
+        moved += 1
+    return moved
+
+
+def readmit(config: Config, queue: str, limit: int | None) -> int:
+    """Send up to ``limit`` (None: all) held-back messages of ``queue`` back to it; return how many."""
+    connection = pika.BlockingConnection(connection_parameters(config, "emdc-dead-letters"))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        while limit is None or moved < limit:
-            method, properties, body = channel.basic_get(dead_letter_queue(queue), auto_ack=False)
-            if method is None:
-                break
-            headers = {**(properties.headers or {}), READMITTED_HEADER: True}
-            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2, headers=headers),
-                                  mandatory=True)
-            channel.basic_ack(method.delivery_tag)
-            moved += 1
-        return moved
+        return move_messages(channel, dead_letter_queue(queue), queue,
+                             lambda _method, props: {**(props.headers or {}), READMITTED_HEADER: True}, limit)
     finally:
         connection.close()

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.amqp_consumer import BatchConsumer
+from backend.amqp_consumer import BatchConsumer, TakeoverRefused
 from backend.heartbeat import WRITER, Heartbeat
 from backend.mqtt_publisher import MqttPublisher
 from backend.state_store import exclusive_state_dir
+from backend.takeover import claim
 from backend.writer import EnergyWriter
 from common.config import Config
 from common.topology import WRITER_BINDINGS
@@ -19,21 +20,40 @@ from common.topology import WRITER_BINDINGS
 log = logging.getLogger("emdc.writer")
 
 
-def run_writer(config: Config, stop: threading.Event) -> None:
-    """Run until ``stop`` is set; raises StateError if the saved state is unusable or in use by another writer."""
+def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False) -> None:
+    """Run until ``stop`` is set; raises StateError if the saved state is unusable or in use by another writer.
+
+    The writer connects to MQTT only once it holds its queue's lease: a
+    standby that stopped would otherwise say ``offline`` for the active one.
+    ``take_over`` overrides the check that Home Assistant's totals came from
+    this writer's state (:mod:`backend.takeover`).
+    """
     with exclusive_state_dir(Path(config.state_dir)):
         mqtt = MqttPublisher(config)
         writer = EnergyWriter.open(config, sink=mqtt)
         if config.discovery != "off":
             mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
-        mqtt.start()
+        identity = writer.store.identity()
+        started = threading.Event()
+
+        def on_active() -> None:
+            refusal = claim(config, identity, forced=take_over)
+            if refusal:
+                raise TakeoverRefused(refusal)
+            if not started.is_set():
+                log.info("active: counting %s into state %s in %s", config.queue, identity, writer.store.path)
+                mqtt.start()
+                started.set()
+
         consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
-                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s), trouble=mqtt.trouble)
+                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s), trouble=mqtt.trouble,
+                                 on_active=on_active)
         try:
             consumer.run(stop)
         finally:
-            mqtt.stop()
+            if started.is_set():
+                mqtt.stop()
             if writer.save_failed:
                 log.warning("writer stopped; the last batch could not be saved to %s and stays in the queue, "
                             "to be counted at the next start", writer.store.path)

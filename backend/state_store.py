@@ -18,12 +18,14 @@ import contextlib
 import fcntl
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 STATE_FORMAT = 1
 LOCK_FILENAME = "writer.lock"
+ID_FILENAME = "state_id"
 
 
 class StateError(RuntimeError):
@@ -85,6 +87,26 @@ class StateStore:
             hint = f" The previous good copy is {self.backup}." if self.backup.exists() else ""
             raise StateError(f"{self.path} is corrupt ({exc}); refusing to start from zero.{hint} "
                              "Inspect both, then copy the right one into place.") from None
+
+    def identity(self) -> str:
+        """This state dir's identity, created (durably) on first use: it tells one writer's state from another's.
+
+        A copy of the whole dir (a restored backup, a moved server) keeps it.
+        """
+        path = self.directory / ID_FILENAME
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        identity = uuid.uuid4().hex[:12]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(identity + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return identity
 
     def save(self, state: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -26,3 +26,8 @@ def state_topic(prefix: str, meter: str, channel: str, quantity: str) -> str:
 
 def availability_topic(prefix: str) -> str:
     return f"{prefix}/status"
+
+
+def writer_state_topic(prefix: str) -> str:
+    """Retained: the identity of the state the active writer counts in (see :mod:`backend.takeover`)."""
+    return f"{prefix}/writer_state"

@@ -27,7 +27,13 @@ import pika
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common.message import CONTENT_TYPE, Pulse, encode
-from common.topology import WRITER_BINDINGS, dead_letter_exchange, dead_letter_queue, declare_consumer_queue
+from common.topology import (
+    WRITER_BINDINGS,
+    dead_letter_exchange,
+    dead_letter_queue,
+    declare_consumer_queue,
+    lease_queue,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("EMDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -102,7 +108,7 @@ class Names:
         """Delete the queues and exchanges (and ``extra_queues``), and clear the retained topics."""
         with pika.BlockingConnection(amqp_parameters()) as connection:
             channel = connection.channel()
-            for queue in (self.queue, dead_letter_queue(self.queue), *extra_queues):
+            for queue in (self.queue, dead_letter_queue(self.queue), lease_queue(self.queue), *extra_queues):
                 channel.queue_delete(queue)
             for exchange in (self.exchange, dead_letter_exchange(self.exchange)):
                 channel.exchange_delete(exchange)

@@ -56,9 +56,27 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead"
 
 
+def lease_queue(queue: str) -> str:
+    """The queue whose exclusive consumer is the one writer allowed to consume ``queue``.
+
+    It is never bound and holds no messages: holding it is the lease. A writer
+    that cannot take it is a standby, and knows it (single active consumer
+    alone keeps the standby's consumer silent without telling it).
+
+    >>> lease_queue("queue_mqtt_writer")
+    'queue_mqtt_writer.active'
+    """
+    return f"{queue}.active"
+
+
 def queue_arguments(exchange: str, queue: str) -> dict[str, Any]:
-    """Arguments of a consumer queue; they must be identical wherever it is declared."""
-    return {"x-dead-letter-exchange": dead_letter_exchange(exchange), "x-dead-letter-routing-key": queue}
+    """Arguments of a consumer queue; they must be identical wherever it is declared.
+
+    Single active consumer: whatever else connects to the queue, the broker
+    delivers to one consumer only, so no two writers ever count side by side.
+    """
+    return {"x-dead-letter-exchange": dead_letter_exchange(exchange), "x-dead-letter-routing-key": queue,
+            "x-single-active-consumer": True}
 
 
 def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
@@ -67,12 +85,13 @@ def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
 
 
 def declare_consumer_queue(channel: Any, exchange: str, queue: str, bindings: tuple[str, ...]) -> None:
-    """Declare ``exchange``, ``queue`` with its bindings, and its dead-letter queue."""
+    """Declare ``exchange``, ``queue`` with its bindings, its dead-letter queue and its lease queue."""
     dlx = dead_letter_exchange(exchange)
     declare_exchange(channel, exchange)
     channel.exchange_declare(exchange=dlx, exchange_type="direct", durable=True)
     channel.queue_declare(queue=dead_letter_queue(queue), durable=True)
     channel.queue_bind(queue=dead_letter_queue(queue), exchange=dlx, routing_key=queue)
+    channel.queue_declare(queue=lease_queue(queue), durable=True)
     channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(exchange, queue))
     for key in bindings:
         channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)

@@ -33,6 +33,7 @@ SIDE_COMMANDS = {
     "ha": "backend.cli:ha",
     "db-writer": "backend.cli:db_writer",
     "dead-letters": "backend.cli:dead_letters",
+    "queue": "backend.cli:queue_group",
     "report": "backend.cli:report",
 }
 

@@ -1,0 +1,80 @@
+"""Re-declare a writer queue that an older version declared without single active consumer.
+
+A queue's arguments cannot change, so the queue is rebuilt around a holding
+queue, with no message lost and none left behind:
+
+1. a holding queue ``<queue>.migrating`` gets the queue's bindings, so new
+   pulses land there too (counting twice is impossible: the writer counts by
+   counter, so a copy of a pulse counts nothing);
+2. the old queue loses its bindings, its messages move to the holding queue,
+   and it is deleted (only when empty);
+3. the queue is declared anew with today's arguments, the holding queue's
+   messages move into it, the queue gets its bindings back, the holding
+   queue loses its own, the last arrivals move over and it is deleted.
+
+Messages keep their routing key in a header (:data:`~common.topology.ROUTING_KEY_HEADER`),
+honoured on messages that come through the default exchange, which only the
+admin account may write. Writers must be stopped meanwhile; the edges may go
+on publishing.
+
+Example::
+
+    moved = migrate(config, "queue_mqtt_writer", WRITER_BINDINGS)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pika
+
+from backend.dead_letters import move_messages
+from common.amqp import connection_parameters
+from common.config import Config
+from common.topology import ROUTING_KEY_HEADER, lease_queue, queue_arguments
+
+
+class MigrationRefused(RuntimeError):
+    """The queue cannot be migrated now; the text says why and what to do."""
+
+
+def holding_queue(queue: str) -> str:
+    return f"{queue}.migrating"
+
+
+def _keep_routing_key(method: pika.spec.Basic.GetOk, properties: pika.BasicProperties) -> dict[str, Any]:
+    headers = dict(properties.headers or {})
+    headers.setdefault(ROUTING_KEY_HEADER, method.routing_key)
+    return headers
+
+
+def migrate(config: Config, queue: str, bindings: tuple[str, ...]) -> int:
+    """Rebuild ``queue`` with today's arguments; return how many messages it held. Needs the admin account."""
+    connection = pika.BlockingConnection(connection_parameters(config, "emdc-queue-migrate"))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        consumers = channel.queue_declare(queue, passive=True).method.consumer_count
+        if consumers:
+            raise MigrationRefused(f"{queue} has {consumers} consumer(s): stop its writers first")
+        holding = holding_queue(queue)
+        channel.queue_declare(holding, durable=True)
+        for key in bindings:
+            channel.queue_bind(holding, config.exchange, key)
+        for key in bindings:
+            channel.queue_unbind(queue, config.exchange, key)
+        held = move_messages(channel, queue, holding, _keep_routing_key)
+        channel.queue_delete(queue, if_empty=True)
+        channel.queue_declare(queue, durable=True, arguments=queue_arguments(config.exchange, queue))
+        channel.queue_declare(lease_queue(queue), durable=True)
+        move_messages(channel, holding, queue, _keep_routing_key)
+        for key in bindings:
+            channel.queue_bind(queue, config.exchange, key)
+        for key in bindings:
+            channel.queue_unbind(holding, config.exchange, key)
+        move_messages(channel, holding, queue, _keep_routing_key)
+        channel.queue_delete(holding, if_empty=True)
+        return held
+    finally:
+        if connection.is_open:
+            connection.close()
