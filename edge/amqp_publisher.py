@@ -76,6 +76,8 @@ class AmqpPublisher:
         self._state = ""
         # Built once: it is compared on every confirm, the per-pulse path.
         self._publishing = f"publishing to exchange {config.exchange} on {describe(config)}"
+        # Each pulse names the account that sent it; the broker refuses a name that is not the connection's own.
+        self._user_id = pika.URLParameters(config.amqp_url).credentials.username
         self._status_due = 0.0
         self.last_confirm_ns = 0
         self._window: PublishWindow[Pulse] = PublishWindow(config.publish_window)
@@ -246,7 +248,7 @@ class AmqpPublisher:
         assert channel is not None  # the window is open only while the channel is
         for _row_id, pulse in window.take(rows):
             properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
-                                              message_id=pulse.message_id)
+                                              message_id=pulse.message_id, user_id=self._user_id)
             channel.basic_publish(self.config.exchange, pulse.routing_key, encode(pulse), properties,
                                   mandatory=True)
 

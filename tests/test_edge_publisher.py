@@ -49,8 +49,10 @@ def test_a_backlog_many_windows_long_arrives_complete_and_in_order(names: Names,
     service.stop()
     with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
         channel = connection.channel()
-        seqs = [decode(channel.basic_get(names.queue, auto_ack=True)[2]).seq for _ in range(25)]
-    assert seqs == list(range(1, 26))
+        got = [channel.basic_get(names.queue, auto_ack=True) for _ in range(25)]
+    assert [decode(body).seq for _, _, body in got] == list(range(1, 26))
+    # Each pulse names its account, which the broker checked against the connection's.
+    assert {props.user_id for _, props, _ in got} == {pika.URLParameters(AMQP_URL).credentials.username}
 
 
 def test_unroutable_pulses_stay_in_the_outbox_until_a_queue_is_bound(names: Names, factory: MockFactory) -> None:
