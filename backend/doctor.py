@@ -148,7 +148,7 @@ class Mqtt:
         client.unsubscribe(topic)
         if not echoed:
             return bad(name, f"a message published to {topic} did not come back in {ECHO_TIMEOUT_S:g} s: the "
-                             f"broker drops what user {self._user} publishes there", acl)
+                             f"broker's ACL drops what user {self._user} publishes or reads there", acl)
         return good(name, f"published to {topic} and received it back")
 
     def _wait_for(self, topic: str, timeout_s: float) -> bool:
