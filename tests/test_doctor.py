@@ -160,3 +160,15 @@ def test_without_a_flag_a_server_installation_checks_the_writer(names: Names) ->
     status, lines = doctor(names.writer_env())  # this test environment has paho-mqtt: a server's installation
     assert status == 0, lines
     assert f"✓ consume {names.queue}" in "\n".join(lines) and "publish pulse" not in "\n".join(lines)
+
+
+def test_a_check_that_fails_itself_is_a_failed_line_not_a_traceback() -> None:
+    from common.doctor import good, results
+
+    def pins() -> None:
+        raise RuntimeError("no board")
+
+    lines = [check.line() for check in results([lambda: good("clock", "synchronised"), pins, lambda: None])]
+    assert lines == ["✓ clock: synchronised",
+                     "✗ pins: the check itself failed (RuntimeError: no board). Fix: run `emdc --log-level debug "
+                     "doctor` for the details"]
