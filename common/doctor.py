@@ -89,7 +89,7 @@ def state_directory(config: Config) -> Check:
     except ConfigurationError as exc:
         return bad("state_dir", exc.message, "use a directory this user may write (run doctor as the service's "
                                              "user), or change state_dir")
-    return good("state_dir", f"{path} is a writable directory")
+    return good("state_dir", f"{path.resolve()} is a writable directory")
 
 
 class RabbitMQ:
