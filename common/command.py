@@ -81,14 +81,24 @@ class CommandContext:
             cfg = load_config(self.config_path, overrides=overrides)
         except ConfigError as exc:
             raise ConfigurationError(f"configuration: {exc}") from None
-        logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        configure_logging(cfg.log_level)
         for warning in cfg.warnings:
             log.warning("%s", warning)
-        if cfg.log_level.upper() != "DEBUG":
-            # pika logs every failed attempt at ERROR, with tracebacks; our own lines say what changed.
-            logging.getLogger("pika").setLevel(logging.CRITICAL)
         return cfg
+
+
+# Libraries whose own log lines are shown only at DEBUG: pika logs every failed attempt at ERROR, with
+# tracebacks, and paho-mqtt would log every reconnect if a logger were enabled; our own lines say what changed.
+THIRD_PARTY_LOGGERS = ("pika", "paho")
+
+
+def configure_logging(level: str) -> None:
+    """Log lines to stderr at ``level``; the :data:`THIRD_PARTY_LOGGERS` only at DEBUG."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    quiet = level.upper() != "DEBUG"
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL if quiet else logging.NOTSET)
 
 
 def state_dir(config: Config) -> Path:

@@ -35,6 +35,7 @@ from typing import Any
 
 import pika
 import pika.channel
+import pika.exceptions
 import pika.frame
 import pika.spec
 
@@ -217,9 +218,10 @@ class AmqpPublisher:
         self._pump()
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
-        # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later.
+        # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later. A channel that
+        # closes with its connection is not worth a line of its own: _on_closed says what happened.
         self._window.reset()
-        if not self._stop.is_set():
+        if not self._stop.is_set() and isinstance(error, pika.exceptions.ChannelClosedByBroker):
             self._set_state(f"RabbitMQ closed the channel ({reason(error)}); retrying", logging.WARNING)
         if self._connection is not None and self._connection.is_open:
             self._connection.close()

@@ -15,14 +15,16 @@ that composes both sides, declares the edge simulator's options from
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import click
 
 from common import __version__
-from common.command import CommandContext, setting_flags, state_dir, stop_on_signals
+from common.command import CommandContext, configure_logging, setting_flags, state_dir, stop_on_signals
 from edge.cli import simulation_config, simulation_options, simulation_plan
 
 # Command name -> "module:attribute" of its click command or group.
@@ -115,3 +117,65 @@ def simulate(obj: CommandContext, /, power: float | None, reactive_power: float 
     for topic, value in sorted(values.items()):
         click.echo(f"{topic} = {value}")
 
+
+
+def default_service() -> str:
+    """What this installation runs: the Pi's ``emdc[edge]`` has gpiozero but not paho-mqtt; the server has paho."""
+    return "writer" if importlib.util.find_spec("paho") is not None else "edge"
+
+
+@main.command(short_help="Check the configuration, brokers, permissions, clock and pins; say how to fix each.")
+@click.option("--edge", "services", flag_value="edge", multiple=True, help="Check what `emdc edge run` needs.")
+@click.option("--writer", "services", flag_value="writer", multiple=True, help="Check what `emdc writer` needs.")
+@click.option("--db-writer", "services", flag_value="db-writer", multiple=True,
+              help="Check what `emdc db-writer` needs.")
+@setting_flags("state_dir", "meter_id", "queue", "topic_prefix", "mqtt_host", "mqtt_port")
+@click.pass_obj
+def doctor(obj: CommandContext, /, services: tuple[str, ...], **overrides: Any) -> None:
+    """Check that this machine's EMDC service can work: one line per check, ✓ or ✗ with the fix.
+
+    \b
+    Always: the configuration (and unknown EMDC_* variables), the state dir,
+    the RabbitMQ login (refused, DNS, TLS, authentication, vhost).
+    --edge: publishing the meter's pulses (a publish that is rolled back, so
+    nothing is delivered), clock synchronisation, the pins (opened and closed).
+    --writer: consuming its queue, the MQTT login, and publishing under
+    topic_prefix and discovery_prefix (a probe that must come back).
+    --db-writer: consuming its queue.
+
+    Without a flag: --edge on an edge installation (gpiozero without
+    paho-mqtt), --writer otherwise. Exits 1 if any check fails. Run it as
+    the service's user with its configuration, e.g. on the Pi
+    `sudo -u emdc /opt/emdc/venv/bin/emdc --config /etc/emdc/emdc.toml doctor`.
+    """
+    from common.doctor import CheckFunction, RabbitMQ, configuration, results, state_directory
+
+    cfg, checks = configuration(obj.config_path, {**overrides, "log_level": obj.log_level})
+    configure_logging(cfg.log_level if cfg is not None else obj.log_level or "WARNING")
+    failed = False
+    for check in checks:
+        click.echo(check.line())
+        failed |= not check.ok
+    if cfg is None:
+        raise SystemExit(1)
+    with contextlib.ExitStack() as stack:
+        rabbit = stack.enter_context(RabbitMQ(cfg))
+        functions: list[CheckFunction] = [lambda: state_directory(cfg), rabbit.login]
+        for service in dict.fromkeys(services or (default_service(),)):
+            if service == "edge":
+                from edge.doctor import checks as edge_checks
+
+                functions += edge_checks(cfg, rabbit)
+            elif service == "writer":
+                from backend.doctor import Mqtt, writer_checks
+
+                functions += writer_checks(cfg, rabbit, stack.enter_context(Mqtt(cfg)))
+            else:
+                from backend.doctor import db_writer_checks
+
+                functions += db_writer_checks(cfg, rabbit)
+        for check in results(functions):
+            click.echo(check.line())
+            failed |= not check.ok
+    if failed:
+        raise SystemExit(1)

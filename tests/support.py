@@ -134,7 +134,12 @@ class TcpProxy:
         return self
 
     def stop(self) -> None:
+        """Cut every connection and refuse new ones (until a new proxy listens on the port)."""
         if self._listener is not None:
+            # close() alone does not wake the accept() blocked in another thread: it would still take one more
+            # connection. shutdown() does.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         self.cut()
