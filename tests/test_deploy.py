@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import doctest
 import importlib.util
 import json
 import os
@@ -643,6 +644,12 @@ def test_dockerfile_install_step_in_a_fresh_venv(tmp_path):
 def write_secret(path: Path, value: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(value + "\n")
+
+
+def test_render_secrets_examples_hold():
+    """Its docstring examples: deploy/compose is no package, so --doctest-modules does not collect it."""
+    result = doctest.testmod(render_secrets)
+    assert result.attempted and not result.failed
 
 
 @pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd"])

@@ -158,7 +158,7 @@ def render_definitions(template: Mapping[str, Any], secrets_dir: Path) -> dict[s
     (``{meter}`` filled in) and of the shared user of earlier releases, which
     is rendered only while its password file still exists.
     """
-    out = json.loads(json.dumps(template))
+    out: dict[str, Any] = json.loads(json.dumps(template))
     accounts = out.pop("edge_accounts")
     names = [u["name"] for u in out["users"]]
     edges = {f"{accounts['per_meter']['user'].replace('{meter}', m)}": m for m in edge_meters(secrets_dir)}
