@@ -9,8 +9,9 @@ No Docker engine runs here, so each piece is exercised on its own:
 * docker-compose files: parsed, every file/volume/variable reference checked,
   and validated by a compose implementation when one is installed;
 * the Dockerfile: its install step replayed in a fresh venv;
-* RabbitMQ definitions: compared with common.topology, then imported into a
-  throw-away vhost of the local broker and probed with the users they define;
+* render_secrets.py: the secret files it makes, the passwords it refuses;
+* RabbitMQ definitions: compared with common.topology (a private broker loaded
+  with them probes every account in tests/test_accounts.py);
 * Mosquitto: the real config started on a free port, probed with paho-mqtt.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import doctest
 import importlib.util
 import json
 import os
@@ -38,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pika
-import pika.exceptions
 import pytest
 import yaml
 
@@ -383,9 +383,43 @@ def test_compose_writers_run_the_emdc_commands_without_declaring_topology():
         assert any(v.endswith(":/app/state") for v in services[name]["volumes"])
         assert services[name]["build"]["dockerfile"] == "deploy/compose/Dockerfile"
         assert (COMPOSE / services[name]["build"]["context"]).resolve() == REPO
-    assert services["db-writer"]["environment"]["EMDC_DB_URL"].startswith("mysql+pymysql://emdc:${MARIADB_PASSWORD")
     assert services["db-writer"]["healthcheck"]["test"] == ["CMD", "emdc", "db-writer", "--check"]
     assert services["writer"]["environment"]["EMDC_MQTT_USERNAME"] == "emdc-writer"
+
+
+SECRET_VARIABLES = {f"EMDC_{s.upper()}" for s in SECRET_SETTINGS} | {"MARIADB_PASSWORD", "MARIADB_ROOT_PASSWORD"}
+CREDENTIALS = re.compile(r"://[^/@\s]+:[^/@\s]+@|\$\{\w*PASS")  # user:password@ in a URL, or a password variable
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.tls.yml"])
+def test_compose_hands_secrets_over_as_files_only(name):
+    """No secret in any environment: each secret setting comes as its _FILE form, naming a mounted secret."""
+    doc, base = compose_doc(name), compose_doc()
+    for svc_name, svc in doc["services"].items():
+        env = svc.get("environment", {})
+        assert not SECRET_VARIABLES & set(env), f"{svc_name}: a secret in the environment"
+        assert not [v for v in map(str, env.values()) if CREDENTIALS.search(v)], f"{svc_name}: credentials in a value"
+        mounted = {*svc.get("secrets", []), *base["services"][svc_name].get("secrets", [])}
+        for key, value in env.items():
+            if key.endswith("_FILE") and key[:-5] in SECRET_VARIABLES:
+                assert value.startswith("/run/secrets/") and value.rpartition("/")[2] in mounted, f"{svc_name}: {key}"
+    assert not re.search(r"\$\{\w*PASS", (COMPOSE / name).read_text()), "a password interpolated from .env"
+
+
+def test_compose_limits_every_services_memory():
+    for name, svc in compose_doc()["services"].items():
+        assert re.fullmatch(r"\d+[mg]", str(svc.get("mem_limit", ""))), f"{name} has no memory limit"
+
+
+def test_compose_secret_files_are_the_ones_init_makes(tmp_path):
+    compose_dir = scratch_compose(tmp_path)
+    declared = compose_doc()["secrets"]
+    for name, secret in declared.items():
+        assert (compose_dir / secret["file"]).is_file(), f"init does not make {secret['file']} ({name})"
+    for name, svc in compose_doc()["services"].items():
+        for volume in svc.get("volumes", []):
+            if volume.startswith("./secrets/"):
+                assert (compose_dir / volume.split(":")[0]).is_dir(), f"{name}: init does not make {volume}"
 
 
 @pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.tls.yml"])
@@ -400,30 +434,28 @@ def test_compose_references_resolve(name):
             source, target = volume.split(":")[:2]
             if source.startswith("."):
                 path = COMPOSE / source
-                if "certs" in path.relative_to(COMPOSE).parts:
-                    continue  # made by the operator (certs/README.md); git-ignored
+                if {"certs", "secrets"} & set(path.relative_to(COMPOSE).parts):
+                    continue  # made by the operator (certs/README.md) or render_secrets.py init; git-ignored
                 assert path.exists(), f"{svc_name}: {source} does not exist"
             else:
                 assert source in base["volumes"], f"{svc_name}: volume {source} is not declared"
             assert target.startswith("/")
+        for secret in svc.get("secrets", []):
+            assert secret in base["secrets"], f"{svc_name}: secret {secret} is not declared"
         for key in svc.get("environment", {}):
             if key.startswith("EMDC_"):
                 assert key in settings, f"{svc_name}: {key} is not an EMDC setting"
 
 
 def test_compose_variables_are_all_in_env_example():
-    used = set()
+    used = {"RABBITMQ_HOST"}  # read by render_secrets.py init for the writers' URL files
     for name in ("docker-compose.yml", "docker-compose.tls.yml"):
         used |= set(VARIABLE.findall((COMPOSE / name).read_text()))
     documented = set(env_example())
     assert used - documented == set(), "add these to .env.example"
     unused = documented - used - {"COMPOSE_PROFILES", "COMPOSE_FILE"}
     assert unused == set(), "not used by any compose file"
-    # Every password is required (no compose default), and .env.example ships none.
-    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
-        for var, rest in re.findall(r"\$\{(\w*PASSWORD\w*)([^}]*)\}", (COMPOSE / name).read_text()):
-            assert rest.startswith(":?"), f"{name}: ${{{var}}} must be required (:?)"
-    assert all(value == "" for key, value in env_example().items() if key.endswith("_PASSWORD"))
+    assert not [k for k in documented if "PASSWORD" in k], "passwords are files in secrets/, never .env variables"
 
 
 def test_compose_config_mounts_match_broker_configs():
@@ -434,6 +466,10 @@ def test_compose_config_mounts_match_broker_configs():
     assert f"rabbitmq-definitions:{Path(definitions).parent}:ro" in services["rabbitmq"]["volumes"]
     assert "rabbitmq-definitions:/out" in services["rabbitmq-init"]["volumes"]
     assert "/out/" + Path(definitions).name in services["rabbitmq-init"]["command"]
+    for init, kind in (("rabbitmq-init", "rabbitmq"), ("mosquitto-init", "mosquitto")):
+        command = services[init]["command"]
+        mount = command[command.index("--secrets") + 1]
+        assert f"./secrets/{kind}:{mount}:ro" in services[init]["volumes"]
     mosquitto = MOSQUITTO_CONF.read_text()
     for key in ("password_file", "acl_file"):
         path = re.search(rf"^{key} (\S+)$", mosquitto, re.M)[1]
@@ -449,34 +485,62 @@ def test_compose_config_mounts_match_broker_configs():
             assert any(v.endswith(f":{Path(cert).parent}:ro") for v in tls["rabbitmq"]["volumes"])
 
 
-def compose_config(env_file: Path, *files: str) -> subprocess.CompletedProcess[str]:
-    """``compose config -q`` by whichever compose implementation is installed (no engine needed)."""
+def listeners(directory: Path) -> list[str]:
+    return [line for conf in directory.glob("*.conf") for line in conf.read_text().splitlines()
+            if line.startswith("listener ")]
+
+
+def test_tls_overlay_closes_the_plain_listeners():
+    """With TLS, RabbitMQ opens no plain listener and Mosquitto's conf.d (with 1883) is replaced by tls/."""
+    assert re.search(r"^listeners\.tcp = none$", (COMPOSE / "rabbitmq/30-tls.conf").read_text(), re.M)
+    assert not listeners(MOSQUITTO_CONF.parent) and listeners(MOSQUITTO_CONF.parent / "conf.d") == ["listener 1883"]
+    assert listeners(COMPOSE / "mosquitto/tls") == ["listener 8883"]
+
+
+def compose_config(env_file: Path, *files: str, project: Path = COMPOSE,
+                   quiet: bool = True) -> subprocess.CompletedProcess[str]:
+    """``compose config`` by whichever compose implementation is installed (no engine needed)."""
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         compose = ["docker", "compose"]
     elif shutil.which("docker-compose"):
         compose = ["docker-compose"]
     else:
         pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
-    args = [*compose, "--env-file", str(env_file), "--project-directory", str(COMPOSE)]
+    args = [*compose, "--env-file", str(env_file), "--project-directory", str(project)]
     for name in files:
-        args += ["-f", str(COMPOSE / name)]
+        args += ["-f", str(project / name)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "RABBITMQ_", "MQTT", "MARIADB_"))}
-    return subprocess.run([*args, "config", "-q"], capture_output=True, text=True, cwd=COMPOSE, env=env)
+    return subprocess.run([*args, "config", *(["-q"] if quiet else [])], capture_output=True, text=True, cwd=project,
+                          env=env)
+
+
+def scratch_compose(tmp_path: Path) -> Path:
+    """A copy of deploy/compose after ``render_secrets.py init`` (with a Pi), as an operator's checkout has it."""
+    compose_dir = tmp_path / "compose"
+    shutil.copytree(COMPOSE, compose_dir, ignore=shutil.ignore_patterns(".env", "secrets"))
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    assert render_secrets.main(["add-edge", "garage", "--host", "broker.example.org"], compose_dir=compose_dir) == 0
+    return compose_dir
+
+
+def secret_values(compose_dir: Path) -> list[str]:
+    """Every password in the secrets directory."""
+    return [p.read_text().strip() for p in render_secrets.all_password_files(compose_dir / "secrets")]
 
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"]])
-def test_compose_files_validate_with_a_compose_implementation(tmp_path, files):
-    env_file = tmp_path / "env"
-    env_file.write_text("".join(f"{k}={v or random_password()}\n" for k, v in env_example(commented=False).items()))
-    result = compose_config(env_file, *files)
+def test_compose_files_validate_and_show_no_secret(tmp_path, files, capsys):
+    compose_dir = scratch_compose(tmp_path)
+    capsys.readouterr()  # add-edge printed that Pi's URL
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    assert not any(p in capsys.readouterr().out for p in secret_values(compose_dir)), "init printed a password"
+    assert compose_config(compose_dir / ".env", *files, project=compose_dir).returncode == 0
+    result = compose_config(compose_dir / ".env", *files, project=compose_dir, quiet=False)
     assert result.returncode == 0, result.stderr
-
-
-def test_compose_refuses_to_start_without_passwords(tmp_path):
-    env_file = tmp_path / "env"
-    env_file.write_text((COMPOSE / ".env.example").read_text())
-    result = compose_config(env_file, "docker-compose.yml")
-    assert result.returncode != 0 and "set it in .env" in result.stderr, result.stderr
+    shown = result.stdout + result.stderr
+    passwords = secret_values(compose_dir)
+    assert len(passwords) == 7 and not [p for p in passwords if p in shown], "a secret in `compose config`"
+    assert "/run/secrets/writer_amqp" in shown
 
 
 # ====================================================================== Dockerfile
@@ -577,43 +641,138 @@ def test_dockerfile_install_step_in_a_fresh_venv(tmp_path):
 # ====================================================================== render_secrets.py
 
 
-def test_render_refuses_missing_or_url_unsafe_passwords():
+def write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+
+
+def test_render_secrets_examples_hold():
+    """Its docstring examples: deploy/compose is no package, so --doctest-modules does not collect it."""
+    result = doctest.testmod(render_secrets)
+    assert result.attempted and not result.failed
+
+
+@pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd"])
+def test_render_refuses_weak_passwords_with_one_line(tmp_path, weak):
+    secrets_dir = tmp_path / "rabbitmq"
+    for user in json.loads(DEFINITIONS.read_text())["users"]:
+        write_secret(secrets_dir / user["name"], random_password())
+    write_secret(secrets_dir / "emdc-writer", weak)
+    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer is too weak \(about \d+ bits, 64 needed\)"):
+        render_secrets.render_definitions(json.loads(DEFINITIONS.read_text()), secrets_dir)
+
+
+def test_render_refuses_missing_reused_and_url_unsafe_passwords(tmp_path, capsys):
     template = json.loads(DEFINITIONS.read_text())
-    with pytest.raises(render_secrets.RenderError, match="RABBITMQ_ADMIN_PASSWORD is not set"):
-        render_secrets.render_definitions(template, {})
-    env = {u["password_env"]: random_password() for u in template["users"]}
-    env["RABBITMQ_EDGE_PASSWORD"] = "has@and/in-it"
-    with pytest.raises(render_secrets.RenderError, match="RABBITMQ_EDGE_PASSWORD must be"):
-        render_secrets.render_definitions(template, env)
+    secrets_dir = tmp_path / "rabbitmq"
+    with pytest.raises(render_secrets.RenderError, match=r"emdc-admin is missing: run python3 render_secrets.py init"):
+        render_secrets.render_definitions(template, secrets_dir)
+    for user in template["users"]:
+        write_secret(secrets_dir / user["name"], random_password())
+    write_secret(secrets_dir / "edges" / "garage", (secrets_dir / "emdc-writer").read_text().strip())
+    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer and .*edges/garage hold the same password"):
+        render_secrets.render_definitions(template, secrets_dir)
+    write_secret(secrets_dir / "edges" / "garage", "has@and/in-it" + random_password())
+    assert render_secrets.main(["rabbitmq", str(DEFINITIONS), str(tmp_path / "d.json"), "--secrets",
+                                str(secrets_dir)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "edges/garage may only hold A-Z a-z 0-9 . _ ~ -" in error
+    assert "has@and" not in error, "the error shows the password"
 
 
 def test_render_writes_private_files_with_hashes_only(tmp_path):
-    env = {u["password_env"]: random_password() for u in json.loads(DEFINITIONS.read_text())["users"]}
+    template = json.loads(DEFINITIONS.read_text())
+    secrets_dir = tmp_path / "rabbitmq"
+    passwords = {user["name"]: random_password() for user in template["users"]}
+    for name, value in passwords.items():
+        write_secret(secrets_dir / name, value)
     out = tmp_path / "out" / "definitions.json"
-    assert render_secrets.main(["rabbitmq", str(DEFINITIONS), str(out)], env=env) == 0
+    assert render_secrets.main(["rabbitmq", str(DEFINITIONS), str(out), "--secrets", str(secrets_dir)]) == 0
     text = out.read_text()
     assert out.stat().st_mode & 0o777 == 0o600
-    assert not any(p in text for p in env.values()), "plain password in the output"
-    assert "password_env" not in text
-    env = {"W": random_password()}
+    assert not any(p in text for p in passwords.values()), "plain password in the output"
+    assert "edge_accounts" not in text and {u["name"] for u in json.loads(text)["users"]} == set(passwords)
+    mosquitto_dir = tmp_path / "mosquitto"
+    write_secret(mosquitto_dir / "emdc-writer", secret := random_password())
     assert render_secrets.main(["mosquitto", str(COMPOSE / "mosquitto/config/acl"), str(tmp_path / "m"),
-                                "emdc-writer=W"], env=env) == 0
+                                "emdc-writer", "--secrets", str(mosquitto_dir)]) == 0
     assert (tmp_path / "m/passwd").read_text().startswith("emdc-writer:$7$101$")
-    assert env["W"] not in (tmp_path / "m/passwd").read_text()
+    assert secret not in (tmp_path / "m/passwd").read_text()
     assert (tmp_path / "m/acl").read_text() == (COMPOSE / "mosquitto/config/acl").read_text()
     assert (tmp_path / "m/acl").stat().st_mode & 0o777 == 0o600
 
 
-def test_init_env_generates_every_password(tmp_path):
-    target = tmp_path / ".env"
-    names = render_secrets.init_env(COMPOSE / ".env.example", target)
-    assert set(names) == {k for k in env_example() if k.endswith("_PASSWORD")}
-    values = dict(line.split("=", 1) for line in target.read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
-    for name in names:
-        assert render_secrets.PASSWORD_RE.match(values[name])
-    assert target.stat().st_mode & 0o777 == 0o600
-    with pytest.raises(render_secrets.RenderError, match="exists"):
-        render_secrets.init_env(COMPOSE / ".env.example", target)
+def test_init_generates_strong_distinct_passwords_and_keeps_them(tmp_path, capsys):
+    compose_dir = tmp_path / "compose"
+    compose_dir.mkdir()
+    shutil.copy(COMPOSE / ".env.example", compose_dir)
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    secrets_dir = compose_dir / "secrets"
+    files = render_secrets.all_password_files(secrets_dir)
+    assert {str(p.relative_to(secrets_dir)) for p in files} == set(render_secrets.PASSWORDS)
+    values = [p.read_text().strip() for p in files]
+    assert len(set(values)) == len(values) and all(render_secrets.strength_bits(v) >= 128 for v in values)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files) and secrets_dir.stat().st_mode & 0o777 == 0o700
+    assert not any(v in capsys.readouterr().out for v in values)
+    writer_url = (secrets_dir / "writer/amqp_url").read_text().strip()
+    writer_password = (secrets_dir / "rabbitmq/emdc-writer").read_text().strip()
+    assert writer_url == f"amqp://emdc-writer:{writer_password}@rabbitmq:5672/%2F"
+    assert load_config(env={"EMDC_AMQP_URL_FILE": str(secrets_dir / "writer/amqp_url")}).amqp_url == writer_url
+    if os.geteuid() == 0:
+        assert (secrets_dir / "writer/amqp_url").stat().st_uid == render_secrets.WRITER_UID
+    # Run again with another RabbitMQ host: passwords kept, URLs follow .env.
+    env_file = compose_dir / ".env"
+    env_file.write_text(env_file.read_text().replace("RABBITMQ_HOST=rabbitmq", "RABBITMQ_HOST=broker.lan"))
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    assert [p.read_text().strip() for p in files] == values
+    assert "@broker.lan:5671/" in (secrets_dir / "db-writer/amqps_url").read_text()
+
+
+def test_init_moves_the_passwords_of_an_old_env_into_files(tmp_path):
+    """An install of the .env-password layout keeps every password, the shared edge user's included."""
+    compose_dir = tmp_path / "compose"
+    compose_dir.mkdir()
+    shutil.copy(COMPOSE / ".env.example", compose_dir)
+    old = {var: random_password() for var in render_secrets.LEGACY_VARIABLES}
+    (compose_dir / ".env").write_text("COMPOSE_PROFILES=rabbitmq\nRABBITMQ_HOST=rabbitmq\n"
+                                      + "".join(f"{k}={v}\n" for k, v in old.items()))
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    for var, name in render_secrets.LEGACY_VARIABLES.items():
+        assert (compose_dir / "secrets" / name).read_text().strip() == old[var]
+    env_text = (compose_dir / ".env").read_text()
+    assert "PASSWORD" not in env_text and "COMPOSE_PROFILES=rabbitmq" in env_text
+
+
+def test_add_edge_prints_only_that_pis_url(tmp_path, capsys):
+    compose_dir = tmp_path / "compose"
+    compose_dir.mkdir()
+    shutil.copy(COMPOSE / ".env.example", compose_dir)
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    others = secret_values(compose_dir)
+    capsys.readouterr()
+    assert render_secrets.main(["add-edge", "garage", "--host", "broker.example.org", "--tls"],
+                               compose_dir=compose_dir) == 0
+    out = capsys.readouterr().out
+    password = (compose_dir / "secrets/rabbitmq/edges/garage").read_text().strip()
+    assert out.splitlines()[-1] == f"amqps://emdc-edge-garage:{password}@broker.example.org:5671/%2F"
+    assert "rabbitmqctl import_definitions" in out and not any(p in out for p in others)
+    assert render_secrets.main(["add-edge", "garage"], compose_dir=compose_dir) == 1
+    assert "that meter has a Pi account already" in capsys.readouterr().err
+    assert render_secrets.main(["add-edge", "a.b"], compose_dir=compose_dir) == 1
+    assert render_secrets.main(["remove-edge", "garage"], compose_dir=compose_dir) == 0
+    assert "delete_user emdc-edge-garage" in capsys.readouterr().out
+    assert not (compose_dir / "secrets/rabbitmq/edges/garage").exists()
+
+
+@pytest.mark.parametrize("meter", ["main", "garage-2", "a_b", "x" * 64, "", "a.b", "a b", "x" * 65, "#", "ü"])
+def test_render_takes_the_meter_ids_the_edge_takes(meter):
+    from common.message import MessageError, validate_meter_id
+    try:
+        validate_meter_id(meter)
+        valid = True
+    except MessageError:
+        valid = False
+    assert bool(render_secrets.METER_RE.match(meter)) == valid
 
 
 # ====================================================================== RabbitMQ definitions
@@ -625,12 +784,15 @@ def test_definitions_match_common_topology():
     dlx = topology.dead_letter_exchange(exchange)
     consumers = {Config().queue: topology.WRITER_BINDINGS, Config().db_queue: topology.DB_WRITER_BINDINGS}
 
+    # The dead-letter exchange is a topic exchange: RabbitMQ checks topic permissions on topic exchanges
+    # only, and those keep each writer to its own dead-letter queue.
     assert {(x["name"], x["type"], x["durable"], x["auto_delete"], x["internal"]) for x in d["exchanges"]} == {
-        (exchange, "topic", True, False, False), (dlx, "direct", True, False, False)}
+        (exchange, "topic", True, False, False), (dlx, "topic", True, False, False)}
     expected_queues = {}
     expected_bindings = set()
     for q, keys in consumers.items():
-        expected_queues[q] = topology.queue_arguments(exchange, q)
+        # One active consumer per writer queue, whatever topology.queue_arguments adds besides.
+        expected_queues[q] = {**topology.queue_arguments(exchange, q), "x-single-active-consumer": True}
         expected_queues[topology.dead_letter_queue(q)] = {}
         expected_bindings |= {(exchange, q, key) for key in keys}
         expected_bindings.add((dlx, topology.dead_letter_queue(q), q))
@@ -640,183 +802,33 @@ def test_definitions_match_common_topology():
     assert all(b["destination_type"] == "queue" for b in d["bindings"])
 
 
+def test_definitions_cap_every_queue_in_messages_and_bytes():
+    d = json.loads(DEFINITIONS.read_text())
+    for q in d["queues"]:
+        caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], q["name"])]
+        assert len(caps) == 1, f"{q['name']}: one policy must apply"
+        assert caps[0]["max-length"] > 0 and 0 < caps[0]["max-length-bytes"] <= 256 * 2**20, q["name"]
+
+
 def test_definitions_grant_least_privilege():
     d = json.loads(DEFINITIONS.read_text())
     users = {u["name"]: u for u in d["users"]}
-    assert "guest" not in users
+    assert "guest" not in users and "emdc-edge" not in users, "Pis get their own users (edge_accounts)"
     assert [u for u, v in users.items() if v["tags"]] == ["emdc-admin"]
     perms = {p["user"]: p for p in d["permissions"]}
     assert set(perms) == set(users)
     for name in set(users) - {"emdc-admin"}:
         assert perms[name]["configure"] == "^$", f"{name} may not declare or delete anything"
-    assert (perms["emdc-edge"]["write"], perms["emdc-edge"]["read"]) == ("^EMDC$", "^$")
+    for shape in d["edge_accounts"].values():
+        assert shape["permissions"] == {"configure": "^$", "write": "^EMDC$", "read": "^$"}
     assert perms["emdc-writer"]["read"] == f"^{Config().queue}$"
     assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}$"
 
 
-def rabbitmqctl(*args: str, stdin: str | None = None) -> str:
-    result = subprocess.run([need("rabbitmqctl"), "-q", *args], input=stdin, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-@dataclasses.dataclass
-class Broker:
-    vhost: str
-    users: dict[str, str]  # definitions' user name -> its name here
-    passwords: dict[str, str]  # definitions' user name -> password
-
-    def connect(self, user: str) -> pika.BlockingConnection:
-        credentials = pika.PlainCredentials(self.users[user], self.passwords[user])
-        return pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672, self.vhost, credentials,
-                                                                 connection_attempts=1, socket_timeout=10))
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    """The rendered definitions imported into a throw-away vhost, with throw-away user names."""
-    template = json.loads(DEFINITIONS.read_text())
-    tag = uuid.uuid4().hex[:8]
-    vhost = f"emdc-test-{tag}"
-    users = {u["name"]: f"{u['name']}-test-{tag}" for u in template["users"]}
-    passwords = {u["name"]: random_password() for u in template["users"]}
-    env = {u["password_env"]: passwords[u["name"]] for u in template["users"]}
-    rendered = render_secrets.render_definitions(template, env)
-    # Definitions name their vhost and users; point both at throw-away ones.
-    for section in rendered.values():
-        for item in section:
-            if item.get("vhost") == "/":
-                item["vhost"] = vhost
-            if "user" in item:
-                item["user"] = users[item["user"]]
-    rendered["vhosts"] = [{"name": vhost}]
-    for user in rendered["users"]:
-        user["name"] = users[user["name"]]
-    rabbitmqctl("import_definitions", stdin=json.dumps(rendered))  # stdin: the server can't read our tmp files
-    try:
-        deadline = time.monotonic() + 30
-        expected = {q["name"] for q in template["queues"]}
-        while True:  # the import is asynchronous
-            with contextlib.suppress(AssertionError):
-                queues = set(rabbitmqctl("list_queues", "-p", vhost, "name").split())
-                if expected <= queues:
-                    break
-            assert time.monotonic() < deadline, "definitions import did not finish"
-            time.sleep(0.2)
-        yield Broker(vhost, users, passwords)
-    finally:
-        # Users are global, not per vhost: delete them too (in parallel; each CLI call boots an Erlang VM).
-        cleanup = [["delete_vhost", vhost]] + [["delete_user", name] for name in users.values()]
-        procs = [subprocess.Popen([need("rabbitmqctl"), "-q", *args], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for args in cleanup]
-        for proc in procs:
-            proc.wait(timeout=60)
-
-
-def refused(action) -> bool:
-    """True if the broker answers ``action`` (a synchronous call) with 403 ACCESS_REFUSED."""
-    try:
-        action()
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        assert exc.reply_code == 403, exc
-        return True
-    return False
-
-
-def publish_refused(conn: pika.BlockingConnection, exchange: str, routing_key: str) -> bool:
-    """Publish on a fresh confirming channel, so a refusal arrives before this returns."""
-    ch = conn.channel()
-    ch.confirm_delivery()
-    return refused(lambda: ch.basic_publish(exchange, routing_key, "{}"))
-
-
-def purge_all(broker: Broker) -> None:
-    with broker.connect("emdc-admin") as conn:
-        ch = conn.channel()
-        for q in ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_db_writer", "queue_db_writer.dead"):
-            ch.queue_purge(q)
-
-
-PULSE = json.dumps({"v": 1, "meter": "main", "channel": "active", "epoch": "ab", "seq": 1, "ts_ns": 1, "wh": 1})
-
-
-def test_definitions_import_with_every_password(broker):
-    for name in broker.users:
-        broker.connect(name).close()  # each user logs in with the password from "its" .env variable
-    assert f"{broker.users['emdc-admin']}\t[administrator]" in rabbitmqctl("list_users")
-    policies = rabbitmqctl("list_policies", "-p", broker.vhost)
-    assert "emdc-backlog-cap" in policies and "emdc-dead-letter-cap" in policies
-
-
-def test_edge_may_only_publish_pulses(broker):
-    purge_all(broker)
-    with broker.connect("emdc-edge") as conn:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        # As edge/amqp_publisher.py does: mandatory, confirmed; reaches both writers' queues.
-        ch.basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2), mandatory=True)
-        ch.exchange_declare("EMDC", passive=True)  # a passive check needs no configure right
-        assert publish_refused(conn, "EMDC", "control.main")
-        assert publish_refused(conn, "EMDC.dead", "queue_mqtt_writer")
-        assert publish_refused(conn, "amq.topic", "pulse.main.active")
-        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer"))
-        assert refused(lambda: conn.channel().exchange_declare("EMDC", "topic", durable=True))
-        assert refused(lambda: conn.channel().queue_declare("edge-private"))
-    with broker.connect("emdc-admin") as conn:
-        ch = conn.channel()
-        for q in ("queue_mqtt_writer", "queue_db_writer"):
-            method, _props, body = ch.basic_get(q, auto_ack=True)
-            assert method is not None and body.decode() == PULSE, f"pulse did not reach {q}"
-
-
-def test_writer_consumes_its_queue_and_publishes_control_and_dead_letters_only(broker):
-    purge_all(broker)
-    with broker.connect("emdc-admin") as conn:
-        conn.channel().basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2))
-    with broker.connect("emdc-writer") as conn:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        ch.queue_declare("queue_mqtt_writer", passive=True)
-        method, _props, _body = ch.basic_get("queue_mqtt_writer")
-        assert method is not None
-        # A bad message, as backend/amqp_consumer.py parks it: to the dead-letter exchange, keyed by queue.
-        ch.basic_publish("EMDC.dead", "queue_mqtt_writer", "bad", pika.BasicProperties(delivery_mode=2),
-                         mandatory=True)
-        ch.basic_ack(method.delivery_tag)
-        # `emdc state set-total` runs with the writer's credentials: control.<meter> to EMDC.
-        ch.basic_publish("EMDC", "control.main", "{}", pika.BasicProperties(delivery_mode=2), mandatory=True)
-        assert publish_refused(conn, "EMDC", "pulse.main.active")  # no forged pulses
-        assert publish_refused(conn, "amq.topic", "control.main")
-        assert publish_refused(conn, "", "queue_mqtt_writer")
-        assert refused(lambda: conn.channel().basic_get("queue_db_writer"))
-        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer.dead"))
-        assert refused(lambda: conn.channel().queue_delete("queue_mqtt_writer"))
-        assert refused(lambda: conn.channel().queue_declare("writer-private"))
-    with broker.connect("emdc-admin") as conn:
-        ch = conn.channel()
-        assert ch.basic_get("queue_mqtt_writer.dead", auto_ack=True)[2] == b"bad"
-        assert ch.basic_get("queue_mqtt_writer", auto_ack=True)[0].routing_key == "control.main"
-
-
-def test_db_writer_consumes_its_queue_only_and_rejections_dead_letter(broker):
-    purge_all(broker)
-    with broker.connect("emdc-admin") as conn:
-        conn.channel().basic_publish("EMDC", "pulse.main.active", PULSE, pika.BasicProperties(delivery_mode=2))
-    with broker.connect("emdc-db-writer") as conn:
-        ch = conn.channel()
-        method, _props, _body = ch.basic_get("queue_db_writer")
-        ch.basic_reject(method.delivery_tag, requeue=False)  # the queue's own dead-letter arguments apply
-        assert refused(lambda: conn.channel().basic_get("queue_mqtt_writer"))
-        assert publish_refused(conn, "EMDC", "control.main")
-        assert publish_refused(conn, "EMDC", "pulse.main.active")
-    with broker.connect("emdc-admin") as conn:
-        ch = conn.channel()
-        deadline = time.monotonic() + 5
-        while (got := ch.basic_get("queue_db_writer.dead", auto_ack=True))[0] is None:
-            assert time.monotonic() < deadline, "rejected message was not dead-lettered"
-            time.sleep(0.05)
-        assert got[2].decode() == PULSE
+def test_broker_message_size_limit_covers_the_message_schema():
+    from common.message import MAX_BODY_BYTES
+    limit = int(re.search(r"^max_message_size = (\d+)$", (COMPOSE / "rabbitmq/20-emdc.conf").read_text(), re.M)[1])
+    assert MAX_BODY_BYTES <= limit <= 16 * 1024
 
 
 def rabbitmq_schema_keys() -> list[re.Pattern[str]]:
@@ -878,13 +890,14 @@ def mosquitto_broker(tmp_path_factory) -> Iterator[Mosquitto]:
     acl = root / "config/acl"
     acl.write_text(acl.read_text() + "\nuser emdc-test-observer\ntopic read #\n")
     passwords = {u: random_password() for u in ("emdc-writer", "homeassistant", "emdc-test-observer")}
-    users = [f"{u}=PW_{i}" for i, u in enumerate(passwords)]
-    env = {f"PW_{i}": p for i, p in enumerate(passwords.values())}
-    assert render_secrets.main(["mosquitto", str(acl), str(root / "secrets"), *users], env=env) == 0
-    # The TLS listener, as docker-compose.tls.yml mounts it over conf.d/.
+    for user, password in passwords.items():
+        write_secret(root / "passwords" / user, password)
+    assert render_secrets.main(["mosquitto", str(acl), str(root / "secrets"), *passwords, "--secrets",
+                                str(root / "passwords")]) == 0
+    # The TLS listener next to the plain one (docker-compose.tls.yml mounts it over conf.d/, closing the plain one).
     shutil.copy(COMPOSE / "mosquitto/tls/tls.conf", root / "config/conf.d/tls.conf")
     port, tls_port = free_port(), free_port()
-    for conf in (root / "config/mosquitto.conf", root / "config/conf.d/tls.conf"):
+    for conf in (root / "config/mosquitto.conf", *(root / "config/conf.d").glob("*.conf")):
         text = conf.read_text().replace("/mosquitto/certs/", f"{root}/tls-certs/").replace("/mosquitto/", f"{root}/")
         text = re.sub(r"^listener 1883$", f"listener {port} 127.0.0.1", text, flags=re.M)
         text = re.sub(r"^listener 8883$", f"listener {tls_port} 127.0.0.1", text, flags=re.M)

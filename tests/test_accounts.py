@@ -1,0 +1,451 @@
+"""Every RabbitMQ account of the deployment against a private broker that runs the rendered definitions and config.
+
+The broker is the machine's RabbitMQ started a second time as its own node
+(own name, ports, data directory), booted with deploy/compose/rabbitmq/20-emdc.conf
+and the definitions render_secrets.py makes from a scratch ``init`` with two
+Pis, so max_message_size, the policies and every permission are the ones a
+deployment gets. Each account is tried with everything it must not do, and
+with what it needs. The upgrade of an install of the earlier layout (one
+shared edge user, queues without single-active-consumer, a direct
+dead-letter exchange) is replayed step by step as docs/security.md gives it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+
+from tests.support import free_port, wait_until
+from tests.test_deploy import COMPOSE, DEFINITIONS, need, render_secrets, scratch_compose
+
+pytestmark = pytest.mark.brokers
+
+PULSE = json.dumps({"v": 1, "meter": "garage", "channel": "active", "epoch": "ab", "seq": 1, "ts_ns": 1, "wh": 1})
+QUEUES = ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_db_writer", "queue_db_writer.dead")
+METERS = ("garage", "shed")
+
+
+@dataclasses.dataclass
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own, booted with ``conf``; stopped by its PID."""
+
+    root: Path
+    secrets: Path
+    port: int = dataclasses.field(default_factory=free_port)
+    http_port: int = dataclasses.field(default_factory=free_port)
+    dist_port: int = dataclasses.field(default_factory=free_port)
+    node: str = dataclasses.field(default_factory=lambda: f"emdc-accounts-{uuid.uuid4().hex[:8]}@localhost")
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bin_dir(self) -> Path:
+        return Path(os.path.realpath(need("rabbitmq-server"))).parent
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PATH": os.environ["PATH"], "HOME": str(self.root / "home"), "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
+                "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq.conf"),
+                "RABBITMQ_MNESIA_BASE": str(self.root / "data"), "RABBITMQ_LOG_BASE": str(self.root / "log"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
+                "RABBITMQ_DIST_PORT": str(self.dist_port), "ERL_EPMD_ADDRESS": "127.0.0.1"}
+
+    def start(self, definitions: Path) -> None:
+        """Boot with the deployment's 20-emdc.conf, loading ``definitions``, on this node's own ports."""
+        for sub in ("home", "data", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "rabbitmq-env.conf").write_text("")
+        (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        conf = (COMPOSE / "rabbitmq/20-emdc.conf").read_text()
+        conf = re.sub(r"^load_definitions = .*$", f"load_definitions = {definitions}", conf, flags=re.M)
+        (self.root / "rabbitmq.conf").write_text(
+            f"{conf}\nlisteners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.http_port}\n")
+        log = (self.root / "log" / "server.out").open("ab")
+        self.proc = subprocess.Popen([self.bin_dir / "rabbitmq-server"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, (self.root / "log/server.out").read_text()
+            for port in (self.port, self.http_port):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    return False
+            return True
+        wait_until(up, 120, "the private RabbitMQ to start")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([self.bin_dir / "rabbitmqctl", "-n", self.node, "stop"], env=self.env,
+                           capture_output=True, timeout=60)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the script and the Erlang VM it runs
+            self.proc.wait(timeout=30)
+
+    def ctl(self, *args: str) -> str:
+        result = subprocess.run([self.bin_dir / "rabbitmqctl", "-n", self.node, "-q", *args], env=self.env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def password(self, user: str) -> str:
+        meter = user.removeprefix("emdc-edge-")
+        path = self.secrets / "edges" / meter if meter != user else self.secrets / user
+        return path.read_text().strip()
+
+    def connect(self, user: str, password: str | None = None) -> pika.BlockingConnection:
+        credentials = pika.PlainCredentials(user, self.password(user) if password is None else password)
+        return pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", self.port, "/", credentials,
+                                                                 connection_attempts=1, socket_timeout=10,
+                                                                 blocked_connection_timeout=30))
+
+    def api(self, method: str, path: str, user: str = "emdc-admin") -> tuple[int, Any]:
+        """The management HTTP API, as the docs' curl commands use it."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/api/{path}", method=method)
+        token = base64.b64encode(f"{user}:{self.password(user)}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else None
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    def queue(self, name: str) -> dict[str, Any]:
+        status, info = self.api("GET", f"queues/%2F/{urllib.parse.quote(name, safe='')}")
+        assert status == 200, f"queue {name}: HTTP {status}"
+        return info
+
+
+def render(compose_dir: Path, out: Path) -> Path:
+    """What rabbitmq-init does: the definitions from the template and secrets/rabbitmq/."""
+    assert render_secrets.main(["rabbitmq", str(DEFINITIONS), str(out), "--secrets",
+                                str(compose_dir / "secrets/rabbitmq")], compose_dir=compose_dir) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitMQ]:
+    """The deployment's broker after ``init`` and ``add-edge`` for two Pis."""
+    root = tmp_path_factory.mktemp("accounts")
+    compose_dir = scratch_compose(root)  # init, and add-edge garage
+    assert render_secrets.main(["add-edge", "shed", "--host", "broker.example.org"], compose_dir=compose_dir) == 0
+    broker = PrivateRabbitMQ(root / "rabbitmq", compose_dir / "secrets/rabbitmq")
+    try:
+        broker.start(render(compose_dir, root / "definitions.json"))
+        wait_until(lambda: all(broker.api("GET", f"queues/%2F/{q}")[0] == 200 for q in QUEUES), 60,
+                   "the definitions to load")
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def clean(rabbit: PrivateRabbitMQ) -> PrivateRabbitMQ:
+    with rabbit.connect("emdc-admin") as conn:
+        channel = conn.channel()
+        for q in QUEUES:
+            channel.queue_purge(q)
+    return rabbit
+
+
+def refused(action: Callable[[], Any], code: int = 403) -> bool:
+    """True if the broker answers ``action`` with ``code`` (403 ACCESS_REFUSED) by closing the channel."""
+    try:
+        action()
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == code, exc
+        return True
+    return False
+
+
+def publish(conn: pika.BlockingConnection, exchange: str, key: str, body: bytes | str = PULSE,
+            properties: pika.BasicProperties | None = None, mandatory: bool = True) -> None:
+    """Publish confirmed (and mandatory) on a fresh channel, so a refusal or a return arrives before this returns."""
+    channel = conn.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(exchange, key, body, properties or pika.BasicProperties(delivery_mode=2), mandatory=mandatory)
+
+
+def publish_refused(conn: pika.BlockingConnection, exchange: str, key: str, code: int = 403, **kwargs: Any) -> bool:
+    return refused(lambda: publish(conn, exchange, key, **kwargs), code)
+
+
+def depth(rabbit: PrivateRabbitMQ, queue: str) -> int:
+    """Messages in ``queue`` now (the management API's numbers lag by seconds)."""
+    with rabbit.connect("emdc-admin") as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def take(rabbit: PrivateRabbitMQ, queue: str) -> list[tuple[str, bytes]]:
+    """Everything in ``queue`` (routing key, body), taken by the admin."""
+    got = []
+    with rabbit.connect("emdc-admin") as conn:
+        channel = conn.channel()
+        while (message := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            got.append((message[0].routing_key, message[2]))
+    return got
+
+
+ACCOUNTS = ("emdc-edge-garage", "emdc-writer", "emdc-db-writer")
+OWN_QUEUE = {"emdc-writer": "queue_mqtt_writer", "emdc-db-writer": "queue_db_writer"}
+# What each account may publish, (exchange, routing key); everything else in FORBIDDEN_KEYS is refused.
+MAY_PUBLISH = {
+    "emdc-edge-garage": {("EMDC", "pulse.garage.active"), ("EMDC", "pulse.garage.reactive"), ("EMDC", "status.garage")},
+    "emdc-writer": {("EMDC", "control.garage"), ("EMDC", "control.shed"), ("EMDC.dead", "queue_mqtt_writer")},
+    "emdc-db-writer": {("EMDC.dead", "queue_db_writer")},
+}
+PUBLISH_TRIES = (
+    ("EMDC", "pulse.garage.active"), ("EMDC", "pulse.garage.reactive"), ("EMDC", "status.garage"),
+    ("EMDC", "pulse.shed.active"), ("EMDC", "pulse.garageX.active"), ("EMDC", "pulse.garage"),
+    ("EMDC", "status.shed"), ("EMDC", "status.garage.x"), ("EMDC", "control.garage"), ("EMDC", "control.shed"),
+    ("EMDC", "control.garage.x"), ("EMDC", "x.pulse.garage.active"),
+    ("EMDC.dead", "queue_mqtt_writer"), ("EMDC.dead", "queue_db_writer"),
+    ("", "queue_mqtt_writer"), ("", "queue_db_writer"), ("", "queue_mqtt_writer.dead"),
+    ("amq.topic", "pulse.garage.active"), ("amq.direct", "queue_mqtt_writer"), ("amq.fanout", ""),
+)
+
+
+@pytest.mark.parametrize("account", ACCOUNTS)
+def test_each_account_publishes_only_what_it_may(clean: PrivateRabbitMQ, account: str):
+    with clean.connect(account) as conn:
+        for exchange, key in PUBLISH_TRIES:
+            allowed = (exchange, key) in MAY_PUBLISH[account]
+            # No queue is bound for status keys yet: not mandatory, the permission alone decides.
+            routed = not key.startswith("status.")
+            refused_now = refused(lambda e=exchange, k=key, m=routed and allowed: publish(conn, e, k, mandatory=m))
+            verb = "may not" if allowed else "may"
+            assert refused_now != allowed, f"{account} {verb} publish {key!r} to {exchange!r}"
+
+
+@pytest.mark.parametrize("account", ACCOUNTS)
+def test_each_account_reads_declares_and_deletes_nothing_of_others(clean: PrivateRabbitMQ, account: str):
+    own = OWN_QUEUE.get(account)
+    with clean.connect(account) as conn:
+        for q in QUEUES:
+            if q == own:
+                continue
+            assert refused(lambda q=q: conn.channel().basic_get(q)), f"{account} consumed {q}"
+            assert refused(lambda q=q: conn.channel().queue_purge(q)), f"{account} purged {q}"
+            assert refused(lambda q=q: conn.channel().queue_bind(q, "EMDC", "pulse.#")), f"{account} bound {q}"
+        for q in QUEUES:
+            assert refused(lambda q=q: conn.channel().queue_delete(q)), f"{account} deleted {q}"
+        assert refused(lambda: conn.channel().queue_declare(f"{account}-private"))
+        assert refused(lambda: conn.channel().queue_declare("queue_mqtt_writer", durable=True))
+        assert refused(lambda: conn.channel().exchange_declare("EMDC", "topic", durable=True))
+        assert refused(lambda: conn.channel().exchange_declare(f"{account}-x", "topic"))
+        assert refused(lambda: conn.channel().exchange_delete("EMDC.dead"))
+        conn.channel().exchange_declare("EMDC", passive=True)  # a passive check, as the Pi may make, needs no right
+    # No management tag: neither the UI nor the HTTP API takes these users.
+    assert clean.api("GET", "whoami", account)[0] == 401
+    assert clean.api("GET", "whoami")[0] == 200
+
+
+def test_each_pi_publishes_only_its_own_meter(clean: PrivateRabbitMQ):
+    for meter, other in (METERS, METERS[::-1]):
+        with clean.connect(f"emdc-edge-{meter}") as conn:
+            publish(conn, "EMDC", f"pulse.{meter}.active")
+            assert publish_refused(conn, "EMDC", f"pulse.{other}.active")
+    assert [key for key, _ in take(clean, "queue_mqtt_writer")] == ["pulse.garage.active", "pulse.shed.active"]
+    assert len(take(clean, "queue_db_writer")) == 2
+    # One Pi's password is no other account's.
+    for user in ("emdc-edge-shed", "emdc-writer", "emdc-admin"):
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            clean.connect(user, clean.password("emdc-edge-garage"))
+
+
+def test_the_broker_stamps_whom_a_message_is_from(clean: PrivateRabbitMQ):
+    """``user_id`` is checked by the broker: a Pi can name only itself, so a writer may trust it."""
+    with clean.connect("emdc-edge-garage") as conn:
+        publish(conn, "EMDC", "pulse.garage.active", properties=pika.BasicProperties(user_id="emdc-edge-garage"))
+        for other in ("emdc-edge-shed", "emdc-writer", "emdc-admin"):
+            assert publish_refused(conn, "EMDC", "pulse.garage.active", code=406,
+                                   properties=pika.BasicProperties(user_id=other))
+    with clean.connect("emdc-admin") as conn:
+        _method, properties, _body = conn.channel().basic_get("queue_mqtt_writer", auto_ack=True)
+        assert properties.user_id == "emdc-edge-garage"
+
+
+@pytest.mark.parametrize("size", [10 * 2**20, 100 * 2**20])
+def test_the_broker_refuses_big_bodies_from_a_pi(clean: PrivateRabbitMQ, size: int):
+    with clean.connect("emdc-edge-garage") as conn:
+        assert publish_refused(conn, "EMDC", "pulse.garage.active", code=406, body=b"x" * size)
+        limit = int(re.search(r"^max_message_size = (\d+)$", (COMPOSE / "rabbitmq/20-emdc.conf").read_text(),
+                              re.M)[1])
+        assert publish_refused(conn, "EMDC", "pulse.garage.active", code=406, body=b"x" * (limit + 1))
+        publish(conn, "EMDC", "pulse.garage.active", body=b"x" * limit)  # the connection is still good
+    assert [len(body) for _key, body in take(clean, "queue_mqtt_writer")] == [limit]
+
+
+def test_writers_dead_letter_into_their_own_queue_only(clean: PrivateRabbitMQ):
+    with clean.connect("emdc-writer") as conn:
+        # As backend/amqp_consumer.py parks a refused message: to EMDC.dead, keyed by its own queue.
+        publish(conn, "EMDC.dead", "queue_mqtt_writer", body="bad for mqtt")
+        assert publish_refused(conn, "EMDC.dead", "queue_db_writer", body="forged for db")
+    with clean.connect("emdc-db-writer") as conn:
+        publish(conn, "EMDC.dead", "queue_db_writer", body="bad for db")
+        assert publish_refused(conn, "EMDC.dead", "queue_mqtt_writer", body="forged for mqtt")
+    assert take(clean, "queue_mqtt_writer.dead") == [("queue_mqtt_writer", b"bad for mqtt")]
+    assert take(clean, "queue_db_writer.dead") == [("queue_db_writer", b"bad for db")]
+
+
+def test_writers_consume_their_own_queue_and_rejections_dead_letter(clean: PrivateRabbitMQ):
+    with clean.connect("emdc-edge-garage") as conn:
+        publish(conn, "EMDC", "pulse.garage.active")
+    for account, q in OWN_QUEUE.items():
+        with clean.connect(account) as conn:
+            channel = conn.channel()
+            channel.queue_declare(q, passive=True)
+            method, _properties, body = channel.basic_get(q)
+            assert method is not None and body.decode() == PULSE
+            channel.basic_reject(method.delivery_tag, requeue=False)  # the queue's own dead-letter arguments apply
+        wait_until(lambda q=q: depth(clean, f"{q}.dead") == 1, 10, f"{q}'s rejection to dead-letter")
+
+
+def test_only_one_writer_is_active_on_a_queue(clean: PrivateRabbitMQ):
+    """x-single-active-consumer: a second consumer of the writer's account gets nothing while the first lives."""
+    assert clean.queue("queue_mqtt_writer")["arguments"]["x-single-active-consumer"] is True
+    assert clean.queue("queue_db_writer")["arguments"]["x-single-active-consumer"] is True
+    got: dict[str, list[bytes]] = {"first": [], "second": []}
+    with clean.connect("emdc-writer") as first, clean.connect("emdc-writer") as second:
+        channels = {"first": first.channel(), "second": second.channel()}
+        for name, channel in channels.items():
+            channel.basic_consume("queue_mqtt_writer", lambda _c, m, _p, b, n=name: got[n].append(b), auto_ack=True)
+        with clean.connect("emdc-edge-garage") as edge:
+            for _ in range(5):
+                publish(edge, "EMDC", "pulse.garage.active")
+
+        def delivered() -> bool:
+            for connection in (first, second):
+                connection.process_data_events(time_limit=0.05)
+            return len(got["first"]) + len(got["second"]) == 5
+        wait_until(delivered, 10, "the pulses to be delivered")
+        assert (len(got["first"]), len(got["second"])) == (5, 0)
+        first.close()  # the active writer stops: the standby takes over
+        with clean.connect("emdc-edge-garage") as edge:
+            publish(edge, "EMDC", "pulse.garage.active")
+        wait_until(lambda: second.process_data_events(time_limit=0.05) or got["second"], 10, "the standby to take over")
+
+
+def test_queues_are_capped_in_bytes(clean: PrivateRabbitMQ):
+    applied = dict(line.split("\t") for line in clean.ctl("list_queues", "name", "policy").splitlines()[1:])
+    caps = {}
+    for q in QUEUES:
+        status, policy = clean.api("GET", f"policies/%2F/{applied[q]}")
+        assert status == 200 and policy["definition"]["max-length-bytes"] > 0, q
+        caps[q] = policy["definition"]["max-length-bytes"]
+    cap = caps["queue_db_writer.dead"]
+    body = b"x" * 8192
+    with clean.connect("emdc-db-writer") as conn:
+        channel = conn.channel()
+        for _ in range(cap // len(body) + 100):
+            channel.basic_publish("EMDC.dead", "queue_db_writer", body)
+        channel.confirm_delivery()
+        channel.basic_publish("EMDC.dead", "queue_db_writer", body, mandatory=True)  # all before it are in
+    assert 0 < depth(clean, "queue_db_writer.dead") <= cap // len(body)
+    sizes = dict(line.split("\t") for line in clean.ctl("list_queues", "name", "message_bytes").splitlines()[1:])
+    assert 0 < int(sizes["queue_db_writer.dead"]) <= cap
+
+
+# ====================================================================== upgrade of an earlier install
+
+
+def legacy(definitions: dict[str, Any]) -> dict[str, Any]:
+    """The same definitions as the earlier layout had them: direct dead-letter exchange, no single active consumer."""
+    old = json.loads(json.dumps(definitions))
+    for exchange in old["exchanges"]:
+        if exchange["name"] == "EMDC.dead":
+            exchange["type"] = "direct"
+    for q in old["queues"]:
+        q["arguments"].pop("x-single-active-consumer", None)
+    old["topic_permissions"] = [p for p in old["topic_permissions"] if p["exchange"] != "EMDC.dead"]
+    return old
+
+
+def test_upgrade_of_an_install_with_one_shared_edge_user(tmp_path: Path):
+    """The steps of docs/security.md, "Upgrade": nothing a Pi sent is lost, the old weaknesses are gone."""
+    compose_dir = tmp_path / "compose"
+    shutil.copytree(COMPOSE, compose_dir, ignore=shutil.ignore_patterns(".env", "secrets"))
+    old_env = {var: uuid.uuid4().hex for var in render_secrets.LEGACY_VARIABLES}
+    (compose_dir / ".env").write_text("RABBITMQ_HOST=rabbitmq\n" + "".join(f"{k}={v}\n" for k, v in old_env.items()))
+    # 1. init moves the passwords into files; the shared user stays (its file exists) and still works.
+    assert render_secrets.main(["init"], compose_dir=compose_dir) == 0
+    definitions = render(compose_dir, tmp_path / "definitions.json")
+    definitions.write_text(json.dumps(legacy(json.loads(definitions.read_text()))))
+    broker = PrivateRabbitMQ(tmp_path / "rabbitmq", compose_dir / "secrets/rabbitmq")
+    try:
+        broker.start(definitions)  # the broker as the earlier release left it
+        wait_until(lambda: broker.api("GET", "queues/%2F/queue_mqtt_writer")[0] == 200, 60, "the definitions")
+        assert "x-single-active-consumer" not in broker.queue("queue_mqtt_writer")["arguments"]
+        with broker.connect("emdc-edge", old_env["RABBITMQ_EDGE_PASSWORD"]) as conn:
+            publish(conn, "EMDC", "pulse.shed.active")  # the weakness: any meter
+        with broker.connect("emdc-writer") as conn:
+            publish(conn, "EMDC.dead", "queue_db_writer")  # and into the other writer's dead letters
+
+        # 2. A user per Pi, loaded without a restart; each Pi is switched to its own URL.
+        assert render_secrets.main(["add-edge", "garage", "--host", "h"], compose_dir=compose_dir) == 0
+        broker.ctl("import_definitions", str(render(compose_dir, definitions)))
+        with broker.connect("emdc-edge-garage") as conn:
+            publish(conn, "EMDC", "pulse.garage.active")
+            assert publish_refused(conn, "EMDC", "pulse.shed.active")
+
+        # 3. The queues and the dead-letter exchange, re-created: unbind (the Pis keep their pulses while
+        # nothing is bound), let the writers drain, delete, re-import.
+        with broker.connect("emdc-edge-garage") as conn:
+            publish(conn, "EMDC", "pulse.garage.active")
+        for q, key in (("queue_mqtt_writer", "pulse.%23"), ("queue_mqtt_writer", "control.%23"),
+                       ("queue_db_writer", "pulse.%23")):
+            assert broker.api("DELETE", f"bindings/%2F/e/EMDC/q/{q}/{key}")[0] == 204
+        # Unroutable: the Pi keeps it in its outbox, and retries.
+        with broker.connect("emdc-edge-garage") as conn, pytest.raises(pika.exceptions.UnroutableError):
+            publish(conn, "EMDC", "pulse.garage.active")
+        for q in ("queue_mqtt_writer", "queue_db_writer"):  # what the writers drain before they stop
+            assert [key for key, _ in take(broker, q)] == ["pulse.shed.active", "pulse.garage.active",
+                                                           "pulse.garage.active"], q
+        for q in ("queue_mqtt_writer", "queue_db_writer"):
+            broker.ctl("delete_queue", q)
+        assert broker.api("DELETE", "exchanges/%2F/EMDC.dead")[0] == 204
+        broker.ctl("import_definitions", str(definitions))
+        for q in ("queue_mqtt_writer", "queue_db_writer"):
+            assert broker.queue(q)["arguments"]["x-single-active-consumer"] is True
+        status, exchange = broker.api("GET", "exchanges/%2F/EMDC.dead")
+        assert status == 200 and exchange["type"] == "topic"
+        assert depth(broker, "queue_db_writer.dead") == 1, "dead letters survive the upgrade"
+        with broker.connect("emdc-edge-garage") as conn:
+            publish(conn, "EMDC", "pulse.garage.active")  # the Pi's retry routes again
+        with broker.connect("emdc-writer") as conn:
+            assert publish_refused(conn, "EMDC.dead", "queue_db_writer")
+
+        # 4. The shared user goes: its file, then the broker's user (an import never deletes).
+        (compose_dir / "secrets/rabbitmq/emdc-edge").unlink()
+        broker.ctl("import_definitions", str(render(compose_dir, definitions)))
+        broker.ctl("delete_user", "emdc-edge")
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            broker.connect("emdc-edge", old_env["RABBITMQ_EDGE_PASSWORD"])
+        assert "emdc-edge" not in {user["name"] for user in json.loads(definitions.read_text())["users"]}
+    finally:
+        broker.stop()
