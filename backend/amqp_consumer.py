@@ -42,8 +42,8 @@ from common.topology import (
     ERROR_HEADER,
     READMITTED_HEADER,
     ROUTING_KEY_HEADER,
+    consumer_queue_steps,
     dead_letter_exchange,
-    declare_consumer_queue,
     lease_queue,
 )
 
@@ -187,19 +187,24 @@ class BatchConsumer:
                     connection.close()
 
     def _declare(self, connection: pika.BlockingConnection) -> None:
-        """Declare the topology; a queue declared without single active consumer is explained, not fatal."""
-        try:
-            declare_consumer_queue(connection.channel(), self.config.exchange, self.queue, self.bindings)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 406 or "x-single-active-consumer" not in exc.reply_text:
-                raise
-            # Arguments of an existing queue cannot change; the lease still keeps to one writer.
-            log.warning("%s was declared by an older version without single active consumer; the writer "
-                        "lease still allows one writer only. To migrate, see 'Upgrading' in the security guide: "
-                        "emdc queue migrate %s", self.queue, self.queue)
-            channel = connection.channel()
-            for key in self.bindings:
-                channel.queue_bind(queue=self.queue, exchange=self.config.exchange, routing_key=key)
+        """Declare the topology; what clashes with an older version's declarations is explained, not fatal.
+
+        The arguments of an existing queue or exchange cannot change: a writer
+        queue without single active consumer (the lease still allows one writer
+        only) or a direct dead-letter exchange (routing by key still works)
+        each get one warning line with the way to migrate.
+        """
+        channel = connection.channel()
+        for what, step in consumer_queue_steps(self.config.exchange, self.queue, self.bindings):
+            try:
+                step(channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                log.warning("%s was declared by an older version (%s); it works as it is. To migrate, see "
+                            "'Upgrade' in the security guide (emdc queue migrate)", what,
+                            exc.reply_text.split(" - ", 1)[-1])
+                channel = connection.channel()
 
     def _take_lease(self, connection: pika.BlockingConnection,
                     stop: threading.Event) -> pika.adapters.blocking_connection.BlockingChannel | None:

@@ -12,6 +12,11 @@ queue, with no message lost and none left behind:
    messages move into it, the queue gets its bindings back, the holding
    queue loses its own, the last arrivals move over and it is deleted.
 
+A dead-letter exchange an older version declared *direct* (where RabbitMQ
+checks no topic permissions, so each writer could dead-letter into the
+other's queue) is re-declared as a topic exchange with the dead-letter
+queues' bindings; it holds no messages, so nothing is lost.
+
 Messages keep their routing key in a header (:data:`~common.topology.ROUTING_KEY_HEADER`),
 honoured on messages that come through the default exchange, which only the
 admin account may write. Writers must be stopped meanwhile; the edges may go
@@ -27,11 +32,20 @@ from __future__ import annotations
 from typing import Any
 
 import pika
+import pika.exceptions
 
 from backend.dead_letters import move_messages
 from common.amqp import connection_parameters
 from common.config import Config
-from common.topology import ROUTING_KEY_HEADER, lease_queue, queue_arguments
+from common.topology import (
+    ROUTING_KEY_HEADER,
+    dead_letter_exchange,
+    dead_letter_queue,
+    lease_queue,
+    queue_arguments,
+)
+
+PRECONDITION_FAILED = 406
 
 
 class MigrationRefused(RuntimeError):
@@ -46,6 +60,27 @@ def _keep_routing_key(method: pika.spec.Basic.GetOk, properties: pika.BasicPrope
     headers = dict(properties.headers or {})
     headers.setdefault(ROUTING_KEY_HEADER, method.routing_key)
     return headers
+
+
+def _topic_dead_letter_exchange(connection: pika.BlockingConnection, config: Config) -> None:
+    """Re-declare a direct dead-letter exchange as a topic one, binding every writer's dead-letter queue again."""
+    dlx = dead_letter_exchange(config.exchange)
+    try:
+        connection.channel().exchange_declare(dlx, "topic", durable=True)
+        return
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != PRECONDITION_FAILED:
+            raise
+    channel = connection.channel()
+    channel.exchange_delete(dlx)
+    channel.exchange_declare(dlx, "topic", durable=True)
+    for queue in (config.queue, config.db_queue):
+        try:
+            channel.queue_declare(dead_letter_queue(queue), passive=True)
+        except pika.exceptions.ChannelClosedByBroker:  # that writer never ran here
+            channel = connection.channel()
+            continue
+        channel.queue_bind(dead_letter_queue(queue), dlx, queue)
 
 
 def migrate(config: Config, queue: str, bindings: tuple[str, ...]) -> int:
@@ -74,6 +109,7 @@ def migrate(config: Config, queue: str, bindings: tuple[str, ...]) -> int:
             channel.queue_unbind(holding, config.exchange, key)
         move_messages(channel, holding, queue, _keep_routing_key)
         channel.queue_delete(holding, if_empty=True)
+        _topic_dead_letter_exchange(connection, config)
         return held
     finally:
         if connection.is_open:

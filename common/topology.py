@@ -8,6 +8,7 @@ a test keeps the two in step. Example (a pika ``BlockingChannel``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 PULSE_PREFIX = "pulse"
@@ -84,14 +85,28 @@ def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
     channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True, **kwargs)
 
 
+def consumer_queue_steps(exchange: str, queue: str,
+                         bindings: tuple[str, ...]) -> list[tuple[str, Callable[[Any], None]]]:
+    """The declarations behind a consumer queue, in order, each with what it declares: each is idempotent,
+    so a consumer can run them one by one and explain a step that clashes with what an older version declared."""
+    dlx, dlq, lease = dead_letter_exchange(exchange), dead_letter_queue(queue), lease_queue(queue)
+    # Topic, not direct: RabbitMQ checks topic permissions only on topic exchanges, and they keep each writer
+    # to its own dead-letter queue.
+    return [
+        (f"exchange {exchange}", lambda ch: declare_exchange(ch, exchange)),
+        (f"exchange {dlx}", lambda ch: ch.exchange_declare(exchange=dlx, exchange_type="topic", durable=True)),
+        (f"queue {dlq}", lambda ch: ch.queue_declare(queue=dlq, durable=True)),
+        (f"binding of {dlq}", lambda ch: ch.queue_bind(queue=dlq, exchange=dlx, routing_key=queue)),
+        (f"queue {lease}", lambda ch: ch.queue_declare(queue=lease, durable=True)),
+        (f"queue {queue}", lambda ch: ch.queue_declare(queue=queue, durable=True,
+                                                       arguments=queue_arguments(exchange, queue))),
+        *((f"binding {key} of {queue}", lambda ch, key=key: ch.queue_bind(queue=queue, exchange=exchange,
+                                                                           routing_key=key))
+          for key in bindings),
+    ]
+
+
 def declare_consumer_queue(channel: Any, exchange: str, queue: str, bindings: tuple[str, ...]) -> None:
     """Declare ``exchange``, ``queue`` with its bindings, its dead-letter queue and its lease queue."""
-    dlx = dead_letter_exchange(exchange)
-    declare_exchange(channel, exchange)
-    channel.exchange_declare(exchange=dlx, exchange_type="direct", durable=True)
-    channel.queue_declare(queue=dead_letter_queue(queue), durable=True)
-    channel.queue_bind(queue=dead_letter_queue(queue), exchange=dlx, routing_key=queue)
-    channel.queue_declare(queue=lease_queue(queue), durable=True)
-    channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(exchange, queue))
-    for key in bindings:
-        channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
+    for _what, step in consumer_queue_steps(exchange, queue, bindings):
+        step(channel)

@@ -34,13 +34,15 @@ import pika
 import pika.exceptions
 import pytest
 
+from common import topology
 from tests.support import free_port, wait_until
 from tests.test_deploy import COMPOSE, DEFINITIONS, need, render_secrets, scratch_compose
 
 pytestmark = pytest.mark.brokers
 
 PULSE = json.dumps({"v": 1, "meter": "garage", "channel": "active", "epoch": "ab", "seq": 1, "ts_ns": 1, "wh": 1})
-QUEUES = ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_db_writer", "queue_db_writer.dead")
+QUEUES = ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_mqtt_writer.active",
+          "queue_db_writer", "queue_db_writer.dead", "queue_db_writer.active")
 METERS = ("garage", "shed")
 
 
@@ -244,10 +246,10 @@ def test_each_account_publishes_only_what_it_may(clean: PrivateRabbitMQ, account
 
 @pytest.mark.parametrize("account", ACCOUNTS)
 def test_each_account_reads_declares_and_deletes_nothing_of_others(clean: PrivateRabbitMQ, account: str):
-    own = OWN_QUEUE.get(account)
+    own = {OWN_QUEUE[account], topology.lease_queue(OWN_QUEUE[account])} if account in OWN_QUEUE else set()
     with clean.connect(account) as conn:
         for q in QUEUES:
-            if q == own:
+            if q in own:
                 continue
             assert refused(lambda q=q: conn.channel().basic_get(q)), f"{account} consumed {q}"
             assert refused(lambda q=q: conn.channel().queue_purge(q)), f"{account} purged {q}"
@@ -349,6 +351,18 @@ def test_only_one_writer_is_active_on_a_queue(clean: PrivateRabbitMQ):
         with clean.connect("emdc-edge-garage") as edge:
             publish(edge, "EMDC", "pulse.garage.active")
         wait_until(lambda: second.process_data_events(time_limit=0.05) or got["second"], 10, "the standby to take over")
+
+
+def test_each_writer_account_takes_its_own_writer_lease_only(clean: PrivateRabbitMQ):
+    """The lease (an exclusive consumer on ``<queue>.active``) tells a standby writer that it is one."""
+    for account, own in OWN_QUEUE.items():
+        other = next(q for q in OWN_QUEUE.values() if q != own)
+        with clean.connect(account) as active, clean.connect(account) as standby:
+            active.channel().basic_consume(topology.lease_queue(own), lambda *_: None, exclusive=True)
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="in exclusive use"):
+                standby.channel().basic_consume(topology.lease_queue(own), lambda *_: None, exclusive=True)
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="access to queue"):
+                standby.channel().basic_consume(topology.lease_queue(other), lambda *_: None, exclusive=True)
 
 
 def test_queues_are_capped_in_bytes(clean: PrivateRabbitMQ):

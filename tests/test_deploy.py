@@ -791,9 +791,9 @@ def test_definitions_match_common_topology():
     expected_queues = {}
     expected_bindings = set()
     for q, keys in consumers.items():
-        # One active consumer per writer queue, whatever topology.queue_arguments adds besides.
-        expected_queues[q] = {**topology.queue_arguments(exchange, q), "x-single-active-consumer": True}
+        expected_queues[q] = topology.queue_arguments(exchange, q)
         expected_queues[topology.dead_letter_queue(q)] = {}
+        expected_queues[topology.lease_queue(q)] = {}
         expected_bindings |= {(exchange, q, key) for key in keys}
         expected_bindings.add((dlx, topology.dead_letter_queue(q), q))
     assert {q["name"]: q["arguments"] for q in d["queues"]} == expected_queues
@@ -821,8 +821,9 @@ def test_definitions_grant_least_privilege():
         assert perms[name]["configure"] == "^$", f"{name} may not declare or delete anything"
     for shape in d["edge_accounts"].values():
         assert shape["permissions"] == {"configure": "^$", "write": "^EMDC$", "read": "^$"}
-    assert perms["emdc-writer"]["read"] == f"^{Config().queue}$"
-    assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}$"
+    # Its queue, and the lease that makes it the one writer counting it.
+    assert perms["emdc-writer"]["read"] == f"^{Config().queue}(\\.active)?$"
+    assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}(\\.active)?$"
 
 
 def test_broker_message_size_limit_covers_the_message_schema():
