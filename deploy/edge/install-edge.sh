@@ -48,7 +48,8 @@ check_prerequisites() {
 
 ensure_gpio_group() {
     getent group gpio >/dev/null && return
-    # Raspberry Pi OS has the group and its udev rule; other systems get both here.
+    # Raspberry Pi OS has the group and its udev rule; other systems get the group,
+    # and the rule where udev is installed.
     say "creating group gpio"
     install -d -m 0750 "$ETC"
     printf '%s\n' "install-edge.sh created the group gpio; PURGE=1 install-edge.sh uninstall removes it" >"$GROUP_MARK"
