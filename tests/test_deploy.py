@@ -179,7 +179,7 @@ def scratch_install(tmp_path: Path) -> dict[str, Any]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     tools = {"groupadd": FAKE_DB_ADD.format(kind="group"), "useradd": FAKE_DB_ADD.format(kind="passwd"),
-             "usermod": "", "userdel": "", "chown": "", "systemctl": "", "udevadm": ""}
+             "usermod": "", "userdel": "", "groupdel": "", "chown": "", "systemctl": "", "udevadm": ""}
     for name, extra in tools.items():
         (bin_dir / name).write_text(FAKE_TOOL.format(name=name) + extra)
     (bin_dir / "getent").write_text('#!/bin/sh\ngrep -qx "$1 $2" "$FAKE_DB" 2>/dev/null\n')
@@ -254,17 +254,30 @@ def test_install_upgrade_uninstall_cycle(scratch_install):
     installed = next(venv.glob("lib/python*/site-packages/edge/systemd_notify.py"))
     assert "UPGRADE_MARKER" in installed.read_text()
 
-    # Uninstall keeps config, state and user; PURGE=1 removes them.
+    # Uninstall keeps config, state, local drop-ins and user; PURGE=1 removes them, and the group it created.
     (root / "var/lib/emdc").mkdir(parents=True)
     (root / "var/lib/emdc/edge.sqlite3").write_text("state")
+    drop_in = root / "etc/systemd/system/emdc-edge.service.d/override.conf"
+    drop_in.parent.mkdir()
+    drop_in.write_text("[Service]\nEnvironment=EMDC_METER_ID=garage\n")
     calls = run("uninstall")
     assert "systemctl disable --now emdc-edge.service" in calls
     assert not unit.exists() and not (root / "opt/emdc").exists()
-    assert (etc / "emdc.toml").exists() and (root / "var/lib/emdc/edge.sqlite3").exists()
-    assert not any(c.startswith("userdel") for c in calls)
+    assert (etc / "emdc.toml").exists() and (root / "var/lib/emdc/edge.sqlite3").exists() and drop_in.exists()
+    assert not any(c.startswith(("userdel", "groupdel")) for c in calls)
     calls = run("uninstall", PURGE="1")
-    assert not etc.exists() and not (root / "var/lib/emdc").exists()
+    assert not etc.exists() and not (root / "var/lib/emdc").exists() and not drop_in.parent.exists()
+    assert {"userdel emdc", "groupdel gpio", "systemctl daemon-reload"} <= set(calls)
+
+
+def test_purge_keeps_a_gpio_group_the_system_had(scratch_install, tmp_path):
+    """Raspberry Pi OS ships the group gpio (and its udev rule): the install uses it, and PURGE=1 leaves it."""
+    (tmp_path / "users.db").write_text("group gpio\n")
+    calls = scratch_install["run"]("install")
+    assert not any(c.startswith("groupadd") for c in calls), calls
+    calls = scratch_install["run"]("uninstall", PURGE="1")
     assert "userdel emdc" in calls
+    assert not any(c.startswith("groupdel") for c in calls), calls
 
 
 # ====================================================================== example configuration

@@ -23,7 +23,12 @@ VENV=$PREFIX/venv
 ETC=$ROOT/etc/emdc
 STATE=$ROOT/var/lib/emdc
 UNIT_FILE=$ROOT/etc/systemd/system/$UNIT
-UDEV_RULE=$ROOT/etc/udev/rules.d/60-emdc-gpio.rules
+# `systemctl edit` (and `--runtime`) put local changes here; PURGE=1 removes them.
+DROP_INS=("$ROOT/etc/systemd/system/$UNIT.d" "$ROOT/run/systemd/system/$UNIT.d")
+UDEV_RULES=$ROOT/etc/udev/rules.d
+UDEV_RULE=$UDEV_RULES/60-emdc-gpio.rules
+# Present when this script created the group gpio, so that PURGE=1 removes only what it added.
+GROUP_MARK=$ETC/created-gpio-group
 # What the package is built from; keep in step with pyproject.toml and the Dockerfile.
 PACKAGE_PATHS=(pyproject.toml README.md LICENSE common edge backend emdc)
 
@@ -43,13 +48,25 @@ check_prerequisites() {
 
 ensure_gpio_group() {
     getent group gpio >/dev/null && return
-    # Raspberry Pi OS has the group and its udev rule; other systems get both here.
-    say "creating group gpio and a udev rule giving it /dev/gpiochip*"
+    # Raspberry Pi OS has the group and its udev rule; other systems get the group,
+    # and the rule where udev is installed.
+    say "creating group gpio"
+    install -d -m 0750 "$ETC"
+    printf '%s\n' "install-edge.sh created the group gpio; PURGE=1 install-edge.sh uninstall removes it" >"$GROUP_MARK"
     groupadd --system gpio
-    mkdir -p "$(dirname "$UDEV_RULE")"
+    if [ ! -d "$(dirname "$UDEV_RULES")" ]; then
+        say "no udev here: /dev/gpiochip* stays root's until udev is installed and this script is run again"
+        return
+    fi
+    say "adding a udev rule giving gpio /dev/gpiochip*"
+    mkdir -p "$UDEV_RULES"
     printf '%s\n' 'SUBSYSTEM=="gpio", KERNEL=="gpiochip*", GROUP="gpio", MODE="0660"' >"$UDEV_RULE"
-    udevadm control --reload
-    udevadm trigger --subsystem-match=gpio
+    # Without a running udev (a container, early boot) the rule applies from the next boot.
+    if command -v udevadm >/dev/null && udevadm control --reload 2>/dev/null; then
+        udevadm trigger --subsystem-match=gpio || say "udevadm trigger failed: the rule applies from the next boot"
+    else
+        say "udev is not running: the rule applies from the next boot"
+    fi
 }
 
 ensure_user() {
@@ -118,21 +135,35 @@ do_install() {
 
 do_uninstall() {
     [ "$(id -u)" -eq 0 ] || die "run as root: sudo make uninstall-edge"
+    local dir reload=
     if [ -e "$UNIT_FILE" ]; then
         systemctl disable --now "$UNIT" || true
         rm -f "$UNIT_FILE"
+        reload=1
+    fi
+    if [ "$PURGE" = 1 ]; then
+        for dir in "${DROP_INS[@]}"; do
+            if [ -e "$dir" ]; then rm -rf "$dir"; reload=1; fi
+        done
+    fi
+    if [ -n "$reload" ]; then
         systemctl daemon-reload
+        systemctl reset-failed "$UNIT" 2>/dev/null || true
     fi
     rm -rf "$PREFIX"
     if [ "$PURGE" = 1 ]; then
-        say "purging $ETC, $STATE and user $SERVICE_USER"
-        rm -rf "$ETC" "$STATE"
-        rm -f "$UDEV_RULE"
+        say "purging $ETC, $STATE, the unit's drop-ins and user $SERVICE_USER"
         if getent passwd "$SERVICE_USER" >/dev/null; then
             userdel "$SERVICE_USER"
         fi
+        if [ -e "$GROUP_MARK" ]; then
+            say "removing group gpio and its udev rule (added by the install)"
+            rm -f "$UDEV_RULE"
+            if getent group gpio >/dev/null; then groupdel gpio; fi
+        fi
+        rm -rf "$ETC" "$STATE"
     else
-        say "kept $ETC, $STATE and user $SERVICE_USER (PURGE=1 removes them)"
+        say "kept $ETC, $STATE, the unit's drop-ins and user $SERVICE_USER (PURGE=1 removes them)"
     fi
 }
 
