@@ -163,8 +163,9 @@ def ha() -> None:
 def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any) -> None:
     """Remove EMDC's devices from Home Assistant (empty retained discovery configs).
 
-    Stop the writer first, or it announces them again when it reconnects or
-    Home Assistant restarts; or set EMDC_DISCOVERY=off for it.
+    Only topics that hold a config are cleared. Stop the writer first, or it
+    announces them again when it reconnects or Home Assistant restarts; or set
+    EMDC_DISCOVERY=off for it.
     """
     from backend.discovery import Discovery
     from backend.mqtt_publisher import publish_once
@@ -177,12 +178,13 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
             meters = known_meters(cfg)
         except StateError as exc:
             raise click.ClickException(str(exc)) from None
-    messages = Discovery(cfg.discovery_prefix, cfg.topic_prefix).removal_messages(meters)
+    discovery = Discovery(cfg.discovery_prefix, cfg.topic_prefix)
+    filters = [f for meter in meters for f in discovery.scan_filters(meter)]
     try:
-        publish_once(cfg, messages)
+        cleared = publish_once(cfg, filters, lambda retained: discovery.removal_messages(meters, retained))
     except (OSError, TimeoutError) as exc:
         raise click.ClickException(f"MQTT {cfg.mqtt_host}:{cfg.mqtt_port}: {exc}") from None
-    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(messages)} topics)")
+    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({cleared} topics)")
 
 
 def writer_queue(config: Config, writer_name: str) -> str:

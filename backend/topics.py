@@ -26,3 +26,8 @@ def state_topic(prefix: str, meter: str, channel: str, quantity: str) -> str:
 
 def availability_topic(prefix: str) -> str:
     return f"{prefix}/status"
+
+
+def echo_topic(prefix: str) -> str:
+    """Where the writer checks that the broker delivers what it publishes under ``prefix`` (not retained)."""
+    return f"{prefix}/echo"
