@@ -1,19 +1,29 @@
-"""Healthy means values reach Home Assistant: an unreachable Mosquitto is one log line and an unhealthy --check."""
+"""Healthy means values reach Home Assistant: an unreachable Mosquitto, or one whose ACL drops the writer's
+topics, is one log line and an unhealthy --check."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from backend.heartbeat import Heartbeat, HeartbeatStale
 from common.message import Pulse
 from tests.support import (
     MQTT_HOST,
+    ROOT,
     Names,
     free_port,
+    port_open,
     publish,
     run_emdc,
     saved_total_uwh,
@@ -21,6 +31,8 @@ from tests.support import (
     wait_until,
     writer_env,
 )
+
+MOSQUITTO = ROOT / "deploy" / "compose" / "mosquitto"
 
 
 def test_a_writer_without_mosquitto_counts_logs_it_once_and_turns_unhealthy(names: Names, spawn) -> None:
@@ -60,3 +72,78 @@ def test_a_trouble_turns_the_check_unhealthy_only_once_it_lasts_longer_than_allo
         beat.check(10)
     beat.note("")
     assert beat.check(10).startswith("healthy: heartbeat")
+
+
+@pytest.fixture
+def acl_mosquitto(tmp_path: Path, names: Names) -> Iterator[dict[str, str]]:
+    """A Mosquitto of our own with the project's ACL and password file (as render_secrets.py writes them for
+    compose); yields the writer's MQTT settings for it."""
+    secrets_dir, password = tmp_path / "mosquitto-secrets", secrets.token_hex(16)
+    subprocess.run([sys.executable, str(ROOT / "deploy/compose/render_secrets.py"), "mosquitto",
+                    str(MOSQUITTO / "config/acl"), str(secrets_dir), "emdc-writer=PASSWORD"],
+                   env={**os.environ, "PASSWORD": password}, check=True, capture_output=True)
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(("user root\n" if os.geteuid() == 0 else "")  # root would switch to a user without access
+                    + f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\n"
+                    f"password_file {secrets_dir}/passwd\nacl_file {secrets_dir}/acl\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), 10, "mosquitto to listen")
+        assert proc.poll() is None, "mosquitto did not start"
+        yield {"EMDC_MQTT_HOST": "127.0.0.1", "EMDC_MQTT_PORT": str(port), "EMDC_MQTT_USERNAME": "emdc-writer",
+               "EMDC_MQTT_PASSWORD": password}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def retained_value(mqtt_env: dict[str, str], topic: str) -> str:
+    """The value retained on ``topic``, read with the writer's account (waits until there is one)."""
+    got: list[str] = []
+    arrived = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(mqtt_env["EMDC_MQTT_USERNAME"], mqtt_env["EMDC_MQTT_PASSWORD"])
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, message: (got.append(message.payload.decode()), arrived.set())
+    client.connect("127.0.0.1", int(mqtt_env["EMDC_MQTT_PORT"]))
+    client.loop_start()
+    try:
+        assert arrived.wait(30), f"nothing retained on {topic}"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0]
+
+
+def test_a_topic_prefix_outside_the_acl_is_one_line_naming_it_and_an_unhealthy_check(names: Names, acl_mosquitto,
+                                                                                      spawn) -> None:
+    prefix = f"elsewhere/{names.prefix}"  # the ACL gives emdc-writer home/energy/# and homeassistant/#
+    env = writer_env(names, EMDC_TOPIC_PREFIX=prefix, **acl_mosquitto)
+    writer = start_writer(spawn, names, env)
+
+    def unhealthy() -> subprocess.CompletedProcess[str] | None:
+        check = run_emdc(["writer", "--check", "--max-age", "1"], env, check=False)
+        return check if check.returncode == 1 and "for that user" in check.stderr else None
+
+    check = wait_until(unhealthy, 60, "the check to turn unhealthy for the ACL")
+    assert check.stderr.startswith(f"Error: unhealthy: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} "
+                                   f"drops what is published on {prefix}/echo")
+    assert f"add 'topic readwrite {prefix}/#' for that user to the ACL" in check.stderr
+    assert len(check.stderr.splitlines()) == 1
+    assert writer.stop() == 0
+    lines = [line for line in writer.log().splitlines() if "drops what is published" in line]
+    assert len(lines) == 1, writer.log()
+
+
+def test_a_topic_prefix_inside_the_acl_is_healthy(names: Names, acl_mosquitto, spawn) -> None:
+    prefix = f"home/energy/{names.prefix}"
+    env = writer_env(names, EMDC_TOPIC_PREFIX=prefix, **acl_mosquitto)
+    writer = start_writer(spawn, names, env)
+    # The 0 of the fresh channel is published only once the writer's scan of the broker, ended by its own
+    # echo, came back.
+    assert retained_value(acl_mosquitto, f"{prefix}/active_energy") == "0"
+    check = run_emdc(["writer", "--check", "--max-age", "1"], env)
+    assert check.stdout.startswith("healthy: heartbeat") and "(" not in check.stdout
+    assert writer.stop() == 0
+    assert "drops" not in writer.log()
