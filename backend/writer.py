@@ -153,8 +153,7 @@ class EnergyWriter:
         self._publish((key for key, _ in self.ledger), force=False, energy=False)
 
     def publish_all(self) -> None:
-        """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message; 0 for the
-        channels of known meters that have no total yet."""
+        """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
         self._announced.clear()
         for meter in sorted(self._meters | {meter for (meter, _), _ in self.ledger}):
             self._announce(meter)
@@ -173,12 +172,14 @@ class EnergyWriter:
         return self.sink.scan_retained([*filters, *energy_topics])
 
     def _announce(self, meter: str) -> None:
-        """Announce ``meter`` (again, if its channels changed), and publish 0 for each channel whose start Home
-        Assistant has not seen: the first value it gets is its zero point, and pulses counted before it were lost
-        to its statistics. Never over a retained value, nor on a calibrated channel (its reading is the start)."""
+        """Announce ``meter`` (again, if its channels changed), and publish 0 for each channel with a total whose
+        start Home Assistant has not seen, just before the total: Home Assistant takes the first value it gets
+        as the zero point. Never over a retained value, nor for a calibrated channel (the reading is its start),
+        nor before a channel has a total (a calibration may come first)."""
         self._meters.add(meter)
         channels = self._channels(meter)
-        unstarted = [(meter, c) for c in channels if (meter, c) not in self._started]
+        states = dict(self.ledger)
+        unstarted = [key for key in ((meter, c) for c in channels) if key in states and key not in self._started]
         if self._announced.get(meter) == channels and not unstarted:
             return
         energy = {key: state_topic(self.topic_prefix, *key, "energy") for key in unstarted}
@@ -187,10 +188,9 @@ class EnergyWriter:
             self._announced[meter] = channels
             for topic, payload in self.discovery.handover(meter, retained or {}, channels) if self.discovery else []:
                 self.sink.publish(topic, payload)
-        states, zero = dict(self.ledger), format_kwh(0)
+        zero = format_kwh(0)
         for key, topic in energy.items():
-            calibrated = key in states and bool(states[key].calibrated_at_ns or states[key].calibrations)
-            if calibrated or (retained and retained.get(topic)):
+            if states[key].calibrated_at_ns or states[key].calibrations or (retained and retained.get(topic)):
                 self._started.add(key)  # its start is a meter reading, or Home Assistant has a value already
             elif retained is not None and self.sink.publish(topic, zero) is not False:
                 self._published[topic] = zero

@@ -65,9 +65,8 @@ def test_a_handover_leaves_exactly_the_new_configs_and_unloads_each_sensor_befor
     touched = {topic for topic, _ in messages}
     assert touched <= set(retained) | set(wanted), "only topics that hold a config are cleared"
     first_config = min(i for i, (topic, _) in enumerate(messages) if topic in wanted)
-    for i, (topic, payload) in enumerate(messages):
-        if payload == MIGRATE:
-            assert i < first_config, "Home Assistant must unload an entity before another topic takes it over"
+    unloads = [i for i, (_, payload) in enumerate(messages) if payload == MIGRATE]
+    assert all(i < first_config for i in unloads), "Home Assistant must unload an entity before it is taken over"
 
 
 @given(retained_states)
@@ -117,14 +116,17 @@ def energies(sink: BrokerSink, channel: str = "active") -> list[str]:
     return [payload for topic, payload in sink.log if topic == f"home/energy/{channel}_energy"]
 
 
-def test_0_is_published_once_before_the_first_pulse_and_power_not_at_all(tmp_path: Path) -> None:
+def test_0_is_published_just_before_the_first_total_and_power_not_before_it_is_measured(tmp_path: Path) -> None:
     sink = BrokerSink()
     w = writer(tmp_path, sink)
     w.publish_all()
-    assert energies(sink) == ["0"] and "home/energy/active_power" not in sink.retained
+    assert energies(sink) == [], "nothing before the first pulse: a calibration may come first"
+    w.handle_batch(deliveries(pulse(1, 1)))
+    assert energies(sink) == ["0", "0.001"] and "home/energy/active_power" not in sink.retained
     assert energies(sink, "reactive") == [], "a meter without a reactive input has no reactive sensors"
-    w.handle_batch(deliveries(pulse(1, 1), pulse(2, 2)))
-    assert energies(sink) == ["0", "0.002"]
+    w.handle_batch(deliveries(pulse(2, 2)))
+    w.publish_all()
+    assert energies(sink) == ["0", "0.001", "0.002", "0.002"]
 
 
 def test_no_0_over_a_saved_total_a_retained_value_or_a_calibration(tmp_path: Path) -> None:
@@ -145,13 +147,15 @@ def test_no_0_over_a_saved_total_a_retained_value_or_a_calibration(tmp_path: Pat
     assert energies(calibrated) == ["12345.678"], "a meter reading is its own zero point"
 
 
-def test_while_the_broker_cannot_say_what_it_retains_no_0_is_published_until_it_can(tmp_path: Path) -> None:
+def test_while_the_broker_cannot_say_what_it_retains_no_0_is_published_nor_later_over_a_total(
+        tmp_path: Path) -> None:
     sink = BrokerSink()
     sink.unknown = True
     w = writer(tmp_path, sink, EMDC_REACTIVE_PIN="27")
     w.publish_all()
-    assert energies(sink) == [] and energies(sink, "reactive") == []
     assert set(json.loads(sink.retained[DEVICE])["components"]) == set(SENSORS)
+    w.handle_batch(deliveries(pulse(1, 1)))
+    assert energies(sink) == ["0.001"]
     sink.unknown = False
-    w.publish_all()
-    assert energies(sink) == ["0"] and energies(sink, "reactive") == ["0"]
+    w.handle_batch(deliveries(pulse(2, 2), pulse(1, 1, channel="reactive")))
+    assert energies(sink) == ["0.001", "0.002"] and energies(sink, "reactive") == ["0", "0.001"]

@@ -3,6 +3,7 @@ topics, is one log line and an unhealthy --check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -25,6 +26,7 @@ from tests.support import (
     free_port,
     port_open,
     publish,
+    pulses,
     run_emdc,
     saved_total_uwh,
     start_writer,
@@ -98,22 +100,24 @@ def acl_mosquitto(tmp_path: Path, names: Names) -> Iterator[dict[str, str]]:
         proc.wait(10)
 
 
-def retained_value(mqtt_env: dict[str, str], topic: str) -> str:
-    """The value retained on ``topic``, read with the writer's account (waits until there is one)."""
+@contextlib.contextmanager
+def observed(mqtt_env: dict[str, str], topic: str) -> Iterator[list[str]]:
+    """The messages on ``topic`` while the block runs, read with the writer's account."""
     got: list[str] = []
-    arrived = threading.Event()
+    subscribed = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.username_pw_set(mqtt_env["EMDC_MQTT_USERNAME"], mqtt_env["EMDC_MQTT_PASSWORD"])
     client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-    client.on_message = lambda _c, _u, message: (got.append(message.payload.decode()), arrived.set())
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda _c, _u, message: got.append(message.payload.decode())
     client.connect("127.0.0.1", int(mqtt_env["EMDC_MQTT_PORT"]))
     client.loop_start()
     try:
-        assert arrived.wait(30), f"nothing retained on {topic}"
+        assert subscribed.wait(10)
+        yield got
     finally:
         client.loop_stop()
         client.disconnect()
-    return got[0]
 
 
 def test_a_topic_prefix_outside_the_acl_is_one_line_naming_it_and_an_unhealthy_check(names: Names, acl_mosquitto,
@@ -140,9 +144,11 @@ def test_a_topic_prefix_inside_the_acl_is_healthy(names: Names, acl_mosquitto, s
     prefix = f"home/energy/{names.prefix}"
     env = writer_env(names, EMDC_TOPIC_PREFIX=prefix, **acl_mosquitto)
     writer = start_writer(spawn, names, env)
-    # The 0 of the fresh channel is published only once the writer's scan of the broker, ended by its own
-    # echo, came back.
-    assert retained_value(acl_mosquitto, f"{prefix}/active_energy") == "0"
+    with observed(acl_mosquitto, f"{prefix}/active_energy") as energy:
+        publish(names.exchange, pulses(1))
+        wait_until(lambda: "0.001" in energy, 30, "the total")
+    # A fresh channel's 0 goes out only once the writer's scan of the broker, ended by its own echo, came back.
+    assert energy == ["0", "0.001"]
     check = run_emdc(["writer", "--check", "--max-age", "1"], env)
     assert check.stdout.startswith("healthy: heartbeat") and "(" not in check.stdout
     assert writer.stop() == 0
