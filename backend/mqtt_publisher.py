@@ -198,6 +198,8 @@ class MqttPublisher:
     def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None:
         """The retained messages on ``filters`` now (topic → payload); None if that cannot be known (not
         connected, or the broker drops the echo that ends the scan)."""
+        if not filters:
+            return {}  # an empty SUBSCRIBE is a protocol error: the broker would drop the connection
         if not self.connected.is_set() or self._echo.lost(time.monotonic()):
             return None
         with self._scan_lock:
