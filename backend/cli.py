@@ -168,7 +168,7 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
     EMDC_DISCOVERY=off for it.
     """
     from backend.discovery import Discovery
-    from backend.mqtt_publisher import publish_once
+    from backend.mqtt_publisher import MqttFailure, publish_once
     from backend.state_store import StateError
     from backend.writer import known_meters
 
@@ -182,8 +182,11 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
     filters = [f for meter in meters for f in discovery.scan_filters(meter)]
     try:
         cleared = publish_once(cfg, filters, lambda retained: discovery.removal_messages(meters, retained))
-    except (OSError, TimeoutError) as exc:
-        raise click.ClickException(f"MQTT {cfg.mqtt_host}:{cfg.mqtt_port}: {exc}") from None
+    except MqttFailure as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the MQTT broker {cfg.mqtt_host}:{cfg.mqtt_port} "
+                                   f"({exc.strerror or exc})") from None
     click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({cleared} topics)")
 
 

@@ -46,6 +46,10 @@ UNREACHABLE = "cannot reach the MQTT broker"
 ECHO_TIMEOUT_S = 5.0
 
 
+class MqttFailure(RuntimeError):
+    """A one-shot publication failed; the message names the broker, the reason and the fix."""
+
+
 def acl_trouble(config: Config) -> str:
     """The one line for publishes the broker drops: the topic, the ACL and the fix."""
     who = f"user {config.mqtt_username!r}" if config.mqtt_username else "anonymous clients"
@@ -290,8 +294,9 @@ def publish_once(config: Config, filters: Sequence[str],
     QoS 1), wait for the broker's acks, disconnect; return how many were published.
 
     Deliberately a separate client without a last will, so it can run beside
-    a writer without touching the writer's availability. Raises TimeoutError
-    naming the ACL if the echo that ends the scan never comes back.
+    a writer without touching the writer's availability. Raises MqttFailure
+    (naming the ACL if the echo that ends the scan never comes back), or
+    OSError if the broker cannot be reached.
     """
     client = new_client(config, "emdc-cli")
     echo = echo_topic(config.topic_prefix)
@@ -307,18 +312,19 @@ def publish_once(config: Config, filters: Sequence[str],
             time.sleep(0.01)
         if not answers or answers[0].is_failure:
             reason = answers[0] if answers else f"no answer in {timeout_s:.0f} s"
-            raise ConnectionError(f"the broker refused the connection: {reason} (check mqtt_username and "
-                                  "mqtt_password)")
+            raise MqttFailure(f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} refused the connection: "
+                              f"{reason} (check mqtt_username and mqtt_password)")
         client.subscribe([(echo, 1), *((f, 1) for f in filters)])
         client.publish(echo, scan.token, qos=1, retain=False)
         if not scan.done.wait(ECHO_TIMEOUT_S):
-            raise TimeoutError(acl_trouble(config))
+            raise MqttFailure(acl_trouble(config))
         messages = decide(scan.found)
         infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
         for info in infos:
             info.wait_for_publish(timeout=timeout_s)
             if not info.is_published():
-                raise TimeoutError(f"MQTT broker did not acknowledge {len(messages)} messages in {timeout_s} s")
+                raise MqttFailure(f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} did not acknowledge "
+                                  f"{len(messages)} messages in {timeout_s:g} s")
         return len(messages)
     finally:
         client.disconnect()

@@ -214,4 +214,5 @@ def test_a_fresh_channel_starts_at_0_and_0_never_covers_a_total_after_a_restart(
     watch.wait_for(f"{names.prefix}/status", lambda v: v == "online")
     wait_until(lambda: messages_on(watch, energy).count("0.003") == 2, 30, "the total re-published")
     assert writer.stop() == 0
-    assert messages_on(watch, energy) == ["0", "0.003", "0.003"]
+    published = messages_on(watch, energy)  # the pulses may have come in more than one batch
+    assert published[0] == "0" and "0" not in published[1:], published
