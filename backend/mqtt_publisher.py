@@ -13,6 +13,9 @@ connect and watches for it to come back (:class:`EchoWatch`); if it does not,
 :meth:`MqttPublisher.trouble` says so. The same echo marks the end of the
 retained messages of a scan (:meth:`MqttPublisher.scan_retained`): the broker
 sends a subscription's retained messages before anything published later.
+:meth:`MqttPublisher.hold` keeps a topic's next values back for a moment, so
+that a subscriber arriving late (Home Assistant setting up a sensor it has just
+discovered) still finds the value before them retained.
 
 Example::
 
@@ -44,6 +47,8 @@ log = logging.getLogger("emdc.mqtt")
 UNREACHABLE = "cannot reach the MQTT broker"
 # How long the writer's own message may take to come back before the broker counts as dropping it.
 ECHO_TIMEOUT_S = 5.0
+# How long Home Assistant may take, after discovering a sensor, to subscribe to its state topic.
+SETTLE_S = 3.0
 
 
 class MqttFailure(RuntimeError):
@@ -137,6 +142,7 @@ class MqttPublisher:
         self._echo = EchoWatch()
         self._scan: RetainedScan | None = None
         self._scan_lock = threading.Lock()
+        self._held: dict[str, tuple[float, tuple[str, bool] | None]] = {}  # topic -> (until, what to publish)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
@@ -193,11 +199,35 @@ class MqttPublisher:
 
     def publish(self, topic: str, payload: str, retain: bool = True) -> bool:
         """Publish retained at QoS 1; False if not connected (then nothing is sent: the owner re-publishes
-        everything after the next connect)."""
+        everything after the next connect). On a held topic the payload waits for the end of the hold."""
         if not self.connected.is_set():
             return False
+        with self._lock:
+            if topic in self._held:
+                self._held[topic] = (self._held[topic][0], (payload, retain))
+                return True
         self.client.publish(topic, payload, qos=1, retain=retain)
         return True
+
+    def hold(self, topic: str, seconds: float = SETTLE_S) -> None:
+        """Hold back what is published on ``topic`` for ``seconds`` (the last payload wins): a sensor's first
+        total right after its 0, so that Home Assistant, still setting the sensor up when both arrive, finds
+        the 0 retained when it subscribes and takes it as the zero point."""
+        with self._lock:
+            self._held.setdefault(topic, (time.monotonic() + seconds, None))
+        timer = threading.Timer(seconds, self._release)
+        timer.daemon = True
+        timer.start()
+
+    def _release(self, everything: bool = False) -> None:
+        """Publish what waits on the topics whose hold is over (all of them with ``everything``)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [topic for topic, (until, _) in self._held.items() if everything or until <= now + 0.05]
+            waiting = [self._held.pop(topic)[1] for topic in due]
+        for topic, pending in zip(due, waiting, strict=True):
+            if pending is not None and self.connected.is_set():
+                self.client.publish(topic, pending[0], qos=1, retain=pending[1])
 
     def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None:
         """The retained messages on ``filters`` now (topic → payload); None if that cannot be known (not
@@ -224,6 +254,7 @@ class MqttPublisher:
 
     def stop(self) -> None:
         """Say ``offline`` and disconnect cleanly."""
+        self._release(everything=True)
         connected = self.connected.is_set()
         self.connected.clear()  # from here on a disconnect is ours, not worth a warning
         if connected:

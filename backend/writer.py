@@ -45,10 +45,13 @@ class Sink(Protocol):
 
 
 @runtime_checkable
-class RetainedSink(Sink, Protocol):
-    """A sink that can tell what is retained on some topic filters (None: cannot tell right now)."""
+class BrokerSink(Sink, Protocol):
+    """A sink that is a broker with subscribers: it can tell what it retains on some topic filters (None:
+    cannot tell right now), and hold a topic's next values back for a moment."""
 
     def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None: ...
+
+    def hold(self, topic: str) -> None: ...
 
 
 class EnergyWriter:
@@ -166,16 +169,17 @@ class EnergyWriter:
 
     def _retained(self, meter: str, energy_topics: Sequence[str]) -> dict[str, str] | None:
         """What the broker retains of ``meter``'s discovery and of ``energy_topics``; None if it cannot tell."""
-        if not isinstance(self.sink, RetainedSink):
+        if not isinstance(self.sink, BrokerSink):
             return {}  # a sink without a memory of its own: nothing retained but what this writer publishes
         filters = self.discovery.scan_filters(meter) if self.discovery and self.discovery.style != "off" else []
         return self.sink.scan_retained([*filters, *energy_topics])
 
     def _announce(self, meter: str) -> None:
         """Announce ``meter`` (again, if its channels changed), and publish 0 for each channel with a total whose
-        start Home Assistant has not seen, just before the total: Home Assistant takes the first value it gets
-        as the zero point. Never over a retained value, nor for a calibrated channel (the reading is its start),
-        nor before a channel has a total (a calibration may come first)."""
+        start Home Assistant has not seen, a moment before the total: Home Assistant takes the first value it
+        finds as the zero point, also when it subscribes only after both were published (it sets up a sensor
+        it has just discovered). Never over a retained value, nor for a calibrated channel (the reading is its
+        start), nor before a channel has a total (a calibration may come first)."""
         self._meters.add(meter)
         channels = self._channels(meter)
         states = dict(self.ledger)
@@ -195,6 +199,8 @@ class EnergyWriter:
             elif retained is not None and self.sink.publish(topic, zero) is not False:
                 self._published[topic] = zero
                 self._started.add(key)
+                if isinstance(self.sink, BrokerSink):
+                    self.sink.hold(topic)  # Home Assistant may be setting the sensor up right now
 
     def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
         now = self.clock()
