@@ -138,7 +138,7 @@ class MqttPublisher:
         self.client = new_client(config, client_name)
         self.echo_topic = echo_topic(config.topic_prefix)
         self._echo_id = secrets.token_hex(6)  # tells this client's echoes from those of another one
-        self._echo_tokens = (f"{self._echo_id} {n}" for n in itertools.count(1))
+        self._echo_count = itertools.count(1)  # next() on it is atomic: both the paho and the writer thread use it
         self._echo = EchoWatch()
         self._scan: RetainedScan | None = None
         self._scan_lock = threading.Lock()
@@ -237,7 +237,7 @@ class MqttPublisher:
         if not self.connected.is_set() or self._echo.lost(time.monotonic()):
             return None
         with self._scan_lock:
-            self._scan = scan = RetainedScan(filters, self.echo_topic, next(self._echo_tokens))
+            self._scan = scan = RetainedScan(filters, self.echo_topic, self._echo_token())
             try:
                 self.client.subscribe([(f, 1) for f in filters])
                 self._send_echo(scan.token)
@@ -246,6 +246,9 @@ class MqttPublisher:
             finally:
                 self._scan = None
         return scan.found if complete else None
+
+    def _echo_token(self) -> str:
+        return f"{self._echo_id} {next(self._echo_count)}"
 
     def _send_echo(self, token: str) -> None:
         with self._lock:
@@ -277,7 +280,7 @@ class MqttPublisher:
         client.publish(self.availability, "online", qos=1, retain=True)
         for topic in [*self._extra_subscriptions, self.echo_topic]:
             client.subscribe(topic, qos=1)
-        self._send_echo(next(self._echo_tokens))
+        self._send_echo(self._echo_token())
         self.request_republish()
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
