@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +19,8 @@ from backend.heartbeat import Heartbeat, HeartbeatStale
 from common.message import Pulse
 from tests.support import (
     MQTT_HOST,
-    ROOT,
     Names,
     free_port,
-    port_open,
     publish,
     pulses,
     run_emdc,
@@ -33,8 +29,7 @@ from tests.support import (
     wait_until,
     writer_env,
 )
-
-MOSQUITTO = ROOT / "deploy" / "compose" / "mosquitto"
+from tests.test_deploy import Mosquitto, mosquitto_broker  # noqa: F401  (fixture)
 
 
 def test_a_writer_without_mosquitto_counts_logs_it_once_and_turns_unhealthy(names: Names, spawn) -> None:
@@ -77,27 +72,10 @@ def test_a_trouble_turns_the_check_unhealthy_only_once_it_lasts_longer_than_allo
 
 
 @pytest.fixture
-def acl_mosquitto(tmp_path: Path, names: Names) -> Iterator[dict[str, str]]:
-    """A Mosquitto of our own with the project's ACL and password file (as render_secrets.py writes them for
-    compose); yields the writer's MQTT settings for it."""
-    secrets_dir, password = tmp_path / "mosquitto-secrets", secrets.token_hex(16)
-    subprocess.run([sys.executable, str(ROOT / "deploy/compose/render_secrets.py"), "mosquitto",
-                    str(MOSQUITTO / "config/acl"), str(secrets_dir), "emdc-writer=PASSWORD"],
-                   env={**os.environ, "PASSWORD": password}, check=True, capture_output=True)
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(("user root\n" if os.geteuid() == 0 else "")  # root would switch to a user without access
-                    + f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\n"
-                    f"password_file {secrets_dir}/passwd\nacl_file {secrets_dir}/acl\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), 10, "mosquitto to listen")
-        assert proc.poll() is None, "mosquitto did not start"
-        yield {"EMDC_MQTT_HOST": "127.0.0.1", "EMDC_MQTT_PORT": str(port), "EMDC_MQTT_USERNAME": "emdc-writer",
-               "EMDC_MQTT_PASSWORD": password}
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def acl_mosquitto(mosquitto_broker: Mosquitto) -> dict[str, str]:  # noqa: F811
+    """The writer's MQTT settings for the deployment's Mosquitto: its ACL and password file, on a free port."""
+    return {"EMDC_MQTT_HOST": "127.0.0.1", "EMDC_MQTT_PORT": str(mosquitto_broker.port),
+            "EMDC_MQTT_USERNAME": "emdc-writer", "EMDC_MQTT_PASSWORD": mosquitto_broker.passwords["emdc-writer"]}
 
 
 @contextlib.contextmanager
