@@ -167,11 +167,12 @@ def ha() -> None:
 def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any) -> None:
     """Remove EMDC's devices from Home Assistant (empty retained discovery configs).
 
-    Stop the writer first, or it announces them again when it reconnects or
-    Home Assistant restarts; or set EMDC_DISCOVERY=off for it.
+    Only topics that hold a config are cleared. Stop the writer first, or it
+    announces them again when it reconnects or Home Assistant restarts; or set
+    EMDC_DISCOVERY=off for it.
     """
     from backend.discovery import Discovery
-    from backend.mqtt_publisher import publish_once
+    from backend.mqtt_publisher import MqttFailure, publish_once
     from backend.state_store import StateError
     from backend.writer import known_meters
 
@@ -181,12 +182,16 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
             meters = known_meters(cfg)
         except StateError as exc:
             raise click.ClickException(str(exc)) from None
-    messages = Discovery(cfg.discovery_prefix, cfg.topic_prefix).removal_messages(meters)
+    discovery = Discovery(cfg.discovery_prefix, cfg.topic_prefix)
+    filters = [f for meter in meters for f in discovery.scan_filters(meter)]
     try:
-        publish_once(cfg, messages)
-    except (OSError, TimeoutError) as exc:
-        raise click.ClickException(f"MQTT {cfg.mqtt_host}:{cfg.mqtt_port}: {exc}") from None
-    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({len(messages)} topics)")
+        cleared = publish_once(cfg, filters, lambda retained: discovery.removal_messages(meters, retained))
+    except MqttFailure as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the MQTT broker {cfg.mqtt_host}:{cfg.mqtt_port} "
+                                   f"({exc.strerror or exc})") from None
+    click.echo(f"removed the Home Assistant discovery of meter(s) {', '.join(meters)} ({cleared} topics)")
 
 
 def writer_queue(config: Config, writer_name: str) -> str:

@@ -4,27 +4,43 @@ Device-based discovery (one retained message on
 ``<prefix>/device/emdc_<meter>/config``, Home Assistant ≥ 2024.11) is the
 default; per-entity discovery (``<prefix>/sensor/emdc_<meter>/<name>/config``)
 serves older installations. Sensors read the plain state topics, so
-hand-made sensors keep working beside them.
+hand-made sensors keep working beside them. The reactive sensors are
+announced only for meters that have a reactive input.
+
+Home Assistant refuses a config for a sensor it already knows from the other
+style ("conflicting MQTT discovery message"). So announcing takes the configs
+retained for the meter into account: those of the other style are handed over
+as Home Assistant's migration asks (``migrate_discovery`` on the old topic,
+the new config, then the old topic cleared), which keeps the entities and
+their history. Only topics that hold a config are touched.
 
 Example::
 
     >>> d = Discovery("homeassistant", "home/energy", style="device")
     >>> [topic for topic, _ in d.messages("main")]
     ['homeassistant/device/emdc_main/config']
+    >>> old = "homeassistant/sensor/emdc_main/active_energy/config"
+    >>> for topic, payload in d.handover("main", {old: "{...}"}):
+    ...     print(topic, payload[:12] or "(empty)")
+    homeassistant/sensor/emdc_main/active_energy/config {"migrate_di
+    homeassistant/device/emdc_main/config {"device": {
+    homeassistant/sensor/emdc_main/active_energy/config (empty)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from backend.topics import availability_topic, state_topic
 from common import __version__
-from common.channels import channel_spec
+from common.channels import CHANNELS, channel_spec
 
 ORIGIN = {"name": "emdc", "sw": __version__, "url": "https://github.com/emdc-energy/emdc"}
+# Home Assistant unloads the entities of a topic carrying this, keeping them for the config that takes them over.
+MIGRATE = json.dumps({"migrate_discovery": True})
 
 
 @dataclass(frozen=True)
@@ -84,20 +100,62 @@ class Discovery:
             config["device_class"] = spec.device_class
         return config
 
-    def topics(self, meter: str) -> list[str]:
-        """Every discovery topic of ``meter`` in either style (for removal)."""
+    def scan_filters(self, meter: str) -> list[str]:
+        """The topic filters of every discovery config of ``meter`` in either style: what to scan for retained ones."""
         node = self.device_id(meter)
-        return [f"{self.discovery_prefix}/device/{node}/config"] + [
-            f"{self.discovery_prefix}/sensor/{node}/{s.channel}_{s.quantity}/config" for s in sensor_specs(False)]
+        return [f"{self.discovery_prefix}/device/{node}/config", f"{self.discovery_prefix}/sensor/{node}/+/config"]
 
-    def removal_messages(self, meters: Iterable[str]) -> list[tuple[str, str]]:
-        """Empty retained configs on every discovery topic of ``meters``: Home Assistant removes the devices."""
-        return [(topic, "") for meter in meters for topic in self.topics(meter)]
+    def _components(self, meter: str, topic: str, payload: str) -> set[str] | None:
+        """The sensors (``active_energy``, ...) a retained config on ``topic`` describes; None if not one of ours."""
+        node = self.device_id(meter)
+        levels = topic.removeprefix(f"{self.discovery_prefix}/").split("/")
+        if levels == ["device", node, "config"]:
+            try:
+                return set(json.loads(payload)["components"])
+            except (ValueError, KeyError, TypeError):  # e.g. a handover interrupted half way: assume all
+                return {f"{s.channel}_{s.quantity}" for s in sensor_specs(False)}
+        if len(levels) == 4 and levels[:2] == ["sensor", node] and levels[3] == "config":
+            return {levels[2]}
+        return None
 
-    def messages(self, meter: str) -> list[tuple[str, str]]:
-        """Discovery messages for ``meter`` in the configured style (none if ``off``)."""
+    def _held(self, meter: str, retained: Mapping[str, str]) -> dict[str, set[str]]:
+        """The topics of ``meter`` that hold a config, with the sensors of each, sorted by topic."""
+        held = {}
+        for topic in sorted(retained):
+            components = self._components(meter, topic, retained[topic]) if retained[topic] else None
+            if components is not None:
+                held[topic] = components
+        return held
+
+    def handover(self, meter: str, retained: Mapping[str, str],
+                 channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
+        """What to publish, in this order, to announce ``meter`` while ``retained`` (topic → payload, a scan of
+        :meth:`scan_filters`) holds its configs: stale configs of sensors announced anew are handed over,
+        those of sensors no longer announced are cleared. Nothing at all when discovery is ``off``."""
+        messages = self.messages(meter, channels)
+        if not messages:
+            return []
+        announced = {topic for topic, _ in messages}
+        sensors = set().union(*(self._components(meter, topic, payload) or set() for topic, payload in messages))
+        stale = {topic: held for topic, held in self._held(meter, retained).items() if topic not in announced}
+        taken = [topic for topic, held in stale.items() if held & sensors]
+        return [(topic, MIGRATE) for topic in taken] + messages + [(topic, "") for topic in stale]
+
+    def removal_messages(self, meters: Iterable[str], retained: Mapping[str, str]) -> list[tuple[str, str]]:
+        """Empty retained configs on the topics of ``meters`` that hold one in ``retained`` (a scan of
+        :meth:`scan_filters`): Home Assistant removes the devices. Per-entity configs go first: a leftover device
+        config beside them is one Home Assistant ignored, and clearing it first would conflict with them."""
+        messages = []
+        for meter in meters:
+            held = self._held(meter, retained)
+            messages += sorted(((topic, "") for topic in held), key=lambda message: "/device/" in message[0])
+        return messages
+
+    def messages(self, meter: str, channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
+        """Discovery messages for ``meter`` with the sensors of ``channels``, in the configured style (none if
+        ``off``)."""
         availability = availability_topic(self.topic_prefix)
-        specs = sensor_specs(self.legacy_units)
+        specs = [s for s in sensor_specs(self.legacy_units) if s.channel in channels]
         if self.style == "device":
             payload = {
                 "device": self._device(meter),

@@ -7,6 +7,16 @@ signalled through :meth:`MqttPublisher.take_republish` so that all ledger
 access stays on the writer's own thread. The same happens, after a short
 random delay, when Home Assistant announces itself with its birth message.
 
+Mosquitto drops a publish its ACL denies without telling the client. So the
+publisher sends itself a message on ``<topic_prefix>/echo`` after every
+connect and watches for it to come back (:class:`EchoWatch`); if it does not,
+:meth:`MqttPublisher.trouble` says so. The same echo marks the end of the
+retained messages of a scan (:meth:`MqttPublisher.scan_retained`): the broker
+sends a subscription's retained messages before anything published later.
+:meth:`MqttPublisher.hold` keeps a topic's next values back for a moment, so
+that a subscriber arriving late (Home Assistant setting up a sensor it has just
+discovered) still finds the value before them retained.
+
 Example::
 
     mqtt = MqttPublisher(config, client_name="emdc-writer")
@@ -17,22 +27,91 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from backend.topics import availability_topic
+from backend.topics import availability_topic, echo_topic
 from common.config import Config
 
 log = logging.getLogger("emdc.mqtt")
 UNREACHABLE = "cannot reach the MQTT broker"
+# How long the writer's own message may take to come back before the broker counts as dropping it.
+ECHO_TIMEOUT_S = 5.0
+# How long Home Assistant may take, after discovering a sensor, to subscribe to its state topic.
+SETTLE_S = 3.0
+
+
+class MqttFailure(RuntimeError):
+    """A one-shot publication failed; the message names the broker, the reason and the fix."""
+
+
+def acl_trouble(config: Config) -> str:
+    """The one line for publishes the broker drops: the topic, the ACL and the fix."""
+    who = f"user {config.mqtt_username!r}" if config.mqtt_username else "anonymous clients"
+    return (f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} drops what is published on "
+            f"{echo_topic(config.topic_prefix)} (nothing came back): its ACL does not let {who} read and write "
+            f"topic_prefix {config.topic_prefix!r}; add 'topic readwrite {config.topic_prefix}/#' for that user to "
+            "the ACL, or set topic_prefix to a topic it allows")
+
+
+class EchoWatch:
+    """Whether the messages a client sends itself come back in time: the only sign of an ACL that drops them.
+
+    Example::
+
+        >>> echo = EchoWatch(timeout_s=5)
+        >>> echo.sent(now=100.0)
+        >>> echo.lost(now=104.0), echo.lost(now=106.0)
+        (False, True)
+        >>> echo.sent(now=110.0)  # still waiting for the first one
+        >>> echo.came_back()
+        >>> echo.lost(now=200.0)
+        False
+    """
+
+    def __init__(self, timeout_s: float = ECHO_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._waiting_since: float | None = None
+
+    def sent(self, now: float) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = now
+
+    def came_back(self) -> None:
+        """An echo arrived (or the connection is new): nothing is outstanding."""
+        self._waiting_since = None
+
+    def lost(self, now: float) -> bool:
+        return self._waiting_since is not None and now - self._waiting_since > self.timeout_s
+
+
+class RetainedScan:
+    """The retained messages on some topic filters, collected until the client's own echo ``token`` arrives on
+    ``echo``: the broker sends a subscription's retained messages before anything published after it."""
+
+    def __init__(self, filters: Sequence[str], echo: str, token: str) -> None:
+        self.filters = list(filters)
+        self.echo = echo
+        self.token = token
+        self.found: dict[str, str] = {}
+        self.done = threading.Event()
+
+    def offer(self, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.echo:
+            if message.payload == self.token.encode():
+                self.done.set()
+        elif message.retain and any(mqtt.topic_matches_sub(f, message.topic) for f in self.filters):
+            self.found[message.topic] = message.payload.decode(errors="replace")
 
 
 def new_client(config: Config, name: str) -> mqtt.Client:
@@ -57,6 +136,13 @@ class MqttPublisher:
         self._lock = threading.Lock()
         self._extra_subscriptions: dict[str, Any] = {}
         self.client = new_client(config, client_name)
+        self.echo_topic = echo_topic(config.topic_prefix)
+        self._echo_id = secrets.token_hex(6)  # tells this client's echoes from those of another one
+        self._echo_count = itertools.count(1)  # next() on it is atomic: both the paho and the writer thread use it
+        self._echo = EchoWatch()
+        self._scan: RetainedScan | None = None
+        self._scan_lock = threading.Lock()
+        self._held: dict[str, tuple[float, tuple[str, bool] | None]] = {}  # topic -> (until, what to publish)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
@@ -70,7 +156,11 @@ class MqttPublisher:
     def trouble(self) -> str:
         """Why values do not reach the broker right now, or ``""``: the writer's health check reads it, because
         a writer that counts while Home Assistant receives nothing is not healthy."""
-        return self._trouble
+        with self._lock:
+            if not self._trouble and self._echo.lost(time.monotonic()):
+                self._trouble = acl_trouble(self.config)
+                log.error("%s", self._trouble)
+            return self._trouble
 
     def _in_trouble(self, why: str) -> None:
         """One log line when values stop reaching the broker, or when the reason changes."""
@@ -107,12 +197,67 @@ class MqttPublisher:
         self.client.connect_async(self.config.mqtt_host, self.config.mqtt_port, self.config.mqtt_keepalive)
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: str, retain: bool = True) -> None:
-        if self.connected.is_set():
-            self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: str, retain: bool = True) -> bool:
+        """Publish retained at QoS 1; False if not connected (then nothing is sent: the owner re-publishes
+        everything after the next connect). On a held topic the payload waits for the end of the hold."""
+        if not self.connected.is_set():
+            return False
+        with self._lock:
+            if topic in self._held:
+                self._held[topic] = (self._held[topic][0], (payload, retain))
+                return True
+        self.client.publish(topic, payload, qos=1, retain=retain)
+        return True
+
+    def hold(self, topic: str, seconds: float = SETTLE_S) -> None:
+        """Hold back what is published on ``topic`` for ``seconds`` (the last payload wins): a sensor's first
+        total right after its 0, so that Home Assistant, still setting the sensor up when both arrive, finds
+        the 0 retained when it subscribes and takes it as the zero point."""
+        with self._lock:
+            self._held.setdefault(topic, (time.monotonic() + seconds, None))
+        timer = threading.Timer(seconds, self._release)
+        timer.daemon = True
+        timer.start()
+
+    def _release(self, everything: bool = False) -> None:
+        """Publish what waits on the topics whose hold is over (all of them with ``everything``)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [topic for topic, (until, _) in self._held.items() if everything or until <= now + 0.05]
+            waiting = [self._held.pop(topic)[1] for topic in due]
+        for topic, pending in zip(due, waiting, strict=True):
+            if pending is not None and self.connected.is_set():
+                self.client.publish(topic, pending[0], qos=1, retain=pending[1])
+
+    def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None:
+        """The retained messages on ``filters`` now (topic → payload); None if that cannot be known (not
+        connected, or the broker drops the echo that ends the scan)."""
+        if not filters:
+            return {}  # an empty SUBSCRIBE is a protocol error: the broker would drop the connection
+        if not self.connected.is_set() or self._echo.lost(time.monotonic()):
+            return None
+        with self._scan_lock:
+            self._scan = scan = RetainedScan(filters, self.echo_topic, self._echo_token())
+            try:
+                self.client.subscribe([(f, 1) for f in filters])
+                self._send_echo(scan.token)
+                complete = scan.done.wait(self._echo.timeout_s)
+                self.client.unsubscribe(list(filters))
+            finally:
+                self._scan = None
+        return scan.found if complete else None
+
+    def _echo_token(self) -> str:
+        return f"{self._echo_id} {next(self._echo_count)}"
+
+    def _send_echo(self, token: str) -> None:
+        with self._lock:
+            self._echo.sent(time.monotonic())
+        self.client.publish(self.echo_topic, token, qos=1, retain=False)
 
     def stop(self) -> None:
         """Say ``offline`` and disconnect cleanly."""
+        self._release(everything=True)
         connected = self.connected.is_set()
         self.connected.clear()  # from here on a disconnect is ours, not worth a warning
         if connected:
@@ -128,11 +273,14 @@ class MqttPublisher:
                              "(check mqtt_username and mqtt_password)")
             return
         log.info("connected to MQTT broker %s", self._where)
-        self._trouble = ""
+        with self._lock:
+            self._trouble = ""
+            self._echo.came_back()
         self.connected.set()
         client.publish(self.availability, "online", qos=1, retain=True)
-        for topic in self._extra_subscriptions:
+        for topic in [*self._extra_subscriptions, self.echo_topic]:
             client.subscribe(topic, qos=1)
+        self._send_echo(self._echo_token())
         self.request_republish()
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
@@ -145,9 +293,24 @@ class MqttPublisher:
         self.connected.clear()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        scan = self._scan
+        if scan is not None:
+            scan.offer(message)
+        if message.topic == self.echo_topic:
+            self._echo_came_back(message.payload)
+            return
         callback = self._extra_subscriptions.get(message.topic)
         if callback:
             callback(message.payload)
+
+    def _echo_came_back(self, payload: bytes | bytearray) -> None:
+        if not payload.startswith(f"{self._echo_id} ".encode()):
+            return  # another client with the same topic_prefix
+        with self._lock:
+            self._echo.came_back()
+            if self._trouble == acl_trouble(self.config):
+                log.info("the MQTT broker %s delivers what is published on %s again", self._where, self.echo_topic)
+                self._trouble = ""
 
 
 def connect_failure(config: Config) -> str:
@@ -159,21 +322,44 @@ def connect_failure(config: Config) -> str:
         return exc.strerror or str(exc) or type(exc).__name__
 
 
-def publish_once(config: Config, messages: list[tuple[str, str]], timeout_s: float = 10.0) -> None:
-    """Connect, publish ``messages`` retained at QoS 1, wait for the broker's acks, disconnect.
+def publish_once(config: Config, filters: Sequence[str],
+                 decide: Callable[[dict[str, str]], list[tuple[str, str]]], timeout_s: float = 10.0) -> int:
+    """Connect, scan the retained messages on ``filters``, publish what ``decide`` makes of them (retained,
+    QoS 1), wait for the broker's acks, disconnect; return how many were published.
 
     Deliberately a separate client without a last will, so it can run beside
-    a writer without touching the writer's availability.
+    a writer without touching the writer's availability. Raises MqttFailure
+    (naming the ACL if the echo that ends the scan never comes back), or
+    OSError if the broker cannot be reached.
     """
     client = new_client(config, "emdc-cli")
+    echo = echo_topic(config.topic_prefix)
+    scan = RetainedScan(filters, echo, secrets.token_hex(6))
+    client.on_message = lambda _c, _u, message: scan.offer(message)
+    answers: list[Any] = []
+    client.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
     client.connect(config.mqtt_host, config.mqtt_port, config.mqtt_keepalive)
     client.loop_start()
     try:
+        deadline = time.monotonic() + timeout_s
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not answers or answers[0].is_failure:
+            reason = answers[0] if answers else f"no answer in {timeout_s:.0f} s"
+            raise MqttFailure(f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} refused the connection: "
+                              f"{reason} (check mqtt_username and mqtt_password)")
+        client.subscribe([(echo, 1), *((f, 1) for f in filters)])
+        client.publish(echo, scan.token, qos=1, retain=False)
+        if not scan.done.wait(ECHO_TIMEOUT_S):
+            raise MqttFailure(acl_trouble(config))
+        messages = decide(scan.found)
         infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in messages]
         for info in infos:
             info.wait_for_publish(timeout=timeout_s)
             if not info.is_published():
-                raise TimeoutError(f"MQTT broker did not acknowledge {len(messages)} messages in {timeout_s} s")
+                raise MqttFailure(f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} did not acknowledge "
+                                  f"{len(messages)} messages in {timeout_s:g} s")
+        return len(messages)
     finally:
         client.disconnect()
         client.loop_stop()

@@ -20,6 +20,11 @@ def meter_prefix(prefix: str, meter: str) -> str:
     return prefix if meter == "main" else f"{prefix}/{meter}"
 
 
+def echo_topic(prefix: str) -> str:
+    """Where the writer checks that the broker delivers what it publishes under ``prefix`` (not retained)."""
+    return f"{prefix}/echo"
+
+
 def state_topic(prefix: str, meter: str, channel: str, quantity: str) -> str:
     return f"{meter_prefix(prefix, meter)}/{channel}_{quantity}"
 

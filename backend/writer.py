@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from backend.amounts import format_kw, format_kwh
 from backend.batch import DeadLetter, Delivery, report_held_back
@@ -29,7 +29,7 @@ from backend.ledger import ChannelState, Implausible, Ledger
 from backend.power import displayed_power_w
 from backend.state_store import StateError, StateStore
 from backend.topics import state_topic
-from common.channels import channel_spec
+from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import MessageError, Pulse, decode_control, decode_routed
 from common.topology import is_control
@@ -38,9 +38,20 @@ log = logging.getLogger("emdc.writer")
 
 
 class Sink(Protocol):
-    """Where values go: an MQTT client, or memory in a simulation."""
+    """Where values go: an MQTT client, or memory in a simulation. ``publish`` returns False if it sent nothing
+    (MQTT not connected: everything is published again after the next connect)."""
 
-    def publish(self, topic: str, payload: str) -> None: ...
+    def publish(self, topic: str, payload: str) -> bool | None: ...
+
+
+@runtime_checkable
+class BrokerSink(Sink, Protocol):
+    """A sink that is a broker with subscribers: it can tell what it retains on some topic filters (None:
+    cannot tell right now), and hold a topic's next values back for a moment."""
+
+    def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None: ...
+
+    def hold(self, topic: str) -> None: ...
 
 
 class EnergyWriter:
@@ -48,7 +59,8 @@ class EnergyWriter:
 
     def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
-                 discovery: Discovery | None = None, meters: Iterable[str] = ()) -> None:
+                 discovery: Discovery | None = None, meters: Iterable[str] = (),
+                 reactive_meters: Iterable[str] = ()) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -57,7 +69,11 @@ class EnergyWriter:
         self.clock = clock
         self.discovery = discovery
         self._meters = set(meters)
-        self._announced: set[str] = set()
+        # Meters configured with a reactive input; others get reactive sensors once a reactive pulse is counted.
+        self._reactive = set(reactive_meters)
+        self._announced: dict[str, tuple[str, ...]] = {}  # meter -> the channels its discovery describes
+        # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
+        self._started = {key for key, _ in ledger}
         self._published: dict[str, str] = {}
         # True while the latest batch could not be saved (it stays unacknowledged in the queue).
         self.save_failed = False
@@ -77,7 +93,7 @@ class EnergyWriter:
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
                               config.ha_legacy_units)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
-                   meters=[config.meter_id])
+                   meters=[config.meter_id], reactive_meters=[config.meter_id] if config.reactive_pin != -1 else [])
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -146,13 +162,45 @@ class EnergyWriter:
             self._announce(meter)
         self._publish((key for key, _ in self.ledger), force=True)
 
+    def _channels(self, meter: str) -> tuple[str, ...]:
+        """The channels ``meter`` has: active, and reactive if configured or ever counted."""
+        reactive = meter in self._reactive or any(key == (meter, "reactive") for key, _ in self.ledger)
+        return tuple(c for c in CHANNELS if c == "active" or reactive)
+
+    def _retained(self, meter: str, energy_topics: Sequence[str]) -> dict[str, str] | None:
+        """What the broker retains of ``meter``'s discovery and of ``energy_topics``; None if it cannot tell."""
+        if not isinstance(self.sink, BrokerSink):
+            return {}  # a sink without a memory of its own: nothing retained but what this writer publishes
+        filters = self.discovery.scan_filters(meter) if self.discovery and self.discovery.style != "off" else []
+        return self.sink.scan_retained([*filters, *energy_topics])
+
     def _announce(self, meter: str) -> None:
-        if meter in self._announced:
-            return
-        self._announced.add(meter)
+        """Announce ``meter`` (again, if its channels changed), and publish 0 for each channel with a total whose
+        start Home Assistant has not seen, a moment before the total: Home Assistant takes the first value it
+        finds as the zero point, also when it subscribes only after both were published (it sets up a sensor
+        it has just discovered). Never over a retained value, nor for a calibrated channel (the reading is its
+        start), nor before a channel has a total (a calibration may come first)."""
         self._meters.add(meter)
-        for topic, payload in self.discovery.messages(meter) if self.discovery else []:
-            self.sink.publish(topic, payload)
+        channels = self._channels(meter)
+        states = dict(self.ledger)
+        unstarted = [key for key in ((meter, c) for c in channels) if key in states and key not in self._started]
+        if self._announced.get(meter) == channels and not unstarted:
+            return
+        energy = {key: state_topic(self.topic_prefix, *key, "energy") for key in unstarted}
+        retained = self._retained(meter, list(energy.values()))
+        if self._announced.get(meter) != channels:
+            self._announced[meter] = channels
+            for topic, payload in self.discovery.handover(meter, retained or {}, channels) if self.discovery else []:
+                self.sink.publish(topic, payload)
+        zero = format_kwh(0)
+        for key, topic in energy.items():
+            if states[key].calibrated_at_ns or states[key].calibrations or (retained and retained.get(topic)):
+                self._started.add(key)  # its start is a meter reading, or Home Assistant has a value already
+            elif retained is not None and self.sink.publish(topic, zero) is not False:
+                self._published[topic] = zero
+                self._started.add(key)
+                if isinstance(self.sink, BrokerSink):
+                    self.sink.hold(topic)  # Home Assistant may be setting the sensor up right now
 
     def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
         now = self.clock()

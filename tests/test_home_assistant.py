@@ -1,11 +1,14 @@
-"""Home Assistant integration against the real Mosquitto: discovery, availability, birth, calibration."""
+"""Home Assistant integration against the real Mosquitto: discovery, availability, birth, calibration, the
+hand-over between discovery styles and the zero point of a fresh channel."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common.message import Pulse
@@ -23,9 +26,40 @@ def discovery(watch: MqttWatcher, names: Names, meter: str = "main") -> dict:
     return json.loads(watch.wait_for(topic, lambda v: v != ""))
 
 
+def retained_now(topic_filter: str) -> dict[str, str]:
+    """Every message Mosquitto retains on ``topic_filter``, complete: read up to a marker published after
+    subscribing (a subscription's retained messages come first)."""
+    marker = f"{topic_filter.removesuffix('/#')}/observer-marker"
+    retained: dict[str, str] = {}
+    done = threading.Event()
+
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic == marker:
+            done.set()
+        elif message.retain:
+            retained[message.topic] = message.payload.decode()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = on_message
+    client.connect(MQTT_HOST, MQTT_PORT)
+    client.loop_start()
+    try:
+        client.subscribe([(topic_filter, 1), (marker, 1)])
+        client.publish(marker, "", qos=1)
+        assert done.wait(10), "the marker never came back"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return retained
+
+
+def messages_on(watch: MqttWatcher, topic: str) -> list[str]:
+    return [payload for t, payload, _ in watch.history if t == topic]
+
+
 def test_device_discovery_describes_four_sensors_for_the_energy_dashboard(names: Names, watch: MqttWatcher,
                                                                          spawn) -> None:
-    start_writer(spawn, names, ha_env(names))
+    start_writer(spawn, names, ha_env(names, EMDC_REACTIVE_PIN=27))  # a meter with a reactive output
     config = discovery(watch, names)
     assert config["device"]["identifiers"] == ["emdc_main"]
     assert {"name", "model", "sw_version", "manufacturer"} <= config["device"].keys()
@@ -52,7 +86,8 @@ def test_device_discovery_describes_four_sensors_for_the_energy_dashboard(names:
 
 def test_entity_discovery_and_legacy_units_for_older_home_assistant(names: Names, watch: MqttWatcher,
                                                                    spawn) -> None:
-    start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY="entity", EMDC_HA_LEGACY_UNITS="true"))
+    start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY="entity", EMDC_HA_LEGACY_UNITS="true",
+                                      EMDC_REACTIVE_PIN=27))
     base = f"{names.prefix}/ha/sensor/emdc_main"
     energy = json.loads(watch.wait_for(f"{base}/active_energy/config", bool))
     reactive = json.loads(watch.wait_for(f"{base}/reactive_energy/config", bool))
@@ -117,20 +152,69 @@ def test_two_meters_side_by_side(names: Names, watch: MqttWatcher, spawn) -> Non
     assert discovery(watch, names, "main")["device"]["identifiers"] == ["emdc_main"]
 
 
-def test_ha_remove_clears_the_retained_discovery(names: Names, watch: MqttWatcher, spawn) -> None:
-    writer = start_writer(spawn, names, ha_env(names))
-    discovery(watch, names)
+@pytest.mark.parametrize(("style", "other"), [("device", "sensor"), ("entity", "device")])
+def test_ha_remove_clears_only_the_configs_that_exist(names: Names, watch: MqttWatcher, spawn, style: str,
+                                                       other: str) -> None:
+    writer = start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY=style))
+    wait_until(lambda: retained_now(f"{names.prefix}/ha/#"), 30, "the discovery to be retained")
     writer.stop()
     out = run_emdc(["ha", "remove"], ha_env(names)).stdout
     assert "removed the Home Assistant discovery of meter(s) main" in out
+    assert retained_now(f"{names.prefix}/ha/#") == {}, "no discovery config may remain retained"
+    # Clearing a topic that holds nothing makes Home Assistant log a conflict with the config it does hold.
+    assert not [topic for topic, _, _ in watch.history if f"/ha/{other}/" in topic]
 
-    retained: dict[str, bytes] = {}
-    client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    client.on_message = lambda _c, _u, m: retained.__setitem__(m.topic, m.payload)
-    client.connect(MQTT_HOST, MQTT_PORT)
-    client.subscribe(f"{names.prefix}/ha/#")
-    client.loop_start()
-    time.sleep(1)
-    client.loop_stop()
-    client.disconnect()
-    assert retained == {}, "no discovery config may remain retained"
+
+def test_switching_discovery_styles_hands_the_sensors_over(names: Names, watch: MqttWatcher, spawn) -> None:
+    device = f"{names.prefix}/ha/device/emdc_main/config"
+    entities = [f"{names.prefix}/ha/sensor/emdc_main/active_{quantity}/config" for quantity in ("energy", "power")]
+    writer = start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY="entity"))
+    wait_until(lambda: set(retained_now(f"{names.prefix}/ha/#")) == set(entities), 30, "per-entity discovery")
+    assert writer.stop() == 0
+
+    writer = start_writer(spawn, names, ha_env(names))  # the documented upgrade to device discovery
+    wait_until(lambda: set(retained_now(f"{names.prefix}/ha/#")) == {device}, 30, "the per-entity configs gone")
+    assert writer.stop() == 0
+    # Home Assistant's migration: unload each old entity, announce the device, then clear the old topic.
+    announced = watch.history.index(next(m for m in watch.history if m[0] == device and m[1]))
+    for topic in entities:
+        (migrate, _), (cleared, _) = [(i, m) for i, m in enumerate(watch.history) if m[0] == topic][-2:]
+        assert json.loads(watch.history[migrate][1]) == {"migrate_discovery": True}
+        assert migrate < announced < cleared and watch.history[cleared][1] == ""
+
+    start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY="entity"))  # and back
+    wait_until(lambda: set(retained_now(f"{names.prefix}/ha/#")) == set(entities), 30, "the device config gone")
+    assert messages_on(watch, device)[-2:] == [json.dumps({"migrate_discovery": True}), ""]
+
+
+def test_reactive_sensors_appear_once_a_reactive_pulse_is_counted(names: Names, watch: MqttWatcher,
+                                                                  spawn) -> None:
+    start_writer(spawn, names, ha_env(names))
+    assert set(discovery(watch, names)["components"]) == {"active_energy", "active_power"}
+    publish(names.exchange, pulses(2, channel="reactive"))
+    wait_until(lambda: "reactive_energy" in discovery(watch, names)["components"], 30, "reactive sensors")
+    assert set(discovery(watch, names)["components"]) == {"active_energy", "active_power", "reactive_energy",
+                                                          "reactive_power"}
+    # Home Assistant subscribes to a new sensor's state topic once it has set the sensor up: the value it then
+    # finds retained is its zero point, and must be the 0, although the pulses were counted with the discovery.
+    assert retained_now(f"{names.prefix}/reactive_energy") == {f"{names.prefix}/reactive_energy": "0"}
+    watch.wait_for(f"{names.prefix}/reactive_energy", lambda v: v == "0.002")
+    assert messages_on(watch, f"{names.prefix}/reactive_energy")[0] == "0"
+
+
+def test_a_fresh_channel_starts_at_0_and_0_never_covers_a_total_after_a_restart(names: Names, watch: MqttWatcher,
+                                                                               spawn) -> None:
+    energy, power = f"{names.prefix}/active_energy", f"{names.prefix}/active_power"
+    writer = start_writer(spawn, names, ha_env(names))
+    discovery(watch, names)
+    assert energy not in watch.values and power not in watch.values, "unknown until the first pulse"
+    publish(names.exchange, pulses(3))
+    watch.wait_for(energy, lambda v: v == "0.003")
+    assert writer.stop() == 0
+
+    writer = start_writer(spawn, names, ha_env(names))
+    watch.wait_for(f"{names.prefix}/status", lambda v: v == "online")
+    wait_until(lambda: messages_on(watch, energy).count("0.003") == 2, 30, "the total re-published")
+    assert writer.stop() == 0
+    published = messages_on(watch, energy)  # the pulses may have come in more than one batch
+    assert published[0] == "0" and "0" not in published[1:], published

@@ -1,12 +1,19 @@
-"""Healthy means values reach Home Assistant: an unreachable Mosquitto is one log line and an unhealthy --check."""
+"""Healthy means values reach Home Assistant: an unreachable Mosquitto, or one whose ACL drops the writer's
+topics, is one log line and an unhealthy --check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from backend.heartbeat import Heartbeat, HeartbeatStale
 from common.message import Pulse
@@ -15,12 +22,14 @@ from tests.support import (
     Names,
     free_port,
     publish,
+    pulses,
     run_emdc,
     saved_total_uwh,
     start_writer,
     wait_until,
     writer_env,
 )
+from tests.test_deploy import Mosquitto, mosquitto_broker  # noqa: F401  (fixture)
 
 
 def test_a_writer_without_mosquitto_counts_logs_it_once_and_turns_unhealthy(names: Names, spawn) -> None:
@@ -60,3 +69,76 @@ def test_a_trouble_turns_the_check_unhealthy_only_once_it_lasts_longer_than_allo
         beat.check(10)
     beat.note("")
     assert beat.check(10).startswith("healthy: heartbeat")
+
+
+@pytest.fixture
+def acl_mosquitto(mosquitto_broker: Mosquitto) -> dict[str, str]:  # noqa: F811
+    """The writer's MQTT settings for the deployment's Mosquitto: its ACL and password file, on a free port."""
+    return {"EMDC_MQTT_HOST": "127.0.0.1", "EMDC_MQTT_PORT": str(mosquitto_broker.port),
+            "EMDC_MQTT_USERNAME": "emdc-writer", "EMDC_MQTT_PASSWORD": mosquitto_broker.passwords["emdc-writer"]}
+
+
+@contextlib.contextmanager
+def observed(mqtt_env: dict[str, str], topic: str) -> Iterator[list[str]]:
+    """The messages on ``topic`` while the block runs, read with the writer's account."""
+    got: list[str] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(mqtt_env["EMDC_MQTT_USERNAME"], mqtt_env["EMDC_MQTT_PASSWORD"])
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda _c, _u, message: got.append(message.payload.decode())
+    client.connect("127.0.0.1", int(mqtt_env["EMDC_MQTT_PORT"]))
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        yield got
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_a_topic_prefix_outside_the_acl_is_one_line_naming_it_and_an_unhealthy_check(names: Names, acl_mosquitto,
+                                                                                      spawn) -> None:
+    prefix = f"elsewhere/{names.prefix}"  # the ACL gives emdc-writer home/energy/# and homeassistant/#
+    env = writer_env(names, EMDC_TOPIC_PREFIX=prefix, **acl_mosquitto)
+    writer = start_writer(spawn, names, env)
+
+    def unhealthy() -> subprocess.CompletedProcess[str] | None:
+        check = run_emdc(["writer", "--check", "--max-age", "1"], env, check=False)
+        return check if check.returncode == 1 and "for that user" in check.stderr else None
+
+    check = wait_until(unhealthy, 60, "the check to turn unhealthy for the ACL")
+    assert check.stderr.startswith(f"Error: unhealthy: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} "
+                                   f"drops what is published on {prefix}/echo")
+    assert f"add 'topic readwrite {prefix}/#' for that user to the ACL" in check.stderr
+    assert len(check.stderr.splitlines()) == 1
+    assert writer.stop() == 0
+    lines = [line for line in writer.log().splitlines() if "drops what is published" in line]
+    assert len(lines) == 1, writer.log()
+
+
+def test_a_topic_prefix_inside_the_acl_is_healthy(names: Names, acl_mosquitto, spawn) -> None:
+    prefix = f"home/energy/{names.prefix}"
+    env = writer_env(names, EMDC_TOPIC_PREFIX=prefix, **acl_mosquitto)
+    writer = start_writer(spawn, names, env)
+    with observed(acl_mosquitto, f"{prefix}/active_energy") as energy:
+        publish(names.exchange, pulses(1))
+        wait_until(lambda: "0.001" in energy, 30, "the total")
+    # A fresh channel's 0 goes out only once the writer's scan of the broker, ended by its own echo, came back.
+    assert energy[0] == "0" and set(energy[1:]) == {"0.001"}, energy  # it may be re-published after connecting
+    check = run_emdc(["writer", "--check", "--max-age", "1"], env)
+    assert check.stdout.startswith("healthy: heartbeat") and "(" not in check.stdout
+    assert writer.stop() == 0
+    assert "drops" not in writer.log() and "lost the MQTT broker" not in writer.log(), writer.log()
+
+
+def test_ha_remove_says_in_one_line_when_the_acl_or_the_password_stops_it(names: Names, acl_mosquitto) -> None:
+    outside = writer_env(names, EMDC_TOPIC_PREFIX=f"elsewhere/{names.prefix}", **acl_mosquitto)
+    wrong_password = writer_env(names, **{**acl_mosquitto, "EMDC_MQTT_PASSWORD": "not-the-password"})
+    for env, says in [(outside, f"drops what is published on elsewhere/{names.prefix}/echo"),
+                      (wrong_password, "refused the connection: Not authorized (check mqtt_username and")]:
+        result = run_emdc(["ha", "remove"], env, check=False)
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"Error: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} ")
+        assert says in result.stderr
