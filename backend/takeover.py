@@ -18,7 +18,7 @@ The decision is pure::
     ''
     >>> takeover_refusal("b2", published="a1", forced=True)
     ''
-    >>> takeover_refusal("b2", published="a1", forced=False)[:60]
+    >>> takeover_refusal("b2", published="a1", forced=False)[:59]
     'the totals in Home Assistant were published from state a1, '
 """
 

@@ -35,8 +35,9 @@ import pika.exceptions
 import pytest
 
 from common import topology
-from tests.support import free_port, wait_until
+from tests.support import Names, free_port, wait_until
 from tests.test_deploy import COMPOSE, DEFINITIONS, need, render_secrets, scratch_compose
+from tests.test_doctor import doctor, edge_env, failures
 
 pytestmark = pytest.mark.brokers
 
@@ -463,3 +464,29 @@ def test_upgrade_of_an_install_with_one_shared_edge_user(tmp_path: Path):
         assert "emdc-edge" not in {user["name"] for user in json.loads(definitions.read_text())["users"]}
     finally:
         broker.stop()
+
+
+def test_emdc_doctor_tells_what_each_account_may_do(clean: PrivateRabbitMQ, names: Names) -> None:
+    def env(user: str, **extra: object) -> dict[str, str]:
+        url = f"amqp://{user}:{clean.password(user)}@127.0.0.1:{clean.port}/%2F"
+        return edge_env(names, EMDC_AMQP_URL=url, EMDC_EXCHANGE="EMDC", EMDC_QUEUE="queue_mqtt_writer",
+                        EMDC_DECLARE_TOPOLOGY="false", EMDC_METER_ID="garage", **extra)
+
+    status, lines = doctor(env("emdc-edge-garage"), "--edge")
+    assert status == 0, lines
+    assert "✓ publish pulse.garage.active: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
+    assert depth(clean, "queue_mqtt_writer") == 0
+
+    status, lines = doctor(env("emdc-edge-shed"), "--edge")
+    assert status == 1
+    assert failures(lines)[0].startswith("✗ publish pulse.garage.active: RabbitMQ refused it (ACCESS_REFUSED - "
+                                         "access to topic 'pulse.garage.active' in exchange 'EMDC'")
+
+    status, lines = doctor(env("emdc-db-writer", EMDC_DISCOVERY="off"), "--db-writer")
+    assert status == 0, lines
+    assert "✓ consume queue_db_writer: permitted; 0 message(s) waiting, 0 consumer(s)" in lines
+    status, lines = doctor(env("emdc-db-writer", EMDC_DISCOVERY="off"), "--writer")
+    assert status == 1
+    assert failures(lines)[0].startswith(
+        "✗ consume queue_mqtt_writer: RabbitMQ refused it (ACCESS_REFUSED - access to queue 'queue_mqtt_writer' in "
+        "vhost '/' refused for user 'emdc-db-writer'). Fix: give the account read permission on queue_mqtt_writer")

@@ -1,8 +1,8 @@
 """`emdc doctor`, run as a user runs it: one ✓/✗ line per check, a fix for each ✗, exit 1 if any, no traceback.
 
 Against the real brokers with a good configuration, a wrong password and a
-closed port; the accounts of the deployment's RabbitMQ definitions (in a
-throw-away vhost) for what each may publish and consume; and Mosquitto with
+closed port (what each account of the deployment may do is in
+tests/test_accounts.py, against its private broker); and Mosquitto with
 the deployment's ACL and password file for a topic prefix the ACL does not
 allow, which Mosquitto drops without a word.
 """
@@ -10,10 +10,9 @@ allow, which Mosquitto drops without a word.
 from __future__ import annotations
 
 import uuid
-from urllib.parse import quote
 
 from tests.support import Names, amqp_url_at, declare_queue, free_port, queue_depth, run_emdc
-from tests.test_deploy import Broker, Mosquitto, broker, mosquitto_broker  # noqa: F401  (fixtures)
+from tests.test_deploy import Mosquitto, mosquitto_broker  # noqa: F401  (fixtures)
 
 
 def doctor(env: dict[str, str], *flags: str) -> tuple[int, list[str]]:
@@ -85,38 +84,6 @@ def test_pins_that_cannot_be_opened_say_why(names: Names) -> None:
     assert failures(lines) == ["✗ GPIO17: no GPIO access here (Unable to find pin factory 'nonsense'): on a "
                                "Raspberry Pi install lgpio (`sudo apt install python3-lgpio`) and run as a user in "
                                "the gpio group; to try EMDC without a meter, use `emdc edge simulate`"]
-
-
-def account_env(names: Names, rabbit: Broker, user: str, **extra: object) -> dict[str, str]:
-    url = f"amqp://{rabbit.users[user]}:{rabbit.passwords[user]}@127.0.0.1:5672/{quote(rabbit.vhost, safe='')}"
-    return edge_env(names, EMDC_AMQP_URL=url, EMDC_EXCHANGE="EMDC", EMDC_QUEUE="queue_mqtt_writer",
-                    EMDC_DECLARE_TOPOLOGY="false", EMDC_METER_ID="garage", **extra)
-
-
-def test_each_deployment_account_may_do_its_own_job_only(names: Names, broker: Broker) -> None:  # noqa: F811
-    status, lines = doctor(account_env(names, broker, "emdc-edge"), "--edge")
-    assert status == 0, lines
-    assert "✓ publish pulse.garage.active: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
-    with broker.connect("emdc-admin") as connection:
-        assert connection.channel().queue_declare("queue_mqtt_writer", passive=True).method.message_count == 0
-
-    status, lines = doctor(account_env(names, broker, "emdc-writer"), "--edge")
-    assert status == 1
-    assert failures(lines) == [
-        f"✗ publish pulse.garage.active: RabbitMQ refused it (ACCESS_REFUSED - access to topic 'pulse.garage.active' "
-        f"in exchange 'EMDC' in vhost '{broker.vhost}' refused for user '{broker.users['emdc-writer']}'). Fix: give "
-        "the account write permission on exchange EMDC and topic permission for pulse.garage.active "
-        "(deploy/compose/rabbitmq/definitions.template.json), or correct exchange or meter_id"]
-
-    status, lines = doctor(account_env(names, broker, "emdc-db-writer", EMDC_DISCOVERY="off"), "--db-writer")
-    assert status == 0, lines
-    assert "✓ consume queue_db_writer: permitted; 0 message(s) waiting, 0 consumer(s)" in lines
-    status, lines = doctor(account_env(names, broker, "emdc-db-writer", EMDC_DISCOVERY="off"), "--writer")
-    assert status == 1
-    assert failures(lines)[0].startswith(
-        f"✗ consume queue_mqtt_writer: RabbitMQ refused it (ACCESS_REFUSED - access to queue 'queue_mqtt_writer' in "
-        f"vhost '{broker.vhost}' refused for user '{broker.users['emdc-db-writer']}'). Fix: give the account read "
-        "permission on queue_mqtt_writer")
 
 
 def mqtt_env(names: Names, mosquitto: Mosquitto, **extra: object) -> dict[str, str]:
