@@ -25,17 +25,12 @@ The decision is pure::
 from __future__ import annotations
 
 import logging
-import threading
 
-import paho.mqtt.client as mqtt
-
-from backend.mqtt_publisher import new_client
+from backend.mqtt_publisher import MqttFailure, publish_once
 from backend.topics import writer_state_topic
 from common.config import Config
 
 log = logging.getLogger("emdc.writer")
-# How long to wait for the retained identity once the subscription is acknowledged.
-RETAINED_GRACE_S = 1.0
 
 
 def takeover_refusal(own: str, *, published: str | None, forced: bool) -> str:
@@ -47,42 +42,23 @@ def takeover_refusal(own: str, *, published: str | None, forced: bool) -> str:
             "the right one, start this writer once with --take-over")
 
 
-def claim(config: Config, own: str, *, forced: bool, timeout_s: float = 10.0) -> str:
+def claim(config: Config, own: str, *, forced: bool) -> str:
     """Read the published state identity, and publish ``own`` unless refused; return the refusal ("" if none).
 
     When the MQTT broker cannot be reached the takeover goes ahead (counting
     is safe whatever MQTT does) and a later takeover checks again.
     """
     topic = writer_state_topic(config.topic_prefix)
-    client = new_client(config, "emdc-writer-claim")
-    subscribed, found = threading.Event(), threading.Event()
-    published: list[str] = []
+    refusal = ""
 
-    def on_subscribe(*_: object) -> None:
-        subscribed.set()
+    def decide(retained: dict[str, str]) -> list[tuple[str, str]]:
+        nonlocal refusal
+        refusal = takeover_refusal(own, published=retained.get(topic), forced=forced)
+        return [] if refusal else [(topic, own)]
 
-    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        published.append(message.payload.decode(errors="replace"))
-        found.set()
-
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
     try:
-        client.connect(config.mqtt_host, config.mqtt_port, config.mqtt_keepalive)
-    except OSError as exc:
-        # The MQTT publisher says loudly that the broker is out of reach; this is only what it means here.
-        log.info("taking over without checking %s: %s:%s is out of reach (%s)", topic, config.mqtt_host,
-                 config.mqtt_port, exc.strerror or exc)
-        return ""
-    client.loop_start()
-    try:
-        client.subscribe(topic, qos=1)
-        if subscribed.wait(timeout_s):
-            found.wait(RETAINED_GRACE_S)
-        refusal = takeover_refusal(own, published=published[-1] if published else None, forced=forced)
-        if not refusal:
-            client.publish(topic, own, qos=1, retain=True).wait_for_publish(timeout=timeout_s)
-        return refusal
-    finally:
-        client.disconnect()
-        client.loop_stop()
+        publish_once(config, [topic], decide)
+    except (MqttFailure, OSError):
+        # The MQTT publisher says in its own line what is wrong with the broker; this is what it means here.
+        log.info("taking over without checking %s: no answer from MQTT", topic)
+    return refusal
