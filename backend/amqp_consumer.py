@@ -96,6 +96,8 @@ class BatchConsumer:
         self.heartbeat = heartbeat
         self.trouble = trouble
         self.on_active = on_active
+        # Set while this consumer holds the queue's lease (it is the one writer counting it).
+        self.active = threading.Event()
         self._refused = ""
         self._trouble = ""
         self._trouble_since = 0.0
@@ -145,6 +147,7 @@ class BatchConsumer:
                 return
             self.on_active()
             self._refused = ""
+            self.active.set()
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.config.batch_size)
             pending: list[Delivery] = []
@@ -182,6 +185,7 @@ class BatchConsumer:
             connection.close()
             self._log_state("consumer stopped")
         finally:
+            self.active.clear()  # the lease ends with the connection
             if connection.is_open:
                 with contextlib.suppress(pika.exceptions.AMQPError):
                     connection.close()

@@ -49,6 +49,14 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                                  heartbeat=Heartbeat.of(config, WRITER),
                                  on_idle=idle_handler(writer, mqtt, config.power_refresh_s), trouble=mqtt.trouble,
                                  on_active=on_active)
+
+        def on_availability(payload: bytes) -> None:
+            # The last will of a writer that lost its lease (and then died) must not hide the active one.
+            if payload == b"offline" and consumer.active.is_set():
+                log.info("%s said offline while this writer is active: online again", mqtt.availability)
+                mqtt.publish(mqtt.availability, "online")
+
+        mqtt.subscribe(mqtt.availability, on_availability)
         try:
             consumer.run(stop)
         finally:

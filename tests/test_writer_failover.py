@@ -169,3 +169,16 @@ def test_queue_migrate_rebuilds_the_queue_keeping_every_message(names: Names, sp
     assert "declared by an older version" not in writer.log(), "the queue and the dead-letter exchange are new"
     assert saved_total_uwh(Path(env["EMDC_STATE_DIR"])) == 30_000_000
     assert queue_depth(f"{names.queue}.dead") == 1, "a moved message lost its routing key"
+
+
+def test_the_active_writer_answers_another_writers_last_will_with_online(names: Names, watch: MqttWatcher,
+                                                                       spawn) -> None:
+    writer = start_writer(spawn, names, writer_env(names))
+    status = f"{names.prefix}/status"
+    watch.wait_for(status, lambda v: v == "online")
+    # What a writer that lost its lease leaves behind when it dies: its last will.
+    watch.client.publish(status, "offline", qos=1, retain=True).wait_for_publish(5)
+    wait_until(lambda: [p for t, p, _ in watch.history if t == status][-2:] == ["offline", "online"], 10,
+               "the active writer to say online again")
+    writer.stop()
+    assert watch.values[status] == "offline", "its own stop still says offline"
