@@ -61,16 +61,24 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 log.info("writer stopped; state saved in %s", writer.store.path)
 
 
-def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:
-    """What the writer does between batches: re-publish after an MQTT reconnect, let idle power decay."""
-    next_refresh = time.monotonic() + refresh_s
+def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+    """What the writer does between batches: re-publish after an MQTT reconnect, let idle power follow the load.
+
+    The power refresh runs in fixed slots of ``refresh_s`` (1 s by default), so a
+    caller that wakes about once a second refreshes at every wake-up, not at
+    every other one; after a stall it resumes without catching up.
+    """
+    next_refresh = monotonic() + refresh_s
 
     def on_idle() -> None:
         nonlocal next_refresh
         if mqtt is not None and mqtt.take_republish():
             writer.publish_all()
-        elif time.monotonic() >= next_refresh:
-            next_refresh = time.monotonic() + refresh_s
+            return
+        now = monotonic()
+        if now >= next_refresh:
+            next_refresh = max(next_refresh + refresh_s, now)
             writer.refresh_power()
 
     return on_idle
