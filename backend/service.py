@@ -61,24 +61,29 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 log.info("writer stopped; state saved in %s", writer.store.path)
 
 
+# How early a wake-up may come and still count as a refresh's turn: callers that wake once a second
+# (the consumer's idle pass) come a few milliseconds early or late.
+WAKE_JITTER_S = 0.02
+
+
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float,
                  monotonic: Callable[[], float] = time.monotonic) -> Callable[[], None]:
     """What the writer does between batches: re-publish after an MQTT reconnect, let idle power follow the load.
 
-    The power refresh runs in fixed slots of ``refresh_s`` (1 s by default), so a
-    caller that wakes about once a second refreshes at every wake-up, not at
-    every other one; after a stall it resumes without catching up.
+    The power is refreshed every ``refresh_s`` (1 s by default); a caller that
+    wakes about that often refreshes at every wake-up, even one that comes a
+    few milliseconds early, and after a stall it resumes without catching up.
     """
-    next_refresh = monotonic() + refresh_s
+    last_refresh = monotonic()
 
     def on_idle() -> None:
-        nonlocal next_refresh
+        nonlocal last_refresh
         if mqtt is not None and mqtt.take_republish():
             writer.publish_all()
             return
         now = monotonic()
-        if now >= next_refresh:
-            next_refresh = max(next_refresh + refresh_s, now)
+        if now - last_refresh >= refresh_s - WAKE_JITTER_S:
+            last_refresh = now
             writer.refresh_power()
 
     return on_idle
