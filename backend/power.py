@@ -8,6 +8,10 @@ After a pulse whose timestamp the writer could not trust, power is unknown:
 nothing is shown until two trusted pulses measure it again, or 0 once the
 writer itself has received nothing for the timeout.
 
+The writer re-evaluates this every second (``power_refresh_s``) for the
+channels that are not :func:`settled` and publishes a value only when it
+changes at the display precision, at most once per :data:`MIN_PUBLISH_INTERVAL_S`.
+
 Example (1 Wh pulses 1.2 s apart = 3 kW, then silence)::
 
     >>> s = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[1_200_000_000])
@@ -17,11 +21,19 @@ Example (1 Wh pulses 1.2 s apart = 3 kW, then silence)::
     100.0
     >>> displayed_power_w(s, now_ns=300_000_000_000, timeout_s=300)
     0.0
+    >>> settled(s, now_ns=36_000_000_000, timeout_s=300), settled(s, now_ns=300_000_000_000, timeout_s=300)
+    (False, True)
 """
 
 from __future__ import annotations
 
+import math
+
 from backend.ledger import NS_PER_S, ChannelState
+
+# A channel's power is published at most once per this interval: a display that
+# follows the load, not a stream of messages.
+MIN_PUBLISH_INTERVAL_S = 1.0
 
 
 def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> float | None:
@@ -37,4 +49,24 @@ def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> flo
     measured = state.power_w()
     if measured is None or idle_ns <= 0:
         return measured
-    return min(measured, state.wh * 3600 * NS_PER_S / idle_ns)
+    # Whole watts, rounded down: the display precision (kW with three decimals), so that
+    # rounding the published value never lifts it above the bound.
+    return min(measured, float(math.floor(physical_bound_w(state, now_ns))))
+
+
+def physical_bound_w(state: ChannelState, now_ns: int) -> float:
+    """The most a channel can draw on average since its last pulse: one pulse over the idle time (inf at 0)."""
+    if state.last_ts_ns is None or now_ns <= state.last_ts_ns:
+        return math.inf
+    return state.wh * 3600 * NS_PER_S / (now_ns - state.last_ts_ns)
+
+
+def settled(state: ChannelState, now_ns: int, timeout_s: float) -> bool:
+    """True once time alone can no longer change :func:`displayed_power_w` (until the next pulse).
+
+    That is after the timeout, or when nothing can ever be shown: such a
+    channel need not be re-evaluated.
+    """
+    if state.ts_doubt:
+        return state.received_ns is None or now_ns - state.received_ns >= timeout_s * NS_PER_S
+    return state.last_ts_ns is None or now_ns - state.last_ts_ns >= timeout_s * NS_PER_S

@@ -69,16 +69,29 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 log.info("writer stopped; state saved in %s", writer.store.path)
 
 
-def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float) -> Callable[[], None]:
-    """What the writer does between batches: re-publish after an MQTT reconnect, let idle power decay."""
-    next_refresh = time.monotonic() + refresh_s
+# How early a wake-up may come and still count as a refresh's turn: callers that wake once a second
+# (the consumer's idle pass) come a few milliseconds early or late.
+WAKE_JITTER_S = 0.02
+
+
+def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+    """What the writer does between batches: re-publish after an MQTT reconnect, let idle power follow the load.
+
+    The power is refreshed every ``refresh_s`` (1 s by default); a caller that
+    wakes about that often refreshes at every wake-up, even one that comes a
+    few milliseconds early, and after a stall it resumes without catching up.
+    """
+    last_refresh = monotonic()
 
     def on_idle() -> None:
-        nonlocal next_refresh
+        nonlocal last_refresh
         if mqtt is not None and mqtt.take_republish():
             writer.publish_all()
-        elif time.monotonic() >= next_refresh:
-            next_refresh = time.monotonic() + refresh_s
+            return
+        now = monotonic()
+        if now - last_refresh >= refresh_s - WAKE_JITTER_S:
+            last_refresh = now
             writer.refresh_power()
 
     return on_idle

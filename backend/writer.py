@@ -25,8 +25,8 @@ from typing import Protocol, runtime_checkable
 from backend.amounts import format_kw, format_kwh
 from backend.batch import DeadLetter, Delivery, report_held_back
 from backend.discovery import Discovery
-from backend.ledger import ChannelState, Implausible, Ledger
-from backend.power import displayed_power_w
+from backend.ledger import NS_PER_S, ChannelState, Implausible, Ledger
+from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import StateError, StateStore
 from backend.topics import state_topic
 from common.channels import CHANNELS, channel_spec
@@ -75,6 +75,10 @@ class EnergyWriter:
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
         self._published: dict[str, str] = {}
+        # Channels whose displayed power may still change with time alone or waits to be published:
+        # the only ones refresh_power looks at, so a refresh costs nothing for meters at rest.
+        self._live: set[tuple[str, str]] = {key for key, _ in ledger}
+        self._power_sent_ns: dict[str, int] = {}
         # True while the latest batch could not be saved (it stays unacknowledged in the queue).
         self.save_failed = False
 
@@ -152,8 +156,13 @@ class EnergyWriter:
         return command.meter, command.channel
 
     def refresh_power(self) -> None:
-        """Re-publish power values that changed with time alone (idle decay, timeout)."""
-        self._publish((key for key, _ in self.ledger), force=False, energy=False)
+        """Publish the power values that changed with time alone (idle bound, timeout) or were held back.
+
+        Only channels whose power can still change are evaluated; a value is
+        published when it changes at the display precision, at most once per
+        :data:`~backend.power.MIN_PUBLISH_INTERVAL_S` per channel.
+        """
+        self._publish(sorted(self._live), force=False, energy=False)
 
     def publish_all(self) -> None:
         """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
@@ -211,12 +220,28 @@ class EnergyWriter:
             if energy:
                 values[state_topic(self.topic_prefix, meter, channel, "energy")] = format_kwh(state.total_uwh)
             power = displayed_power_w(state, now, self.power_timeout_s)
+            power_topic = state_topic(self.topic_prefix, meter, channel, "power")
             if power is not None:
-                values[state_topic(self.topic_prefix, meter, channel, "power")] = format_kw(power)
+                values[power_topic] = format_kw(power)
+            held_back = False
             for topic, payload in values.items():
                 if force or self._published.get(topic) != payload:
+                    if topic == power_topic and not force and self._too_soon(topic, now):
+                        held_back = True  # the next refresh publishes it
+                        continue
                     self.sink.publish(topic, payload)
                     self._published[topic] = payload
+                    if topic == power_topic:
+                        self._power_sent_ns[topic] = now
+            if held_back or not settled(state, now, self.power_timeout_s):
+                self._live.add((meter, channel))
+            else:
+                self._live.discard((meter, channel))
+
+    def _too_soon(self, power_topic: str, now: int) -> bool:
+        sent = self._power_sent_ns.get(power_topic)
+        # A clock that stepped back does not hold power back for the size of the step.
+        return sent is not None and 0 <= now - sent < MIN_PUBLISH_INTERVAL_S * NS_PER_S
 
     def current_values(self) -> dict[str, str]:
         """The last value published on each topic."""

@@ -18,6 +18,10 @@ edge            outbox replay rate (a pre-filled outbox drained with confirms), 
                 to a Raspberry Pi Zero, for ``emdc edge simulate --speed 1`` and for the production chain
                 alone (``--edge-harness``: EdgeService as ``emdc edge run`` builds it, on a mock pin fed
                 the way lgpio feeds it), the latter also at a household rate of 3 pulses/s.
+power_truth     seeded household loads (7 days each) replayed through the real writer and idle handler:
+                MAE of the published power against the true load, over the run and in the 5 minutes after
+                load drops, next to ESPHome pulse_meter's hold rule and Home Assistant's derivative helper;
+                power messages per second per channel. In-process: the only phase that needs no broker.
 million         (``--million`` only) edge -> broker -> writer on 1,000,000 pulses, sampling both
                 processes' RSS and state-file sizes: memory and state must stay flat.
 
@@ -28,7 +32,7 @@ figures and the Pi Zero assumption: docs/performance.md.
 
 Where it lives: ``__main__`` (options, sizes, the run), ``ceiling``, ``writer`` (drain, naive
 baseline, live latency), ``edge`` (replay, simulate, live CPU and RSS, the Pi Zero projection),
-``million``, ``report`` (targets, the table, py-spy summaries), ``harness`` (the bench's own
+``million``, ``power_truth``, ``report`` (targets, the table, py-spy summaries), ``harness`` (the bench's own
 plumbing) and ``brokers`` (addresses and per-run names, shared with tests/). A developer tool:
 not installed with the package, and it never imports from tests/.
 """

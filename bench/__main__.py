@@ -31,6 +31,7 @@ from bench.edge import (
 )
 from bench.harness import OVERRIDES, WORK_PARENT, Broker, pyspy
 from bench.million import measure_million
+from bench.power_truth import measure_power_truth
 from bench.report import cpu_model, fsync_ms, git_revision, print_table, summarize_profile, targets
 from bench.writer import measure_edge_latency, measure_live_latency, measure_naive, measure_writer_drain
 
@@ -46,14 +47,17 @@ class Sizes:
     edge_live_s: float  # measuring window of the live edge run
     warmup_s: float  # edge live: ignored after its first pulse
     repeat: int  # ceiling and writer drain run this many times, interleaved; medians are reported
+    power_days: float  # days of each generated household in the power-truth replay
 
 
 PRESETS = {
     "full": Sizes(pulses=30_000, naive=1_000, latency=200, edge_replay=30_000, edge_live_s=30.0, warmup_s=2.0,
-                  repeat=3),
-    "small": Sizes(pulses=2_000, naive=60, latency=30, edge_replay=2_000, edge_live_s=3.0, warmup_s=1.0, repeat=1),
+                  repeat=3, power_days=7.0),
+    "small": Sizes(pulses=2_000, naive=60, latency=30, edge_replay=2_000, edge_live_s=3.0, warmup_s=1.0, repeat=1,
+                   power_days=1.0),
 }
-PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge")
+PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge", "power_truth")
+WITHOUT_BROKERS = {"power_truth"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-pulses", type=int, help="pulses per live-latency measurement")
     parser.add_argument("--edge-pulses", type=int, help="outbox rows replayed / pulses simulated at --speed max")
     parser.add_argument("--edge-live-s", type=float, help="seconds of the live edge CPU/RSS window")
+    parser.add_argument("--power-days", type=float, help="days of each household in the power-truth replay")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(PHASES)}")
     parser.add_argument("--million", nargs="?", type=int, const=1_000_000, default=None, metavar="N",
                         help="also run edge -> writer on N (default 1,000,000) pulses for flat memory")
@@ -86,7 +91,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     if args.pulses:
         sizes = replace(sizes, pulses=args.pulses, naive=max(20, args.pulses // 30))
     overrides = {"naive": args.naive_pulses, "latency": args.latency_pulses, "edge_replay": args.edge_pulses,
-                 "edge_live_s": args.edge_live_s, "repeat": args.repeat}
+                 "edge_live_s": args.edge_live_s, "repeat": args.repeat, "power_days": args.power_days}
     return replace(sizes, **{k: v for k, v in overrides.items() if v})
 
 
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = phases - set(PHASES)
     if unknown:
         raise SystemExit(f"--only: unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
-    missing = unreachable_brokers()
+    brokers = bool(phases - WITHOUT_BROKERS) or bool(args.million)
+    missing = unreachable_brokers() if brokers else []
     if missing:
         raise SystemExit(f"{' and '.join(missing)} not reachable; start them (see .ci/run)")
     for setting in args.set:
@@ -110,13 +116,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     WORK_PARENT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=WORK_PARENT))
-    broker = Broker()
+    broker = Broker() if brokers else None
     calibration_s = calibrate()
     results: dict[str, Any] = {"meta": {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "revision": git_revision(),
         "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "python": platform.python_version(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "rabbitmq": broker.version, "pika": pika.__version__, "fsync_ms": fsync_ms(work),
+        "rabbitmq": broker.version if broker else "-", "pika": pika.__version__, "fsync_ms": fsync_ms(work),
         "calibration_s": round(calibration_s, 4), "pi_zero_calibration_s": PI_ZERO_CALIBRATION_S,
         "load_average_at_start": os.getloadavg(), "sizes": asdict(sizes), "settings": dict(OVERRIDES)}}
 
@@ -170,12 +176,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     work, broker, sizes.edge_live_s, sizes.warmup_s, calibration_s, production=True,
                     rate=HOUSEHOLD_RATE_PER_S)),
             }
+        if "power_truth" in phases:
+            results["power_truth"] = phase("power truth", lambda: measure_power_truth(
+                sizes.power_days, progress=lambda step: print(f"[bench]   {step}", file=sys.stderr, flush=True)))
         if args.million:
             results["million"] = phase("million", lambda: measure_million(work, broker, args.million))
         if args.profile:
             results["profiles"] = {path.stem: summarize_profile(path) for path in sorted(args.profile.glob("*.txt"))}
     finally:
-        broker.close()
+        if broker:
+            broker.close()
         if args.keep_work:
             print(f"[bench] logs and state kept in {work}", file=sys.stderr)
         else:

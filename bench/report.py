@@ -20,6 +20,8 @@ DRAIN_RATIO_TARGET = 0.6
 LATENCY_P99_TARGET_MS = 20.0
 REPLAY_TARGET_PER_S = 3000.0
 EDGE_RSS_TARGET_MB = 40.0
+POWER_AFTER_DROPS_RATIO_TARGET = 0.5  # EMDC's error after load drops / ESPHome pulse_meter's
+POWER_MSGS_PER_S_TARGET = 1
 
 EDGE_LIVE_RUNS = (("live", "edge simulate"), ("live_production", "edge production chain"),
                   ("live_production_household", "edge production chain"))
@@ -60,6 +62,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"<= {PI_ZERO_KEEPS_UP_SHARE}", pi["cpu_share"] <= PI_ZERO_KEEPS_UP_SHARE)
             add(f"{what}: Pi Zero unnoticed at {rate} (projected share of its core)", pi["cpu_share"],
                 f"<= {PI_ZERO_BUDGET_SHARE}", pi["cpu_share"] <= PI_ZERO_BUDGET_SHARE)
+    power = results.get("power_truth")
+    if power:
+        add("power truth: error after drops, EMDC / ESPHome hold (held-out households)", power["ratio_after_drops"],
+            f"<= {POWER_AFTER_DROPS_RATIO_TARGET}", power["ratio_after_drops"] <= POWER_AFTER_DROPS_RATIO_TARGET)
+        add("power truth: power messages per second per channel (max)", power["power_msgs_max_per_s"],
+            f"<= {POWER_MSGS_PER_S_TARGET}", power["power_msgs_max_per_s"] <= POWER_MSGS_PER_S_TARGET)
     million = results.get("million", {})
     for side in ("writer", "edge"):
         growth = million.get(side, {}).get("growth_mb_per_100k")
@@ -125,6 +133,9 @@ def print_table(results: dict[str, Any]) -> None:
             rows.append((f"{what}: CPU per 1,000 pulses", f"{r['cpu_s_per_1000_pulses']:.3f} s",
                          f"Pi Zero (x{pi['factor']}): {pi['cpu_s_per_1000_pulses']:.1f} s, "
                          f"{pi['cpu_share']:.0%} of its core at {pi['rate_per_s']:g}/s"))
+    power = results.get("power_truth")
+    if power:
+        rows += power_rows(power)
     million = results.get("million")
     if million:
         rows.append((f"million: edge -> writer, {million['pulses']:,} pulses", f"{fmt_rate(million['rate_per_s'])}/s",
@@ -153,6 +164,30 @@ def print_table(results: dict[str, Any]) -> None:
             for frame, pct in summary["self_pct"][:8]:
                 print(f"      {pct:5.1f}%  {frame}")
     print()
+
+
+def power_rows(power: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The power-truth rows: MAE in W of EMDC / ESPHome hold / HA derivative, the ratios, the message rate."""
+
+    def maes(scope: dict[str, float]) -> str:
+        return f"{scope['emdc']:.1f} / {scope['esphome']:.1f} / {scope['ha_derivative']:.1f} W"
+
+    where = f"{len(power['seeds'])} held-out households x {power['days_each']:g} d"
+    tuning = power["tuning"]
+    return [
+        (f"power truth, {where}: MAE after drops", maes(power["mae_after_drops_w"]),
+         f"EMDC / ESPHome hold / HA derivative; EMDC {power['ratio_after_drops']:.2f} x ESPHome "
+         f"(at the old 10 s refresh {power['ratio_after_drops_10s']:.2f} x); {power['drops']} drops"),
+        ("  after drops of 1 kW or more", maes(power["mae_after_big_drops_w"]),
+         f"EMDC {power['ratio_after_big_drops']:.2f} x ESPHome"),
+        ("  over the whole run", maes(power["mae_day_w"]), f"EMDC {power['ratio_day']:.2f} x ESPHome; "
+         f"mean load {power['mean_load_w']} W"),
+        ("  power messages per channel", f"max {power['power_msgs_max_per_s']}/s",
+         f"{power['power_msgs_per_hour']:.0f} per hour; closest {power['min_power_spacing_s']:.2f} s apart; "
+         f"all topics max {power['all_msgs_max_per_s']}/s"),
+        (f"  tuning household (seed {tuning['seeds'][0]}): MAE after drops", maes(tuning["mae_after_drops_w"]),
+         f"EMDC {tuning['ratio_after_drops']:.2f} x ESPHome; not part of the figures above"),
+    ]
 
 
 def runs(result: dict[str, Any]) -> str:

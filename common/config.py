@@ -67,7 +67,7 @@ class Config:
     batch_size: int = _setting(500, "Writer prefetch and largest batch per state write")
     max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
     max_clock_ahead_s: float = _setting(600.0, "Pulses stamped further than this in the future are dead-lettered")
-    power_refresh_s: float = _setting(10.0, "How often an idle channel's power bound is re-published")
+    power_refresh_s: float = _setting(1.0, "How often a falling idle power bound is re-evaluated (published on change)")
     power_timeout_s: float = _setting(300.0, "With no pulse for this long, power is published as 0")
     power_smoothing_pulses: int = _setting(1, "Average power over the last N pulse intervals (1: off)")
     discovery: str = _setting("device", "Home Assistant discovery: device, entity or off")

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.support import ROOT
 
 SMALLEST = ["--size", "small", "--pulses", "1000", "--naive-pulses", "20", "--latency-pulses", "10",
-            "--edge-pulses", "500", "--edge-live-s", "2"]
+            "--edge-pulses", "500", "--edge-live-s", "2", "--power-days", "0.25"]
 
 EXPECTED = {
     "meta": {"date", "revision", "python", "cpu", "cpus", "rabbitmq", "fsync_ms", "calibration_s", "sizes"},
@@ -24,7 +24,10 @@ EXPECTED = {
     "naive_baseline": {"pulses", "seconds", "rate_per_s", "ratio_to_ceiling", "speedup"},
     "live_latency": {"direct", "via_edge"},
     "edge": {"replay", "simulate_max", "live", "live_production", "live_production_household"},
+    "power_truth": {"seeds", "days_each", "drops", "mae_day_w", "mae_after_drops_w", "ratio_after_drops",
+                    "power_msgs_max_per_s", "tuning"},
 }
+RULES = {"emdc", "emdc_10s", "esphome", "ha_derivative"}
 LATENCY = {"pulses", "p50_ms", "p99_ms", "max_ms"}
 EDGE_LIVE = {"pulses_per_s", "cpu_s_per_1000_pulses", "peak_rss_mb", "pi_zero"}
 
@@ -53,3 +56,20 @@ def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, broke
     assert {t["name"] for t in results["targets"]} >= {"writer drain / ceiling", "live latency p99 (ms)",
                                                         "edge outbox replay (pulses/s)", "edge peak RSS (MB)"}
     assert all(isinstance(t["ok"], bool) for t in results["targets"])
+    assert "power truth" in result.stdout
+
+
+def test_power_truth_runs_without_brokers_and_scores_every_rule_on_held_out_households(tmp_path: Path) -> None:
+    output = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "--only", "power_truth", "--power-days", "0.25",
+                             "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
+    assert "power truth" in result.stdout and "MAE after drops" in result.stdout
+    power = json.loads(output.read_text())["power_truth"]
+    assert power.keys() >= EXPECTED["power_truth"]
+    assert power["tuning"]["seeds"] == [1] and 1 not in power["seeds"], "the tuning household is not reported on"
+    for scope in ("mae_day_w", "mae_after_drops_w"):
+        assert power[scope].keys() == RULES and all(v > 0 for v in power[scope].values())
+    assert power["drops"] > 0
+    # Not a timing: the writer never publishes a channel's power twice within a second.
+    assert power["power_msgs_max_per_s"] <= 1
