@@ -93,5 +93,7 @@ def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: fl
         if now - last_refresh >= refresh_s - WAKE_JITTER_S:
             last_refresh = now
             writer.refresh_power()
+        else:
+            writer.release_held_power()
 
     return on_idle

@@ -78,6 +78,8 @@ class EnergyWriter:
         # Channels whose displayed power may still change with time alone or waits to be published:
         # the only ones refresh_power looks at, so a refresh costs nothing for meters at rest.
         self._live: set[tuple[str, str]] = {key for key, _ in ledger}
+        # Channels whose latest power is held back by the once-a-second limit.
+        self._held: set[tuple[str, str]] = set()
         self._power_sent_ns: dict[str, int] = {}
         # True while the latest batch could not be saved (it stays unacknowledged in the queue).
         self.save_failed = False
@@ -164,6 +166,12 @@ class EnergyWriter:
         """
         self._publish(sorted(self._live), force=False, energy=False)
 
+    def release_held_power(self) -> None:
+        """Publish the power values held back by the once-a-second limit, as soon as it allows (cheap when none
+        are, as between refreshes it usually is)."""
+        if self._held:
+            self._publish(sorted(self._held), force=False, energy=False)
+
     def publish_all(self) -> None:
         """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
         self._announced.clear()
@@ -227,12 +235,16 @@ class EnergyWriter:
             for topic, payload in values.items():
                 if force or self._published.get(topic) != payload:
                     if topic == power_topic and not force and self._too_soon(topic, now):
-                        held_back = True  # the next refresh publishes it
+                        held_back = True  # release_held_power publishes it once it may
                         continue
                     self.sink.publish(topic, payload)
                     self._published[topic] = payload
                     if topic == power_topic:
                         self._power_sent_ns[topic] = now
+            if held_back:
+                self._held.add((meter, channel))
+            else:
+                self._held.discard((meter, channel))
             if held_back or not settled(state, now, self.power_timeout_s):
                 self._live.add((meter, channel))
             else:

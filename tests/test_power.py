@@ -236,6 +236,23 @@ def test_a_pulse_within_a_second_of_the_last_power_message_waits_for_the_next_re
     assert sink.retained["home/energy/active_power"] == "7.200"
 
 
+def test_held_back_power_goes_out_as_soon_as_the_limit_allows_whatever_the_refresh_interval(tmp_path: Path):
+    clock = Clock(T0 + S)
+    writer, sink = writer_at(tmp_path, clock)
+    writer.handle_batch(deliveries(pulse(1, 0), pulse(2, 1)))  # 3.6 kW
+    clock.now = T0 + S + S // 2
+    writer.handle_batch(deliveries(pulse(3, 1.5)))  # 7.2 kW, held back
+    writer.release_held_power()
+    assert sink.retained["home/energy/active_power"] == "3.600", "still within the second"
+    clock.now = T0 + 2 * S
+    writer.release_held_power()
+    assert sink.retained["home/energy/active_power"] == "7.200"
+    sent = len(sink.log)
+    clock.now = T0 + 4 * S
+    writer.release_held_power()
+    assert len(sink.log) == sent, "nothing is held back any more: the idle bound waits for the refresh"
+
+
 def test_a_refresh_looks_only_at_channels_whose_power_can_still_change(tmp_path: Path, monkeypatch):
     clock = Clock(T0 + S)
     writer, sink = writer_at(tmp_path, clock)
@@ -275,6 +292,9 @@ class CountingWriter:
 
     def refresh_power(self) -> None:
         self.refreshes += 1
+
+    def release_held_power(self) -> None:
+        """Between refreshes: only what the once-a-second limit held back (nothing here)."""
 
 
 def test_idle_handler_refreshes_at_every_wake_up_about_a_second_apart_and_never_catches_up():
