@@ -155,7 +155,8 @@ class ChannelState:
 
     def to_json(self) -> dict[str, Any]:
         return {"total_uwh": self.total_uwh, "epochs": {e: c.to_json() for e, c in self.epochs.items()},
-                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "wh_fixed": self.wh_fixed, "intervals_ns": list(self.intervals_ns),
+                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "wh_fixed": self.wh_fixed,
+                "intervals_ns": list(self.intervals_ns),
                 "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
                 "received_ns": self.received_ns, "ts_doubt": self.ts_doubt, "held_back": self.held_back,
                 "held_back_reason": self.held_back_reason}
@@ -168,7 +169,8 @@ class ChannelState:
         state = cls(total_uwh=_int(doc["total_uwh"]),
                     epochs={str(e): Cursor.from_json(c) for e, c in doc["epochs"].items()},
                     last_ts_ns=last_ts_ns,
-                    wh=float(doc["wh"]), wh_fixed=bool(doc.get("wh_fixed", last_ts_ns is not None)), intervals_ns=[_int(i) for i in doc["intervals_ns"]],
+                    wh=float(doc["wh"]), wh_fixed=bool(doc.get("wh_fixed", last_ts_ns is not None)),
+                    intervals_ns=[_int(i) for i in doc["intervals_ns"]],
                     calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
                     received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
