@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.ledger import ChannelState, Cursor, Implausible, Interleaved, Ledger, wh_to_uwh
+from backend.ledger import EPOCHS_KEPT, ChannelState, Cursor, Implausible, Interleaved, Ledger, wh_to_uwh
 from common.message import Pulse
 from tests.support import T0, S, pulse
 
@@ -538,3 +538,33 @@ def test_power_of_in_order_pulses_is_the_mean_of_the_last_intervals(intervals: l
         ledger.apply(Pulse("main", "active", "aa", seq, ts, wh))
     window = intervals[-smoothing:]
     assert ledger.channel("main", "active").power_w() == pytest.approx(len(window) * wh * 3600 * S / sum(window))
+
+
+def test_a_channel_keeps_a_bounded_number_of_epochs_dropping_the_least_recently_counted():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    for n in range(EPOCHS_KEPT + 4):
+        ledger.apply(pulse(1, n, epoch=f"{n:x}0"), T0 + n * S)
+    epochs = ledger.channel("main", "active").epochs
+    assert list(epochs) == [f"{n:x}0" for n in range(4, EPOCHS_KEPT + 4)]
+    assert total(ledger) == (EPOCHS_KEPT + 4) * 1_000_000
+
+
+def test_admission_is_kept_and_forget_drops_a_meter():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    assert ledger.admit("garage", T0) and not ledger.admit("garage", T0 + S)
+    ledger.apply(pulse(1, 0, meter="garage"), T0)
+    restored = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W, fixed_wh=True)
+    assert restored.admitted_ns("garage") == T0
+    assert restored.forget("garage") == ["active"]
+    assert restored.meters() == [] and not restored.is_known("garage")
+
+
+def test_set_pulse_energy_is_applied_once_per_command():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    ledger.apply(pulse(1, 0))
+    assert ledger.set_pulse_energy("main", "active", 0.5, command_id="ab") == 1.0
+    assert ledger.set_pulse_energy("main", "active", 2.0, command_id="ab") is None
+    assert ledger.apply(pulse(2, 1, wh=0.5)) == 1
+    assert total(ledger) == 1_500_000
+    with pytest.raises(ValueError, match="wh must be"):
+        ledger.set_pulse_energy("main", "active", 1e-9)
