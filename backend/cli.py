@@ -216,7 +216,7 @@ def ha() -> None:
 
 @ha.command("remove")
 @click.option("--meter", "meters", multiple=True, help="Meter id (repeatable; default: every meter in the state "
-              "file and the configured meter).")
+              "file and the configured meters).")
 @setting_flags("state_dir", "topic_prefix", "mqtt_host", "mqtt_port")
 @click.pass_obj
 def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any) -> None:

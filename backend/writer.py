@@ -166,7 +166,7 @@ class EnergyWriter:
             except Implausible as exc:
                 if isinstance(exc, Interleaved) and (pulse.meter, pulse.channel) not in self._interleaved:
                     self._interleaved.add((pulse.meter, pulse.channel))
-                    log.error("%s; its pulses are held back until then (logged once per channel)", exc)
+                    log.error("%s; held back (logged once per channel)", exc)
                 dead.append(DeadLetter(delivery, str(exc)))
                 state.held_back += 1  # shown by `emdc state show` until someone looks
                 state.held_back_reason = str(exc)
