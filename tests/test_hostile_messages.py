@@ -25,9 +25,11 @@ from tests.support import (
     Names,
     S,
     deliveries,
+    free_port,
     publish,
     pulse,
     queue_depth,
+    run_emdc,
     start_writer,
     wait_until,
     writer_env,
@@ -344,3 +346,20 @@ def test_the_running_writer_dead_letters_hostile_messages_and_counts_the_genuine
     assert f"{names.prefix}/intruder/active_energy" not in watch.values
     assert writer.stop() == 0
     assert "meter 'intruder' is not one this writer counts" in writer.log()
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+def test_forget_and_set_pulse_energy_refuse_meters_they_must_not_touch(tmp_path: Path) -> None:
+    env = {"EMDC_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", "EMDC_STATE_DIR": str(tmp_path),
+           "EMDC_METERS": "main,garage", "PATH": "/usr/bin:/bin"}
+    configured = run_emdc(["state", "forget", "--meter", "garage"], env, check=False)
+    assert configured.returncode == 2 and "'garage' is in the meters setting (main, garage)" in configured.stderr
+    typo = run_emdc(["state", "forget", "--meter", "grage"], env, check=False)
+    assert typo.returncode == 2 and "'grage' is not a meter the writer knows (garage, main)" in typo.stderr
+    energy = ["state", "set-pulse-energy", "--channel", "active", "--wh", "0.5", "--meter"]
+    assert "is not a meter the writer knows" in run_emdc([*energy, "shed"], env, check=False).stderr
+    bad = run_emdc([*energy[:-3], "--wh", "0", "--meter", "main"], env, check=False)
+    assert bad.returncode == 2 and "wh must be a number from 1e-06 to 1000" in bad.stderr
+    sent = run_emdc([*energy, "main"], env, check=False)
+    assert sent.returncode == 1 and "RabbitMQ at" in sent.stderr  # past the checks, to the broker
