@@ -19,6 +19,7 @@ import click
 from common.channels import CHANNELS
 from common.command import CommandContext, setting_flags, state_dir, stop_on_signals
 from common.config import Config
+from common.message import ControlCommand
 from common.topology import control_routing_key
 
 DB_EXTRA = "install the database extra, pip install 'emdc[db]'"
@@ -110,13 +111,44 @@ def state_show(obj: CommandContext, /, **overrides: Any) -> None:
         click.echo(line)
 
 
+def require_known(config: Config, meter: str, hint: str) -> None:
+    """Refuse a meter the writer does not know (a typo), naming the ones it does and ``hint``."""
+    from backend.state_store import StateError
+    from backend.writer import known_meters
+
+    try:
+        known = known_meters(config)
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+    if meter not in known:
+        raise click.BadParameter(f"{meter!r} is not a meter the writer knows ({', '.join(known)}){hint}",
+                                 param_hint="--meter")
+
+
+def send_command(config: Config, command: ControlCommand) -> None:
+    """Queue ``command`` for the running writer; one line for a broker failure or a missing queue."""
+    import pika.exceptions
+
+    from backend.control import send_control
+    from common.message import MessageError
+
+    try:
+        with rabbitmq_failures(config):
+            send_control(config, command)
+    except MessageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except pika.exceptions.UnroutableError:
+        raise click.ClickException(f"no queue is bound for {control_routing_key(command.meter)} on exchange "
+                                   f"{config.exchange}: start the writer once so that it declares its queue") from None
+
+
 @state.command("set-total")
 @click.option("--meter", required=True, help="Meter id, e.g. main.")
 @click.option("--channel", required=True, type=click.Choice(CHANNELS))
 @click.option("--kwh", required=True, metavar="DECIMAL", callback=exact_decimal,
               help="The physical meter's reading (kWh or kvarh).")
-@click.option("--new-meter", is_flag=True, help="The meter has no total yet: calibrate it anyway (a typo would "
-              "otherwise create a meter, and a Home Assistant device).")
+@click.option("--new-meter", is_flag=True, help="The meter has no total yet: admit and calibrate it anyway (a typo "
+              "would otherwise create a meter, and a Home Assistant device).")
 @setting_flags("state_dir")
 @click.pass_obj
 def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal, new_meter: bool,
@@ -126,32 +158,59 @@ def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decim
     The command is queued with the pulses, so the running writer applies it in
     order, without racing its state file, and logs the old and new value. Run it
     where the writer's state dir is (the meters it knows are read from there).
+    A new meter calibrated with --new-meter is admitted: the writer counts it.
     """
-    import pika.exceptions
-
-    from backend.control import send_set_total
-    from backend.state_store import StateError
-    from backend.writer import known_meters
-    from common.message import MessageError, SetTotal
+    from common.message import SetTotal
 
     cfg = obj.config(overrides)
     if not new_meter:
-        try:
-            known = known_meters(cfg)
-        except StateError as exc:
-            raise click.ClickException(str(exc)) from None
-        if meter not in known:
-            raise click.BadParameter(f"{meter!r} is not a meter the writer knows ({', '.join(known)}); to "
-                                     "calibrate a new meter on purpose, add --new-meter", param_hint="--meter")
-    try:
-        with rabbitmq_failures(cfg):
-            send_set_total(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
-    except MessageError as exc:
-        raise click.BadParameter(str(exc)) from None
-    except pika.exceptions.UnroutableError:
-        raise click.ClickException(f"no queue is bound for {control_routing_key(meter)} on exchange {cfg.exchange}: "
-                                   "start the writer once so that it declares its queue") from None
+        require_known(cfg, meter, "; to calibrate a new meter on purpose, add --new-meter")
+    send_command(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
     click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
+
+
+@state.command("set-pulse-energy")
+@click.option("--meter", required=True, help="Meter id, e.g. main.")
+@click.option("--channel", required=True, type=click.Choice(CHANNELS))
+@click.option("--wh", required=True, type=float, help="Energy per pulse in Wh or varh (1000 imp/kWh = 1).")
+@setting_flags("state_dir")
+@click.pass_obj
+def state_set_pulse_energy(obj: CommandContext, /, meter: str, channel: str, wh: float, **overrides: Any) -> None:
+    """Change a channel's energy per pulse (the meter's constant), through the broker.
+
+    A channel keeps the energy per pulse of its first counted pulse; pulses
+    stating another one are held back in the dead-letter queue. After a real
+    change (a new meter, a new constant) run this, then readmit them with
+    `emdc dead-letters readmit`.
+    """
+    from common.message import SetPulseEnergy
+
+    cfg = obj.config(overrides)
+    require_known(cfg, meter, "")
+    send_command(cfg, SetPulseEnergy(meter, channel, wh, secrets.token_hex(8)))
+    click.echo(f"sent: {meter}/{channel} counts {wh:g} per pulse from now on; readmit what was held back for it")
+
+
+@state.command("forget")
+@click.option("--meter", required=True, help="Meter id to forget.")
+@setting_flags("state_dir")
+@click.pass_obj
+def state_forget(obj: CommandContext, /, meter: str, **overrides: Any) -> None:
+    """Drop a meter's totals and its Home Assistant device, through the broker.
+
+    For a meter that is gone or was never yours (a typo, a stray Pi): the
+    writer stops counting it and clears its discovery and values. A meter in
+    the meters setting must be removed there first.
+    """
+    from common.message import ForgetMeter
+
+    cfg = obj.config(overrides)
+    if meter in cfg.counted_meters():
+        raise click.BadParameter(f"{meter!r} is in the meters setting ({', '.join(cfg.counted_meters())}): remove "
+                                 "it there and restart the writer first", param_hint="--meter")
+    require_known(cfg, meter, "")
+    send_command(cfg, ForgetMeter(meter, secrets.token_hex(8)))
+    click.echo(f"sent: forget meter {meter}; the writer drops its totals and its Home Assistant device")
 
 
 @click.group()
@@ -161,7 +220,7 @@ def ha() -> None:
 
 @ha.command("remove")
 @click.option("--meter", "meters", multiple=True, help="Meter id (repeatable; default: every meter in the state "
-              "file and the configured meter).")
+              "file and the configured meters).")
 @setting_flags("state_dir", "topic_prefix", "mqtt_host", "mqtt_port")
 @click.pass_obj
 def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any) -> None:

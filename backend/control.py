@@ -1,4 +1,5 @@
-"""Send control messages (calibration) through RabbitMQ, so the writer applies them in order."""
+"""Send control messages (calibration, energy per pulse, forgetting a meter) through RabbitMQ, so the writer
+applies them in order with the pulses."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import pika
 
 from common.amqp import connection_parameters
 from common.config import Config
-from common.message import CONTENT_TYPE, SetTotal, encode_set_total
+from common.message import CONTENT_TYPE, ControlCommand, encode_control
 
 
-def send_set_total(config: Config, command: SetTotal) -> None:
+def send_control(config: Config, command: ControlCommand) -> None:
     """Publish ``command`` persistently with confirms.
 
     Raises ``pika.exceptions.UnroutableError`` if no queue takes it, or an
     ``AMQPError`` if the broker cannot be reached.
     """
-    body = encode_set_total(command)
+    body = encode_control(command)
     connection = pika.BlockingConnection(connection_parameters(config, "emdc-control"))
     try:
         channel = connection.channel()

@@ -8,10 +8,30 @@ epoch). The ledger remembers the highest ``seq`` it has counted per epoch, so
 * a new epoch (the edge's counter store was recreated) counts its ``seq``
   pulses since that counter began, on top of the same total;
 * a ``seq`` at or below the highest one but stamped later than every pulse
-  counted in its epoch is no duplicate but a reused counter (a restored
-  backup of the Pi's store): refused. Later than the highest ``seq``'s own
-  time is not enough: the edge follows its wall clock back, so after a step
-  back a resent lower ``seq`` carries a later time than the newest pulse.
+  counted in its epoch, or the highest one itself stamped differently, is no
+  duplicate but a reused counter (a restored backup or a cloned copy of the
+  Pi's store): refused. Later than the highest ``seq``'s own time is not
+  enough: the edge follows its wall clock back, so after a step back a resent
+  lower ``seq`` carries a later time than the newest pulse.
+
+No single message may move a total by more than physics allows:
+
+* a channel's energy per pulse is fixed when its first pulse is counted;
+  a pulse stating another is refused (:meth:`Ledger.set_pulse_energy` changes it);
+* a jump (several pulses at once, a new epoch starting high, a channel's
+  first pulse) is refused if it implies more than ``max_power_w`` over the
+  time since the channel's last counted pulse; a channel with no history
+  is judged from when its meter was admitted (:meth:`Ledger.admit`) or,
+  by the edge's word, when the epoch began. A refused pulse moves nothing,
+  so a wild ``seq`` cannot freeze a channel;
+* once a newer epoch has been counted on a channel, an older one must not
+  advance: two edges count under one meter id (two Pis with one
+  configuration); refused;
+* a channel keeps at most :data:`EPOCHS_KEPT` epochs.
+
+A person may readmit a refused pulse after inspection: it is then counted
+without the power bound and the epoch order (never with another energy per
+pulse).
 
 Timestamps are believed only where :mod:`backend.trust` says so: a pulse
 with an untrusted timestamp (ahead of the writer's clock, behind the
@@ -28,7 +48,9 @@ the writer's clock is passed in (``now_ns``).
 
 Example::
 
-    >>> ledger = Ledger(max_power_w=100_000)
+    >>> ledger = Ledger(max_power_w=100_000, fixed_wh=True)
+    >>> ledger.admit("main", 0)
+    True
     >>> ledger.apply(Pulse("main", "active", "e1", 1, 1_000_000_000_000, 1.0))
     1
     >>> ledger.apply(Pulse("main", "active", "e1", 1, 1_000_000_000_000, 1.0))
@@ -47,15 +69,20 @@ from typing import Any
 
 from backend.trust import jump_doubt, timestamp_doubt
 from common.channels import CHANNELS
-from common.message import MessageError, Pulse, validate_meter_id
+from common.message import MAX_WH, MIN_WH, MessageError, Pulse, validate_meter_id
 
 UWH_PER_WH = 1_000_000
 NS_PER_S = 1_000_000_000
 CALIBRATIONS_KEPT = 32
+EPOCHS_KEPT = 16
 
 
 class Implausible(ValueError):
     """A pulse the ledger refuses to count; the text says why (it goes to the dead-letter queue)."""
+
+
+class Interleaved(Implausible):
+    """An older epoch advanced after a newer one was counted: two edges count under one meter id."""
 
 
 def wh_to_uwh(wh: float) -> int:
@@ -102,7 +129,9 @@ class ChannelState:
     epochs: dict[str, Cursor] = field(default_factory=dict)
     # The newest trusted timestamp of any epoch: the idle time of power is measured from it.
     last_ts_ns: int | None = None
+    # The energy per pulse, fixed (``wh_fixed``) by the first counted pulse or by a command.
     wh: float = 1.0
+    wh_fixed: bool = False
     # The writer's clock when the channel last counted a pulse, and why that
     # pulse's timestamp was not trusted ("" if it was).
     received_ns: int | None = None
@@ -113,7 +142,7 @@ class ChannelState:
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
-    # The latest calibration's reading time, and the ids of recent calibrations
+    # The latest calibration's reading time, and the ids of recent commands
     # (a redelivered command must not reset the total a second time).
     calibrated_at_ns: int = 0
     calibrations: list[str] = field(default_factory=list)
@@ -126,17 +155,22 @@ class ChannelState:
 
     def to_json(self) -> dict[str, Any]:
         return {"total_uwh": self.total_uwh, "epochs": {e: c.to_json() for e, c in self.epochs.items()},
-                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "intervals_ns": list(self.intervals_ns),
+                "last_ts_ns": self.last_ts_ns, "wh": self.wh, "wh_fixed": self.wh_fixed,
+                "intervals_ns": list(self.intervals_ns),
                 "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
                 "received_ns": self.received_ns, "ts_doubt": self.ts_doubt, "held_back": self.held_back,
                 "held_back_reason": self.held_back_reason}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ChannelState:
+        """The saved form; older versions kept no ``wh_fixed`` but took ``wh`` from trusted pulses, so a
+        channel that had one has a ``wh`` to hold to."""
+        last_ts_ns = _optional_int(doc["last_ts_ns"])
         state = cls(total_uwh=_int(doc["total_uwh"]),
                     epochs={str(e): Cursor.from_json(c) for e, c in doc["epochs"].items()},
-                    last_ts_ns=_optional_int(doc["last_ts_ns"]),
-                    wh=float(doc["wh"]), intervals_ns=[_int(i) for i in doc["intervals_ns"]],
+                    last_ts_ns=last_ts_ns,
+                    wh=float(doc["wh"]), wh_fixed=bool(doc.get("wh_fixed", last_ts_ns is not None)),
+                    intervals_ns=[_int(i) for i in doc["intervals_ns"]],
                     calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
                     received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
@@ -157,13 +191,23 @@ def _optional_int(value: Any) -> int | None:
 
 
 class Ledger:
-    """Cumulative energy of every (meter, channel), counted exactly once per pulse."""
+    """Cumulative energy of every (meter, channel), counted exactly once per pulse.
 
-    def __init__(self, max_power_w: float, smoothing_pulses: int = 1, max_ahead_s: float = 600.0) -> None:
+    It also remembers which meters were admitted, and when (the writer's
+    clock): a meter's new channel is judged from that time. ``fixed_wh``
+    holds each channel to its energy per pulse; a ledger that does not see
+    the commands changing it (the database writer's) counts each pulse's own.
+    """
+
+    def __init__(self, max_power_w: float, smoothing_pulses: int = 1, max_ahead_s: float = 600.0, *,
+                 fixed_wh: bool = False) -> None:
         self.max_power_w = max_power_w
         self.smoothing_pulses = smoothing_pulses
         self.max_ahead_s = max_ahead_s
+        self.fixed_wh = fixed_wh
         self._channels: dict[tuple[str, str], ChannelState] = {}
+        # When each meter was admitted (None: known from an older state file, time unknown).
+        self._admitted: dict[str, int | None] = {}
 
     def channel(self, meter: str, channel: str) -> ChannelState:
         return self._channels.setdefault((meter, channel), ChannelState())
@@ -171,48 +215,80 @@ class Ledger:
     def __iter__(self) -> Iterator[tuple[tuple[str, str], ChannelState]]:
         return iter(sorted(self._channels.items()))
 
+    def meters(self) -> list[str]:
+        """Every admitted meter or meter with a channel, sorted."""
+        return sorted(self._admitted.keys() | {meter for meter, _ in self._channels})
+
+    def is_known(self, meter: str) -> bool:
+        return meter in self._admitted or any(m == meter for m, _ in self._channels)
+
+    def admitted_ns(self, meter: str) -> int | None:
+        return self._admitted.get(meter)
+
+    def admit(self, meter: str, now_ns: int) -> bool:
+        """Admit ``meter`` as of ``now_ns`` unless its admission time is known; True if it was new."""
+        new = not self.is_known(meter)
+        if self._admitted.get(meter) is None:
+            self._admitted[meter] = now_ns
+        return new
+
+    def forget(self, meter: str) -> list[str]:
+        """Drop ``meter``'s admission and channels; return the channels it had."""
+        self._admitted.pop(meter, None)
+        gone = sorted(channel for m, channel in self._channels if m == meter)
+        for channel in gone:
+            del self._channels[(meter, channel)]
+        return gone
+
     def apply(self, pulse: Pulse, now_ns: int | None = None, *, readmitted: bool = False) -> int:
         """Count ``pulse``; return how many new pulses it accounted for (0 for a duplicate).
 
         ``now_ns`` is the writer's clock (None: no clock-based checks).
         Raises :class:`Implausible` (and changes nothing) for a reused
-        counter, or for a counter jump implying more than ``max_power_w``
-        unless the pulse was ``readmitted`` by a person after inspection.
+        counter, another energy per pulse than the channel's, a jump implying
+        more than ``max_power_w`` or an older epoch advancing after a newer
+        one (:class:`Interleaved`); the last two unless the pulse was
+        ``readmitted`` by a person after inspection.
         """
         state = self.channel(pulse.meter, pulse.channel)
         cursor = state.epochs.get(pulse.epoch)
         if cursor is not None and pulse.seq <= cursor.seq:
-            if pulse.ts_ns > cursor.latest_counted_ns():
-                raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was already counted at an earlier "
-                                  "time: was the edge's counter store restored from a backup or copied?")
+            _check_duplicate(pulse, cursor)
             return 0
+        wh_uwh = wh_to_uwh(pulse.wh)
+        if self.fixed_wh and state.wh_fixed and wh_uwh != wh_to_uwh(state.wh):
+            raise Implausible(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the meter's "
+                              f"constant really changed, run `emdc state set-pulse-energy --meter {pulse.meter} "
+                              f"--channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
+        if wh_uwh == 0:
+            raise Implausible(f"wh {pulse.wh:g} is below the 1 uWh the ledger counts")
+        if cursor is not None and not readmitted and pulse.epoch != next(reversed(state.epochs)):
+            newer = next(reversed(state.epochs))
+            raise Interleaved(f"epoch {pulse.epoch} of {pulse.meter}/{pulse.channel} advanced to seq {pulse.seq} "
+                              f"after the newer epoch {newer} was counted: two edges count under meter id "
+                              f"{pulse.meter!r} (a copied configuration or SD card); give each Pi its own meter_id")
         new = pulse.seq if cursor is None else pulse.seq - cursor.seq
         reference_ns = state.last_ts_ns if cursor is None or cursor.trusted_ns is None else cursor.trusted_ns
-        reference_received_ns = state.received_ns if cursor is None else cursor.received_ns
         doubt = timestamp_doubt(pulse.ts_ns, now_ns=now_ns, previous_ns=reference_ns,
                                 max_ahead_ns=round(self.max_ahead_s * NS_PER_S), synced=pulse.synced)
-        if not readmitted and (cursor is not None or state.epochs):
-            jump = jump_doubt(
-                new, wh=pulse.wh,
-                edge_elapsed_ns=None if doubt or reference_ns is None else pulse.ts_ns - reference_ns,
-                received_elapsed_ns=None if now_ns is None or reference_received_ns is None
-                else now_ns - reference_received_ns,
-                max_power_w=self.max_power_w)
-            if jump:
-                what = f"new epoch {pulse.epoch} starting at seq {pulse.seq}" if cursor is None else "counter"
-                raise Implausible(f"{what}: {jump}")
+        if not readmitted:
+            self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
 
+        if not (self.fixed_wh and state.wh_fixed):
+            state.wh, state.wh_fixed = pulse.wh, self.fixed_wh
         # Pulses up to a calibration's reading time are part of the reading. An untrusted timestamp cannot
         # say when a pulse happened: the writer's receive time decides instead, so none is silently lost.
         happened_ns = pulse.ts_ns if not doubt or now_ns is None else now_ns
         if happened_ns > state.calibrated_at_ns:
-            state.total_uwh += new * wh_to_uwh(pulse.wh)
+            state.total_uwh += new * wh_to_uwh(state.wh)
         if not doubt:
             trusted_ns: int | None = pulse.ts_ns
         else:  # the epoch's last trusted time stays the reference for its next pulse
             trusted_ns = reference_ns
         latest_ns = pulse.ts_ns if cursor is None else max(pulse.ts_ns, cursor.latest_counted_ns())
         state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns, latest_ns)
+        if cursor is None and len(state.epochs) > EPOCHS_KEPT:
+            del state.epochs[min(list(state.epochs)[:-1], key=lambda e: state.epochs[e].received_ns or 0)]
         state.received_ns = now_ns
         state.ts_doubt = doubt
         if doubt:
@@ -225,8 +301,31 @@ class Ledger:
             else:
                 state.intervals_ns = []
             state.last_ts_ns = pulse.ts_ns
-            state.wh = pulse.wh
         return new
+
+    def _check_jump(self, pulse: Pulse, state: ChannelState, cursor: Cursor | None, new: int,
+                    reference_ns: int | None, doubt: str, now_ns: int | None) -> None:
+        """Refuse ``new`` pulses at once if more than ``max_power_w`` over the time since the channel's
+        last counted pulse (a channel without one: since its meter was admitted or its epoch began)."""
+        if state.epochs:
+            edge_from = reference_ns
+            received_from = state.received_ns if cursor is None else cursor.received_ns
+        else:
+            edge_from, received_from = pulse.epoch_ns, None
+        if received_from is None:
+            received_from = self._admitted.get(pulse.meter)
+        jump = jump_doubt(
+            new, wh=state.wh if self.fixed_wh and state.wh_fixed else pulse.wh,
+            edge_elapsed_ns=None if doubt or edge_from is None or edge_from >= pulse.ts_ns
+            else pulse.ts_ns - edge_from,
+            received_elapsed_ns=None if now_ns is None or received_from is None else now_ns - received_from,
+            max_power_w=self.max_power_w)
+        if not jump:
+            return
+        if cursor is not None:
+            raise Implausible(f"counter: {jump}")
+        where = "" if state.epochs else " on a channel with no history"
+        raise Implausible(f"new epoch {pulse.epoch} starting at seq {pulse.seq}{where}: {jump}")
 
     def set_total(self, meter: str, channel: str, total_uwh: int, *, as_of_ns: int = 0,
                   command_id: str = "") -> int | None:
@@ -239,40 +338,81 @@ class Ledger:
         if total_uwh < 0:
             raise ValueError("a total cannot be negative")
         state = self.channel(meter, channel)
-        if command_id and command_id in state.calibrations:
+        if not _first_time(state, command_id):
             return None
         old, state.total_uwh = state.total_uwh, total_uwh
         state.calibrated_at_ns = max(state.calibrated_at_ns, as_of_ns)
-        if command_id:
-            state.calibrations = [*state.calibrations, command_id][-CALIBRATIONS_KEPT:]
+        return old
+
+    def set_pulse_energy(self, meter: str, channel: str, wh: float, *, command_id: str = "") -> float | None:
+        """Fix a channel's energy per pulse to ``wh``; return the previous one (None: a repeated command)."""
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
+        if not 0 < wh_to_uwh(wh) <= wh_to_uwh(MAX_WH):
+            raise ValueError(f"wh must be from {MIN_WH:g} to {MAX_WH:g}")
+        state = self.channel(meter, channel)
+        if not _first_time(state, command_id):
+            return None
+        old = state.wh
+        state.wh, state.wh_fixed = wh, True
+        state.intervals_ns = []  # power over intervals of the old energy per pulse would be wrong
         return old
 
     def to_json(self) -> dict[str, Any]:
         meters: dict[str, dict[str, Any]] = {}
         for (meter, channel), state in self:
             meters.setdefault(meter, {})[channel] = state.to_json()
-        return {"meters": meters}
+        return {"meters": meters, "admitted": {meter: self._admitted.get(meter) for meter in self.meters()}}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_power_w: float, smoothing_pulses: int = 1,
-                  max_ahead_s: float = 600.0) -> Ledger:
+                  max_ahead_s: float = 600.0, *, fixed_wh: bool = False) -> Ledger:
         """Build a ledger from :meth:`to_json` output; raises KeyError/TypeError/ValueError if malformed."""
-        ledger = cls(max_power_w, smoothing_pulses, max_ahead_s)
+        ledger = cls(max_power_w, smoothing_pulses, max_ahead_s, fixed_wh=fixed_wh)
         ledger.load_json(doc)
         return ledger
 
     def load_json(self, doc: dict[str, Any]) -> None:
-        """Replace every channel's state with ``doc``'s (all or nothing)."""
+        """Replace every channel's state and the admissions with ``doc``'s (all or nothing).
+
+        Older versions kept no admissions: their meters are known, since when is not.
+        """
         channels = {}
+        admitted: dict[str, int | None] = {}
         try:
             for meter, by_channel in doc["meters"].items():
+                validate_meter_id(meter)
+                admitted[meter] = None
                 for channel, state in by_channel.items():
                     if channel not in CHANNELS:
                         raise ValueError(f"unknown channel {channel!r}")
-                    validate_meter_id(meter)
                     channels[(meter, channel)] = ChannelState.from_json(state)
+            for meter, admitted_ns in doc.get("admitted", {}).items():
+                admitted[validate_meter_id(meter)] = _optional_int(admitted_ns)
         except AttributeError as exc:  # a list or number where an object belongs
             raise TypeError(str(exc)) from None
         except MessageError as exc:
             raise ValueError(str(exc)) from None
         self._channels = channels
+        self._admitted = admitted
+
+
+def _check_duplicate(pulse: Pulse, cursor: Cursor) -> None:
+    """Return if ``pulse`` (not above ``cursor``) may be a resend of a counted one; raise if it cannot."""
+    if pulse.ts_ns > cursor.latest_counted_ns():
+        raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was already counted at an earlier "
+                          "time: was the edge's counter store restored from a backup or copied to a second Pi?")
+    if pulse.seq == cursor.seq and pulse.ts_ns != cursor.ts_ns:
+        raise Implausible(f"seq {pulse.seq} of epoch {pulse.epoch} was counted with ts_ns {cursor.ts_ns}, this one "
+                          f"says {pulse.ts_ns}: two edges count with one counter store (a cloned SD card or a "
+                          "restored backup); give each Pi its own store and meter_id")
+
+
+def _first_time(state: ChannelState, command_id: str) -> bool:
+    """True (and remembered) unless the command ``command_id`` was applied to ``state`` before."""
+    if not command_id:
+        return True
+    if command_id in state.calibrations:
+        return False
+    state.calibrations = [*state.calibrations, command_id][-CALIBRATIONS_KEPT:]
+    return True

@@ -12,8 +12,9 @@ high) must still be plausible, without relying on the edge's clock: the
 jump's implied power is judged over the *longer* of the edge's trusted
 interval and the writer's own receive interval, so a wrong edge clock can
 loosen the bound but never make it refuse genuine pulses. A single pulse is
-always plausible: the edge's filter spaces pulses, and its energy is capped
-by the message schema. Example::
+always plausible: the edge's filter spaces pulses, and its energy is the
+channel's fixed energy per pulse (judging it by the receive interval would
+refuse every backlog of an edge whose clock is not trusted). Example::
 
     >>> S = 10**9
     >>> timestamp_doubt(1000 * S, now_ns=1000 * S, previous_ns=990 * S, max_ahead_ns=600 * S, synced=None)

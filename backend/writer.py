@@ -25,16 +25,65 @@ from typing import Protocol, runtime_checkable
 from backend.amounts import format_kw, format_kwh
 from backend.batch import DeadLetter, Delivery, report_held_back
 from backend.discovery import Discovery
-from backend.ledger import NS_PER_S, ChannelState, Implausible, Ledger
+from backend.ledger import NS_PER_S, ChannelState, Implausible, Interleaved, Ledger
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import StateError, StateStore
-from backend.topics import state_topic
+from backend.topics import QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
-from common.message import MessageError, Pulse, decode_control, decode_routed
+from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control, decode_routed
 from common.topology import is_control
 
 log = logging.getLogger("emdc.writer")
+# Unknown meters reported with a log line of their own; a flood of new ids beyond this is not listed each.
+UNKNOWN_REPORTED = 64
+
+
+class Refused(ValueError):
+    """A control command the writer does not apply; the text says why (it goes to the dead-letter queue)."""
+
+
+class Admission:
+    """Which meters the writer counts: configured ones, those it already counts, and up to ``cap`` more.
+
+    A pulse of any other meter is refused with the fix, without touching the
+    ledger, so that a stray or hostile meter id creates neither a total nor a
+    Home Assistant device. Each refused meter is logged once, and the memory
+    of which were logged is bounded. Example::
+
+        >>> ledger = Ledger(100_000)
+        >>> gate = Admission(("main",), cap=0)
+        >>> gate.check(ledger, "main", now_ns=1), gate.check(ledger, "garage", now_ns=1)[:30]
+        ('', "meter 'garage' is not one this")
+    """
+
+    def __init__(self, configured: Iterable[str], cap: int) -> None:
+        self.configured = tuple(configured)
+        self.cap = cap
+        self._reported: set[str] = set()
+
+    def check(self, ledger: Ledger, meter: str, now_ns: int) -> str:
+        """Why a pulse of ``meter`` is refused ("" if it may be counted; admitting it if it may)."""
+        if ledger.is_known(meter):
+            return ""
+        if meter in self.configured:
+            ledger.admit(meter, now_ns)
+            return ""
+        beyond = [m for m in ledger.meters() if m not in self.configured]
+        if len(beyond) < self.cap:
+            ledger.admit(meter, now_ns)
+            log.warning("admitted new meter %s automatically (%d of admit_new_meters=%d)", meter, len(beyond) + 1,
+                        self.cap)
+            return ""
+        reason = (f"meter {meter!r} is not one this writer counts ({', '.join(self.configured)}); if it is yours, add "
+                  "it to the meters setting (EMDC_METERS) and restart the writer, then readmit")
+        if meter not in self._reported and len(self._reported) < UNKNOWN_REPORTED:
+            self._reported.add(meter)
+            log.warning("%s (logged once per meter)", reason)
+            if len(self._reported) == UNKNOWN_REPORTED:
+                log.warning("%d unknown meters seen; further ones are dead-lettered without a line each",
+                            UNKNOWN_REPORTED)
+        return reason
 
 
 class Sink(Protocol):
@@ -60,7 +109,7 @@ class EnergyWriter:
     def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
-                 reactive_meters: Iterable[str] = ()) -> None:
+                 reactive_meters: Iterable[str] = (), admit_new_meters: int = 0) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -74,6 +123,14 @@ class EnergyWriter:
         self._announced: dict[str, tuple[str, ...]] = {}  # meter -> the channels its discovery describes
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
+        self.admission = Admission(sorted(self._meters), admit_new_meters)
+        # Configured meters (and those of older state files) admitted at start, not saved yet.
+        self._unsaved = False
+        for meter in sorted(self._meters | set(ledger.meters())):
+            if ledger.admitted_ns(meter) is None:
+                ledger.admit(meter, clock())
+                self._unsaved = True
+        self._interleaved: set[tuple[str, str]] = set()
         self._published: dict[str, str] = {}
         # Channels whose displayed power may still change with time alone or waits to be published:
         # the only ones refresh_power looks at, so a refresh costs nothing for meters at rest.
@@ -89,7 +146,8 @@ class EnergyWriter:
         """Load the persisted state (raising StateError if it is unusable) and build a writer."""
         store, ledger = load_ledger(config)
         if ledger is None:
-            ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s)
+            ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s,
+                            fixed_wh=True)
             # Loud on purpose: a forgotten volume or a wrong state_dir also looks like this.
             log.warning("no saved state in %s: starting from zero (right for a first start; otherwise "
                         "check state_dir and restore energy_state.json)", store.path)
@@ -99,29 +157,39 @@ class EnergyWriter:
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
                               config.ha_legacy_units)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
-                   meters=[config.meter_id], reactive_meters=[config.meter_id] if config.reactive_pin != -1 else [])
+                   meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
+                   reactive_meters=[config.meter_id] if config.reactive_pin != -1 else [])
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
         dead: list[DeadLetter] = []
         touched: set[tuple[str, str]] = set()
-        dirty = False
+        dirty = self._unsaved
         saved = self.ledger.to_json()
         for delivery in deliveries:
             try:
                 if is_control(delivery.routing_key):
-                    touched.add(self._apply_control(delivery.body))
+                    touched.update(self._apply_control(delivery.body))
                     dirty = True
                     continue
                 pulse = decode_routed(delivery.body, delivery.routing_key)
-            except MessageError as exc:
+            except (MessageError, Refused) as exc:
                 dead.append(DeadLetter(delivery, str(exc)))
                 continue
+            known = self.ledger.is_known(pulse.meter)
+            refusal = self.admission.check(self.ledger, pulse.meter, self.clock())
+            if refusal:
+                dead.append(DeadLetter(delivery, refusal))
+                continue
+            dirty = dirty or not known
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
             try:
                 counted = self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
             except Implausible as exc:
+                if isinstance(exc, Interleaved) and (pulse.meter, pulse.channel) not in self._interleaved:
+                    self._interleaved.add((pulse.meter, pulse.channel))
+                    log.error("%s; held back (logged once per channel)", exc)
                 dead.append(DeadLetter(delivery, str(exc)))
                 state.held_back += 1  # shown by `emdc state show` until someone looks
                 state.held_back_reason = str(exc)
@@ -140,12 +208,30 @@ class EnergyWriter:
                 self.save_failed = True
                 raise
             self.save_failed = False
+            self._unsaved = False
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead
 
-    def _apply_control(self, body: bytes) -> tuple[str, str]:
+    def _apply_control(self, body: bytes) -> list[tuple[str, str]]:
+        """Apply a control command; return the channels whose values changed. Raises :class:`Refused`."""
         command = decode_control(body)
+        if isinstance(command, ForgetMeter):
+            self._forget(command)
+            return []
+        if isinstance(command, SetPulseEnergy):
+            if not self.ledger.is_known(command.meter):
+                raise Refused(f"meter {command.meter!r} is not one this writer counts: nothing to set the energy "
+                              "per pulse of")
+            old_wh = self.ledger.set_pulse_energy(command.meter, command.channel, command.wh, command_id=command.id)
+            if old_wh is None:
+                log.info("command %s was applied before; ignoring the repeat", command.id)
+            else:
+                log.warning("%s/%s: energy per pulse %g -> %g Wh; readmit the pulses held back for it", command.meter,
+                            command.channel, old_wh, command.wh)
+            return []
+        if self.ledger.admit(command.meter, self.clock()):
+            log.warning("admitted meter %s by calibration", command.meter)
         old = self.ledger.set_total(command.meter, command.channel, command.total_uwh, as_of_ns=command.ts_ns,
                                     command_id=command.id)
         if old is None:
@@ -155,7 +241,40 @@ class EnergyWriter:
             log.warning("calibrated %s/%s: total %s -> %s (meter read at %s)", command.meter, command.channel,
                         format_kwh(old), format_kwh(command.total_uwh),
                         dt.datetime.fromtimestamp(command.ts_ns / 1e9, dt.UTC).isoformat(timespec="seconds"))
-        return command.meter, command.channel
+        return [(command.meter, command.channel)]
+
+    def _forget(self, command: ForgetMeter) -> None:
+        """Drop a meter that is not configured: its totals, and its Home Assistant device and values."""
+        meter = command.meter
+        if meter in self.admission.configured:
+            raise Refused(f"meter {meter!r} is in the meters setting: remove it there and restart the writer "
+                          "before forgetting it")
+        if not self.ledger.is_known(meter):
+            log.info("forget %s: not a meter this writer counts; nothing to do", meter)
+            return
+        channels = self.ledger.forget(meter)
+        log.warning("forgot meter %s (channels: %s) and removed its Home Assistant device", meter,
+                    ", ".join(channels) or "none")
+        self._withdraw(meter)
+
+    def _withdraw(self, meter: str) -> None:
+        """Clear what was published for ``meter``: its retained values and its discovery."""
+        self._meters.discard(meter)
+        self._announced.pop(meter, None)
+        for channel in CHANNELS:
+            for key in (self._started, self._live, self._held):
+                key.discard((meter, channel))
+            for topic in (state_topic(self.topic_prefix, meter, channel, q) for q in QUANTITIES):
+                if self._published.pop(topic, None) is not None:
+                    self.sink.publish(topic, "")  # an empty retained message clears the value
+        if not self.discovery:
+            return
+        if isinstance(self.sink, BrokerSink):
+            retained = self.sink.scan_retained(self.discovery.scan_filters(meter))
+        else:  # a sink without a memory of its own holds what this writer announced
+            retained = dict(self.discovery.messages(meter))
+        for topic, payload in self.discovery.removal_messages([meter], retained or {}):
+            self.sink.publish(topic, payload)
 
     def refresh_power(self) -> None:
         """Publish the power values that changed with time alone (idle bound, timeout) or were held back.
@@ -285,7 +404,7 @@ def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:
         return store, None
     try:
         return store, Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
-                                       config.max_clock_ahead_s)
+                                       config.max_clock_ahead_s, fixed_wh=True)
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
                          "zero. Inspect it and its .bak copy.") from None
@@ -299,7 +418,8 @@ def saved_totals(config: Config) -> list[str]:
     lines = []
     for (meter, channel), st in ledger:
         lines.append(f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {channel_spec(channel).total_unit:<5} "
-                     f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)})")
+                     f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)}"
+                     + (f", {st.wh:g} {channel_spec(channel).total_unit[1:]} per pulse)" if st.wh_fixed else ")"))
         if st.ts_doubt:
             lines.append(f"    timestamps not trusted: {st.ts_doubt}")
         if st.held_back:
@@ -309,6 +429,6 @@ def saved_totals(config: Config) -> list[str]:
 
 
 def known_meters(config: Config) -> tuple[str, ...]:
-    """The configured meter and every meter with a saved total, sorted."""
+    """The configured meters and every meter the saved state knows, sorted."""
     _, ledger = load_ledger(config)
-    return tuple(sorted({config.meter_id, *(meter for (meter, _), _ in ledger or ())}))
+    return tuple(sorted({*config.counted_meters(), *(ledger.meters() if ledger else ())}))

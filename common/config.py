@@ -65,6 +65,10 @@ class Config:
     # Writer
     topic_prefix: str = _setting("home/energy", "MQTT topic prefix; other meters get <prefix>/<meter>/...")
     batch_size: int = _setting(500, "Writer prefetch and largest batch per state write")
+    meters: str = _setting("", "Meter ids the writer counts, comma-separated (empty: meter_id); pulses of others "
+                               "are dead-lettered")
+    admit_new_meters: int = _setting(0, "Writer: count up to this many meters beyond `meters` as they appear "
+                                        "(0: none, unknown meters are dead-lettered)")
     max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
     max_clock_ahead_s: float = _setting(600.0, "Pulses stamped further than this in the future are dead-lettered")
     power_refresh_s: float = _setting(1.0, "How often a falling idle power bound is re-evaluated (published on change)")
@@ -94,6 +98,15 @@ class Config:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     # What loading noticed but did not refuse (an unknown EMDC_* variable), for the log; not a setting.
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def counted_meters(self) -> tuple[str, ...]:
+        """The meters the writer counts: ``meters``, or ``meter_id`` if that is empty.
+
+        >>> load_config(env={"EMDC_METERS": "main, garage"}).counted_meters()
+        ('main', 'garage')
+        """
+        listed = tuple(meter.strip() for meter in self.meters.split(",") if meter.strip())
+        return listed or (self.meter_id,)
 
     def is_set(self, name: str) -> bool:
         """True if ``name`` was given explicitly rather than left at its default."""
@@ -269,6 +282,13 @@ def _check(cfg: Config) -> None:
         validate_meter_id(cfg.meter_id)
     except MessageError as exc:
         raise ConfigError(f"meter_id: {exc}") from None
+    for meter in cfg.counted_meters():
+        try:
+            validate_meter_id(meter)
+        except MessageError as exc:
+            raise ConfigError(f"meters: {exc} (a comma-separated list of meter ids)") from None
+    if cfg.admit_new_meters < 0:
+        raise ConfigError(f"admit_new_meters must be 0 (off) or a positive cap, got {cfg.admit_new_meters}")
     try:
         scheme, port = urlsplit(cfg.amqp_url).scheme, urlsplit(cfg.amqp_url).port
     except ValueError as exc:  # e.g. a port that is not a number; the URL itself may hold a password

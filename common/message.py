@@ -9,7 +9,9 @@ One JSON object per meter pulse (schema version 1)::
 ``epoch``, so a receiver can count exactly even when it sees a message twice or
 misses one. An optional ``"synced"`` (true or false) says whether the edge's
 clock was synchronised when it stamped ``ts_ns``; without it, nothing is
-claimed. Example::
+claimed. An optional ``"epoch_ns"`` says when the edge began ``epoch`` (by its
+clock): a receiver that has never seen the channel may then believe a first
+``seq`` as high as that time allows. Example::
 
     >>> p = Pulse("main", "active", "ab12", 7, 1_700_000_000_000_000_000, 1.0)
     >>> decode(encode(p)) == p
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -31,6 +33,8 @@ SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
 MAX_BODY_BYTES = 4096
 MAX_WH = 1000.0
+# The ledger counts whole microwatt-hours: a smaller energy per pulse would count as nothing.
+MIN_WH = 0.000001
 
 _METER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _EPOCH_RE = re.compile(r"[0-9a-f]{1,64}")
@@ -43,7 +47,11 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Pulse:
-    """One meter pulse: ``wh`` watt-hours (varh for reactive) ended at ``ts_ns``."""
+    """One meter pulse: ``wh`` watt-hours (varh for reactive) ended at ``ts_ns``.
+
+    ``epoch_ns`` (None: not stated) is when the edge began the epoch; it describes the epoch, not the
+    pulse, so it takes no part in comparing pulses.
+    """
 
     meter: str
     channel: str
@@ -52,6 +60,7 @@ class Pulse:
     ts_ns: int
     wh: float = 1.0
     synced: bool | None = None
+    epoch_ns: int | None = field(default=None, compare=False)
 
     @property
     def routing_key(self) -> str:
@@ -78,6 +87,8 @@ def encode(pulse: Pulse) -> bytes:
                            "epoch": pulse.epoch, "seq": pulse.seq, "ts_ns": pulse.ts_ns, "wh": wh}
     if pulse.synced is not None:
         doc["synced"] = pulse.synced
+    if pulse.epoch_ns is not None:
+        doc["epoch_ns"] = pulse.epoch_ns
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -92,9 +103,11 @@ def decode(body: bytes) -> Pulse:
     missing = _FIELDS - doc.keys()
     if missing:
         raise MessageError(f"missing field(s): {', '.join(sorted(missing))}")
-    pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"], doc.get("synced"))
+    pulse = Pulse(doc["meter"], doc["channel"], doc["epoch"], doc["seq"], doc["ts_ns"], doc["wh"], doc.get("synced"),
+                  doc.get("epoch_ns"))
     _validate(pulse)
-    return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh), pulse.synced)
+    return Pulse(pulse.meter, pulse.channel, pulse.epoch, pulse.seq, pulse.ts_ns, float(pulse.wh), pulse.synced,
+                 pulse.epoch_ns)
 
 
 def decode_routed(body: bytes, routing_key: str) -> Pulse:
@@ -145,6 +158,8 @@ def _validate(p: Pulse) -> None:
         raise MessageError(f"wh must be a number > 0 and <= {MAX_WH:g}, got {p.wh!r:.40}")
     if p.synced is not None and not isinstance(p.synced, bool):
         raise MessageError(f"synced must be true or false when present, got {p.synced!r:.40}")
+    if p.epoch_ns is not None and (not _is_int(p.epoch_ns) or not 0 < p.epoch_ns < 2**63):
+        raise MessageError(f"epoch_ns must be a positive 64-bit integer when present, got {p.epoch_ns!r:.40}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,39 +188,102 @@ class SetTotal:
         return int(self.kwh * 10**9)
 
 
+@dataclass(frozen=True, slots=True)
+class SetPulseEnergy:
+    """Control message: the energy per pulse of a channel changed (a new meter constant).
+
+    A channel's energy per pulse is fixed when its first pulse is counted, and
+    pulses stating another one are refused: only this command changes it.
+    Example::
+
+        >>> command = SetPulseEnergy("main", "active", 0.5, "ab12")
+        >>> decode_control(encode_control(command)) == command
+        True
+    """
+
+    meter: str
+    channel: str
+    wh: float
+    id: str
+
+    @property
+    def routing_key(self) -> str:
+        return control_routing_key(self.meter)
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetMeter:
+    """Control message: the writer drops a meter's totals and its Home Assistant device."""
+
+    meter: str
+    id: str
+
+    @property
+    def routing_key(self) -> str:
+        return control_routing_key(self.meter)
+
+
+ControlCommand = SetTotal | SetPulseEnergy | ForgetMeter
+
+
 def encode_set_total(command: SetTotal) -> bytes:
-    _validate_set_total(command)
-    doc = {"v": SCHEMA_VERSION, "type": "set_total", "id": command.id, "meter": command.meter,
-           "channel": command.channel, "kwh": str(command.kwh), "ts_ns": command.ts_ns}
+    return encode_control(command)
+
+
+def encode_control(command: ControlCommand) -> bytes:
+    """Serialise a control command to its JSON body (validating it first)."""
+    _validate_control(command)
+    doc: dict[str, Any] = {"v": SCHEMA_VERSION, "id": command.id, "meter": command.meter}
+    if isinstance(command, SetTotal):
+        doc |= {"type": "set_total", "channel": command.channel, "kwh": str(command.kwh), "ts_ns": command.ts_ns}
+    elif isinstance(command, SetPulseEnergy):
+        doc |= {"type": "set_pulse_energy", "channel": command.channel, "wh": command.wh}
+    else:
+        doc["type"] = "forget_meter"
     return json.dumps(doc).encode()
 
 
-def decode_control(body: bytes) -> SetTotal:
+def decode_control(body: bytes) -> ControlCommand:
     """Parse a control message; raise :class:`MessageError` if it is not one we know."""
     if len(body) > MAX_BODY_BYTES:
         raise MessageError(f"body is {len(body)} bytes, limit is {MAX_BODY_BYTES}")
     doc = _parse_object(body)
     _check_version(doc)
-    if doc.get("type") != "set_total":
-        raise MessageError(f"unknown control message type {doc.get('type')!r:.40} (expected set_total)")
+    kind = doc.get("type")
     try:
-        kwh = Decimal(str(doc["kwh"]))
-        command = SetTotal(doc["meter"], doc["channel"], kwh, doc["ts_ns"], doc["id"])
+        command: ControlCommand
+        if kind == "set_total":
+            command = SetTotal(doc["meter"], doc["channel"], Decimal(str(doc["kwh"])), doc["ts_ns"], doc["id"])
+        elif kind == "set_pulse_energy":
+            command = SetPulseEnergy(doc["meter"], doc["channel"], doc["wh"], doc["id"])
+        elif kind == "forget_meter":
+            command = ForgetMeter(doc["meter"], doc["id"])
+        else:
+            raise MessageError(f"unknown control message type {kind!r:.40} (expected set_total, set_pulse_energy "
+                               "or forget_meter)")
     except KeyError as exc:
         raise MessageError(f"control message lacks {exc}") from None
     except InvalidOperation:
         raise MessageError(f"kwh must be a decimal number, got {doc['kwh']!r:.40}") from None
-    _validate_set_total(command)
+    _validate_control(command)
+    if isinstance(command, SetPulseEnergy):
+        return SetPulseEnergy(command.meter, command.channel, float(command.wh), command.id)
     return command
 
 
-def _validate_set_total(c: SetTotal) -> None:
+def _validate_control(c: ControlCommand) -> None:
     validate_meter_id(c.meter)
+    if not isinstance(c.id, str) or not _EPOCH_RE.fullmatch(c.id):
+        raise MessageError(f"id must be 1-64 lowercase hex digits, got {c.id!r:.80}")
+    if isinstance(c, ForgetMeter):
+        return
     if c.channel not in CHANNELS:
         raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {c.channel!r:.40}")
+    if isinstance(c, SetPulseEnergy):
+        if not isinstance(c.wh, int | float) or isinstance(c.wh, bool) or not MIN_WH <= c.wh <= MAX_WH:
+            raise MessageError(f"wh must be a number from {MIN_WH:g} to {MAX_WH:g}, got {c.wh!r:.40}")
+        return
     if not c.kwh.is_finite() or c.kwh < 0 or c.kwh > Decimal(10) ** 9:
         raise MessageError(f"kwh must be a number from 0 to 1e9, got {c.kwh}")
     if not _is_int(c.ts_ns) or not 0 < c.ts_ns < 2**63:
         raise MessageError(f"ts_ns must be a positive 64-bit integer, got {c.ts_ns!r:.40}")
-    if not isinstance(c.id, str) or not _EPOCH_RE.fullmatch(c.id):
-        raise MessageError(f"id must be 1-64 lowercase hex digits, got {c.id!r:.80}")

@@ -28,8 +28,10 @@ A counter epoch continues only across a *clean* stop, proven by a token that
 Any other start (a power cut, kill -9, a lost ``-wal`` file, a restored
 backup, a deleted or recreated store) begins a new epoch with counters at
 zero, so no genuine new pulse can reuse a ``seq`` the writer has already
-counted. Each outbox row carries its own epoch, so rows of the previous
-epoch still go out correctly after the change.
+counted. Each outbox row carries its own epoch, and when that epoch began
+(``epoch_ns``, by the Pi's clock), so rows of the previous epoch still go out
+correctly after the change, and a writer that has never seen the channel can
+judge a first ``seq`` against the time the counter has run.
 
 Example::
 
@@ -49,6 +51,7 @@ import os
 import secrets
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -65,10 +68,10 @@ CREATE TABLE IF NOT EXISTS counter (meter TEXT NOT NULL, channel TEXT NOT NULL, 
                                     last_ts_ns INTEGER NOT NULL, PRIMARY KEY (meter, channel));
 CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, meter TEXT NOT NULL,
                                    channel TEXT NOT NULL, seq INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
-                                   wh REAL NOT NULL, epoch TEXT, synced INTEGER);
+                                   wh REAL NOT NULL, epoch TEXT, synced INTEGER, epoch_ns INTEGER);
 """
 # Columns added since the first version; rows stored before have the epoch of that time.
-_ADDED_COLUMNS = {"epoch": "TEXT", "synced": "INTEGER"}
+_ADDED_COLUMNS = {"epoch": "TEXT", "synced": "INTEGER", "epoch_ns": "INTEGER"}
 
 
 # Primary result codes (the low byte of an extended one) of a store that works again once the disk does.
@@ -235,6 +238,9 @@ class Outbox:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 self.epoch, self.started_epoch_because = self._open_epoch()
+                began = conn.execute("SELECT value FROM meta WHERE key = 'epoch_ns'").fetchone()
+                # None for an epoch begun by a version that did not note the time.
+                self.epoch_ns: int | None = int(began[0]) if began else None
             # Neither the main file nor the token file may prove a clean stop from now on, even if the -wal
             # is lost later: a restart after this session's end must begin a new epoch unless it is clean too.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -271,6 +277,7 @@ class Outbox:
                    "restored or copied")
         epoch = secrets.token_hex(8)
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_ns', ?)", (str(time.time_ns()),))
         self._conn.execute("DELETE FROM counter")
         return epoch, why
 
@@ -303,13 +310,15 @@ class Outbox:
         numbered = []
         for channel, ts_ns, wh in pulses:
             self._seq[channel] = self._seq.get(channel, 0) + 1
-            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh, synced))
+            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh, synced,
+                                  self.epoch_ns))
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
-                    "INSERT INTO outbox (meter, channel, seq, ts_ns, wh, epoch, synced) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(p.meter, p.channel, p.seq, p.ts_ns, p.wh, p.epoch, p.synced) for p in numbered])
+                    "INSERT INTO outbox (meter, channel, seq, ts_ns, wh, epoch, synced, epoch_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(p.meter, p.channel, p.seq, p.ts_ns, p.wh, p.epoch, p.synced, p.epoch_ns) for p in numbered])
                 last = {p.channel: p for p in numbered}
                 self._conn.executemany(
                     "INSERT INTO counter VALUES (?, ?, ?, ?) ON CONFLICT (meter, channel) "
@@ -428,13 +437,14 @@ class OutboxReader:
         # decorator's extra call.
         try:
             rows = self._conn.execute(
-                "SELECT id, meter, channel, seq, ts_ns, wh, epoch, synced FROM outbox WHERE id > ? ORDER BY id "
-                "LIMIT ?", (after_id, limit)).fetchall()
+                "SELECT id, meter, channel, seq, ts_ns, wh, epoch, synced, epoch_ns FROM outbox WHERE id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         except sqlite3.Error as exc:
             self.health.raise_for(exc)
             raise
-        return [(row_id, Pulse(meter, channel, epoch, seq, ts_ns, wh, None if synced is None else bool(synced)))
-                for row_id, meter, channel, seq, ts_ns, wh, epoch, synced in rows]
+        return [(row_id, Pulse(meter, channel, epoch, seq, ts_ns, wh, None if synced is None else bool(synced),
+                               epoch_ns))
+                for row_id, meter, channel, seq, ts_ns, wh, epoch, synced, epoch_ns in rows]
 
     @_reporting_faults
     def confirm(self, row_ids: Iterable[int]) -> None:

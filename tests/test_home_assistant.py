@@ -141,7 +141,7 @@ def test_calibration_while_running_goes_through_the_broker(names: Names, watch: 
 
 
 def test_two_meters_side_by_side(names: Names, watch: MqttWatcher, spawn) -> None:
-    start_writer(spawn, names, ha_env(names))
+    start_writer(spawn, names, ha_env(names, EMDC_METERS="main,garage"))
     now = time.time_ns()
     garage = [Pulse("garage", "active", "ab", seq, now - (5 - seq) * 10**9, 1.0) for seq in range(1, 6)]
     publish(names.exchange, pulses(3) + garage)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.ledger import ChannelState, Cursor, Implausible, Ledger, wh_to_uwh
+from backend.ledger import EPOCHS_KEPT, ChannelState, Cursor, Implausible, Interleaved, Ledger, wh_to_uwh
 from common.message import Pulse
 from tests.support import T0, S, pulse
 
@@ -20,7 +20,7 @@ MAX_W = 100_000.0
 
 @pytest.fixture
 def ledger() -> Ledger:
-    return Ledger(max_power_w=MAX_W)
+    return Ledger(max_power_w=MAX_W, fixed_wh=True)
 
 
 def total(ledger: Ledger, meter: str = "main", channel: str = "active") -> int:
@@ -125,10 +125,14 @@ def test_new_epoch_counts_its_seq_on_top_of_the_total(ledger: Ledger):
     assert set(ledger.channel("main", "active").epochs) == {"aa", "bb"}
 
 
-def test_late_pulse_of_an_old_epoch_still_counts_its_jump(ledger: Ledger):
+def test_late_pulse_of_an_old_epoch_is_refused_until_readmitted_then_counts_its_jump(ledger: Ledger):
     ledger.apply(pulse(1, 0, epoch="aa"))
     ledger.apply(pulse(1, 10, epoch="bb"))
-    assert ledger.apply(pulse(3, 5, epoch="aa")) == 2  # older than the newest pulse, but after aa's cursor
+    before = snapshot(ledger)
+    with pytest.raises(Interleaved, match="epoch aa of main/active advanced to seq 3 after the newer epoch bb"):
+        ledger.apply(pulse(3, 5, epoch="aa"))
+    assert snapshot(ledger) == before
+    assert ledger.apply(pulse(3, 5, epoch="aa"), readmitted=True) == 2  # older than the newest pulse
     assert total(ledger) == 4_000_000
     assert ledger.channel("main", "active").last_ts_ns == T0 + 10 * S
 
@@ -207,7 +211,7 @@ def test_new_epoch_not_after_the_newest_pulse_counts_without_power(ledger: Ledge
 
 
 def test_guard_uses_the_configured_limit():
-    strict = Ledger(max_power_w=1000)
+    strict = Ledger(max_power_w=1000, fixed_wh=True)
     strict.apply(pulse(1, 0))
     with pytest.raises(Implausible, match="above the 1 kW limit"):
         strict.apply(pulse(3, 3.6))  # 2 Wh in 3.6 s = 2 kW
@@ -265,14 +269,14 @@ def test_late_old_epoch_pulse_does_not_touch_power(ledger: Ledger):
     ledger.apply(pulse(1, 0, epoch="aa"))
     ledger.apply(pulse(1, 10, epoch="bb"))
     ledger.apply(pulse(2, 11.2, epoch="bb"))
-    ledger.apply(pulse(2, 5, epoch="aa"))  # a straggler from the old epoch, older than the newest pulse
+    ledger.apply(pulse(2, 5, epoch="aa"), readmitted=True)  # a straggler of the old epoch, older than the newest
     state = ledger.channel("main", "active")
     assert state.power_w() == pytest.approx(3000.0)
     assert state.last_ts_ns == T0 + round(11.2 * S)
 
 
 def test_smoothing_averages_the_last_n_intervals():
-    smooth = Ledger(max_power_w=MAX_W, smoothing_pulses=3)
+    smooth = Ledger(max_power_w=MAX_W, smoothing_pulses=3, fixed_wh=True)
     for seq, t in enumerate([0, 1.0, 3.0, 6.0, 10.0], start=1):  # intervals 1, 2, 3, 4 s
         smooth.apply(pulse(seq, t))
     state = smooth.channel("main", "active")
@@ -319,11 +323,11 @@ def test_set_total_rejects_bad_channel_and_negative_total(ledger: Ledger):
 # --- persistence ----------------------------------------------------------------------------------
 
 def busy_ledger() -> Ledger:
-    ledger = Ledger(max_power_w=MAX_W, smoothing_pulses=2)
+    ledger = Ledger(max_power_w=MAX_W, smoothing_pulses=2, fixed_wh=True)
     for seq, t in enumerate([0, 1.2, 2.4, 3.0], start=1):
         ledger.apply(pulse(seq, t, epoch="aa"))
-    ledger.apply(pulse(2, 10, epoch="bb", wh=0.5))
-    ledger.apply(pulse(7, 5, meter="garage", channel="reactive"))
+    ledger.apply(pulse(2, 10, epoch="bb"))
+    ledger.apply(pulse(7, 5, meter="garage", channel="reactive", wh=0.5))
     ledger.set_total("main", "reactive", 123)
     return ledger
 
@@ -337,17 +341,18 @@ def test_to_json_is_plain_json(ledger: Ledger):
 def test_json_roundtrip_preserves_state_and_behaviour():
     original = busy_ledger()
     doc = json.loads(json.dumps(original.to_json()))
-    restored = Ledger.from_json(doc, max_power_w=MAX_W, smoothing_pulses=2)
+    restored = Ledger.from_json(doc, max_power_w=MAX_W, smoothing_pulses=2, fixed_wh=True)
     assert restored.to_json() == original.to_json()
     # Same answers to the same next pulses.
-    for p in [pulse(2, 10, epoch="bb", wh=0.5), pulse(4, 3.0, epoch="aa"), pulse(3, 11, epoch="bb", wh=0.5)]:
+    for p in [pulse(2, 10, epoch="bb"), pulse(3, 11, epoch="bb"), pulse(8, 12, meter="garage", channel="reactive",
+                                                                         wh=0.5)]:
         assert restored.apply(p) == original.apply(p)
     assert restored.to_json() == original.to_json()
     assert restored.channel("main", "active").power_w() == original.channel("main", "active").power_w()
 
 
 def test_from_json_of_an_empty_ledger():
-    restored = Ledger.from_json({"meters": {}}, max_power_w=MAX_W)
+    restored = Ledger.from_json({"meters": {}}, max_power_w=MAX_W, fixed_wh=True)
     assert list(restored) == []
     assert restored.max_power_w == MAX_W
 
@@ -414,7 +419,7 @@ def test_from_json_rejects_malformed_documents(doc: Any):
 @pytest.mark.parametrize("doc", [{"meters": []}, with_channel({"epochs": []})], ids=["meters", "epochs"])
 def test_from_json_rejects_non_object_containers_with_documented_errors(doc: Any):
     with pytest.raises((KeyError, TypeError, ValueError)):
-        Ledger.from_json(doc, max_power_w=MAX_W)
+        Ledger.from_json(doc, max_power_w=MAX_W, fixed_wh=True)
 
 
 # --- the central property: exact totals however the broker delivers -------------------------------
@@ -434,8 +439,8 @@ def deliveries(draw: st.DrawFn) -> tuple[list[Epoch], list[Pulse]]:
     """Several epochs, delivered in epoch order with drops, local reordering and duplicates."""
     epochs: list[Epoch] = []
     now = T0
+    wh = draw(st.sampled_from(WH_CHOICES))  # a channel's energy per pulse is fixed
     for index in range(draw(st.integers(1, 4))):
-        wh = draw(st.sampled_from(WH_CHOICES))
         # The shortest interval keeps the implied power at or below half the limit.
         min_ns = -(-round(wh * 3600 * S) // round(MAX_W / 2))
         gaps = draw(st.lists(st.integers(min_ns, min_ns * 2000), min_size=1, max_size=25))
@@ -469,7 +474,7 @@ def deliveries(draw: st.DrawFn) -> tuple[list[Epoch], list[Pulse]]:
 @given(deliveries())
 def test_total_is_exact_under_duplicates_drops_and_reordering(case: tuple[list[Epoch], list[Pulse]]):
     epochs, stream = case
-    ledger = Ledger(max_power_w=MAX_W)
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
     totals = []
     counted = 0
     for p in stream:
@@ -486,10 +491,10 @@ def test_total_is_exact_across_a_save_and_restore_at_any_point(case: tuple[list[
                                                               data: st.DataObject):
     epochs, stream = case
     cut = data.draw(st.integers(0, len(stream)))
-    ledger = Ledger(max_power_w=MAX_W)
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
     for p in stream[:cut]:
         ledger.apply(p)
-    ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W)
+    ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W, fixed_wh=True)
     for p in stream[cut:]:
         ledger.apply(p)
     assert total(ledger) == sum(len(e.pulses) * round(e.wh * 1_000_000) for e in epochs)
@@ -500,7 +505,7 @@ def test_total_is_exact_across_a_save_and_restore_at_any_point(case: tuple[list[
 def test_a_resent_pulse_is_a_duplicate_and_a_reused_seq_refused_however_the_clock_stepped(
         steps_ns: list[int], data: st.DataObject):
     """The edge's clock may step either way between pulses, so times need not grow with seq."""
-    ledger = Ledger(max_power_w=MAX_W)
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
     sent = []
     ts = T0
     for seq, step in enumerate(steps_ns, start=1):
@@ -508,7 +513,7 @@ def test_a_resent_pulse_is_a_duplicate_and_a_reused_seq_refused_however_the_cloc
         sent.append(Pulse("main", "active", "aa", seq, ts, 1.0))
         ledger.apply(sent[-1], now_ns=T0)
     if data.draw(st.booleans(), label="saved and restored"):
-        ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W)
+        ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W, fixed_wh=True)
     before = snapshot(ledger)
     for resent in data.draw(st.lists(st.sampled_from(sent), max_size=10), label="resent"):
         assert ledger.apply(resent, now_ns=T0) == 0
@@ -525,7 +530,7 @@ def test_a_resent_pulse_is_a_duplicate_and_a_reused_seq_refused_however_the_cloc
        st.integers(1, 5), st.sampled_from(WH_CHOICES))
 def test_power_of_in_order_pulses_is_the_mean_of_the_last_intervals(intervals: list[int], smoothing: int,
                                                                     wh: float):
-    ledger = Ledger(max_power_w=10**12, smoothing_pulses=smoothing)
+    ledger = Ledger(max_power_w=10**12, smoothing_pulses=smoothing, fixed_wh=True)
     ts = T0
     ledger.apply(Pulse("main", "active", "aa", 1, ts, wh))
     for seq, gap in enumerate(intervals, start=2):
@@ -533,3 +538,33 @@ def test_power_of_in_order_pulses_is_the_mean_of_the_last_intervals(intervals: l
         ledger.apply(Pulse("main", "active", "aa", seq, ts, wh))
     window = intervals[-smoothing:]
     assert ledger.channel("main", "active").power_w() == pytest.approx(len(window) * wh * 3600 * S / sum(window))
+
+
+def test_a_channel_keeps_a_bounded_number_of_epochs_dropping_the_least_recently_counted():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    for n in range(EPOCHS_KEPT + 4):
+        ledger.apply(pulse(1, n, epoch=f"{n:x}0"), T0 + n * S)
+    epochs = ledger.channel("main", "active").epochs
+    assert list(epochs) == [f"{n:x}0" for n in range(4, EPOCHS_KEPT + 4)]
+    assert total(ledger) == (EPOCHS_KEPT + 4) * 1_000_000
+
+
+def test_admission_is_kept_and_forget_drops_a_meter():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    assert ledger.admit("garage", T0) and not ledger.admit("garage", T0 + S)
+    ledger.apply(pulse(1, 0, meter="garage"), T0)
+    restored = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W, fixed_wh=True)
+    assert restored.admitted_ns("garage") == T0
+    assert restored.forget("garage") == ["active"]
+    assert restored.meters() == [] and not restored.is_known("garage")
+
+
+def test_set_pulse_energy_is_applied_once_per_command():
+    ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
+    ledger.apply(pulse(1, 0))
+    assert ledger.set_pulse_energy("main", "active", 0.5, command_id="ab") == 1.0
+    assert ledger.set_pulse_energy("main", "active", 2.0, command_id="ab") is None
+    assert ledger.apply(pulse(2, 1, wh=0.5)) == 1
+    assert total(ledger) == 1_500_000
+    with pytest.raises(ValueError, match="wh must be"):
+        ledger.set_pulse_energy("main", "active", 1e-9)
