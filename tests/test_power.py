@@ -170,7 +170,8 @@ class TimedSink(MemorySink):
 
 
 def writer_at(state_dir: Path, clock: Clock, timeout_s: float = TIMEOUT_S) -> tuple[EnergyWriter, TimedSink]:
-    env = {"EMDC_STATE_DIR": str(state_dir), "EMDC_DISCOVERY": "off", "EMDC_POWER_TIMEOUT_S": str(timeout_s)}
+    env = {"EMDC_STATE_DIR": str(state_dir), "EMDC_DISCOVERY": "off", "EMDC_POWER_TIMEOUT_S": str(timeout_s),
+           "EMDC_ADMIT_NEW_METERS": "100"}  # the fleet of meters some tests count
     sink = TimedSink(clock)
     return EnergyWriter.open(load_config(env=env), sink=sink, clock=clock), sink
 
