@@ -212,6 +212,10 @@ class Ledger:
     def channel(self, meter: str, channel: str) -> ChannelState:
         return self._channels.setdefault((meter, channel), ChannelState())
 
+    def get(self, meter: str, channel: str) -> ChannelState | None:
+        """The state of (``meter``, ``channel``) if it has one, without creating it."""
+        return self._channels.get((meter, channel))
+
     def __iter__(self) -> Iterator[tuple[tuple[str, str], ChannelState]]:
         return iter(sorted(self._channels.items()))
 
@@ -220,7 +224,7 @@ class Ledger:
         return sorted(self._admitted.keys() | {meter for meter, _ in self._channels})
 
     def is_known(self, meter: str) -> bool:
-        return meter in self._admitted or any(m == meter for m, _ in self._channels)
+        return meter in self._admitted or any((meter, channel) in self._channels for channel in CHANNELS)
 
     def admitted_ns(self, meter: str) -> int | None:
         return self._admitted.get(meter)

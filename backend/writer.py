@@ -300,7 +300,7 @@ class EnergyWriter:
 
     def _channels(self, meter: str) -> tuple[str, ...]:
         """The channels ``meter`` has: active, and reactive if configured or ever counted."""
-        reactive = meter in self._reactive or any(key == (meter, "reactive") for key, _ in self.ledger)
+        reactive = meter in self._reactive or self.ledger.get(meter, "reactive") is not None
         return tuple(c for c in CHANNELS if c == "active" or reactive)
 
     def _retained(self, meter: str, energy_topics: Sequence[str]) -> dict[str, str] | None:
@@ -318,8 +318,8 @@ class EnergyWriter:
         start), nor before a channel has a total (a calibration may come first)."""
         self._meters.add(meter)
         channels = self._channels(meter)
-        states = dict(self.ledger)
-        unstarted = [key for key in ((meter, c) for c in channels) if key in states and key not in self._started]
+        states = {(meter, c): state for c in channels if (state := self.ledger.get(meter, c)) is not None}
+        unstarted = [key for key in states if key not in self._started]
         if self._announced.get(meter) == channels and not unstarted:
             return
         energy = {key: state_topic(self.topic_prefix, *key, "energy") for key in unstarted}
