@@ -64,7 +64,7 @@ def delivery(method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body:
     if method.exchange == "" and ROUTING_KEY_HEADER in headers:
         return Delivery(method.delivery_tag, str(headers[ROUTING_KEY_HEADER]), body,
                         headers.get(READMITTED_HEADER) is True)
-    return Delivery(method.delivery_tag, method.routing_key, body)
+    return Delivery(method.delivery_tag, method.routing_key, body, user_id=props.user_id or "")
 
 
 class ConsumerCancelled(Exception):

@@ -20,6 +20,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from backend.trust import sender_doubt
+from common.message import MessageError, Pulse, decode_routed
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -27,12 +30,24 @@ class Delivery:
 
     ``readmitted`` marks a dead letter a person sent back after inspection: the
     handler counts it without the counter-jump guard that held it back.
+    ``user_id`` is the account that published it, which RabbitMQ checks.
     """
 
     tag: int
     routing_key: str
     body: bytes
     readmitted: bool = False
+    # The publishing account, as the broker vouches for it ("" if the message does not say).
+    user_id: str = ""
+
+
+def decode_pulse(delivery: Delivery) -> Pulse:
+    """The pulse a delivery carries, if its body, its routing key and its sender agree; else MessageError."""
+    pulse = decode_routed(delivery.body, delivery.routing_key)
+    doubt = sender_doubt(delivery.user_id, pulse.meter)
+    if doubt:
+        raise MessageError(doubt)
+    return pulse
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.exc import OperationalError
 
 from backend.amqp_consumer import BatchConsumer
-from backend.batch import DeadLetter, Delivery, report_held_back
+from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
 from backend.ledger import Cursor, Implausible, Ledger
 from common.config import Config
-from common.message import MessageError, Pulse, decode_routed
+from common.message import MessageError, Pulse
 from common.topology import DB_WRITER_BINDINGS
 
 log = logging.getLogger("emdc.db_writer")
@@ -65,7 +65,7 @@ class DbWriter:
         try:
             for delivery in deliveries:
                 try:
-                    pulse = decode_routed(delivery.body, delivery.routing_key)
+                    pulse = decode_pulse(delivery)
                     self._resume(pulse)
                     # Its count is irrelevant here (0 for a duplicate, which the unique
                     # key absorbs); what matters is that the ledger accepts the pulse.

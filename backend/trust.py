@@ -29,6 +29,8 @@ refuse every backlog of an edge whose clock is not trusted). Example::
 
 from __future__ import annotations
 
+from common.topology import EDGE_USER_PREFIX
+
 NS_PER_S = 1_000_000_000
 
 
@@ -68,3 +70,23 @@ def jump_doubt(new: int, *, wh: float, edge_elapsed_ns: int | None, received_ela
         return ""
     return (f"a jump of {new} pulses in {elapsed / NS_PER_S:.3f} s implies {implied_w / 1000:.1f} kW, "
             f"above the {max_power_w / 1000:g} kW limit")
+
+
+def sender_doubt(user_id: str, meter: str) -> str:
+    """Why a pulse of ``meter`` cannot come from the account ``user_id`` ("" if it can).
+
+    RabbitMQ vouches for ``user_id`` (it refuses one that is not the
+    publishing connection's user). A Pi's own account is named after its
+    meter, so such an account sending another meter's pulse means a broker
+    permission that is too wide; other accounts (the shared edge account of
+    older installs, an admin's tools) are not judged here.
+
+    >>> sender_doubt("emdc-edge-garage", "garage"), sender_doubt("emdc-edge", "garage")
+    ('', '')
+    >>> sender_doubt("emdc-edge-shed", "garage")
+    "published by emdc-edge-shed, the account of meter 'shed', not of meter 'garage'"
+    """
+    own = user_id.removeprefix(EDGE_USER_PREFIX)
+    if own in (user_id, meter):
+        return ""
+    return f"published by {user_id}, the account of meter {own!r}, not of meter {meter!r}"

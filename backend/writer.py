@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from backend.amounts import format_kw, format_kwh
-from backend.batch import DeadLetter, Delivery, report_held_back
+from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.ledger import NS_PER_S, ChannelState, Implausible, Interleaved, Ledger
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
@@ -31,7 +31,7 @@ from backend.state_store import StateError, StateStore
 from backend.topics import QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
-from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control, decode_routed
+from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
 from common.topology import is_control
 
 log = logging.getLogger("emdc.writer")
@@ -172,7 +172,7 @@ class EnergyWriter:
                     touched.update(self._apply_control(delivery.body))
                     dirty = True
                     continue
-                pulse = decode_routed(delivery.body, delivery.routing_key)
+                pulse = decode_pulse(delivery)
             except (MessageError, Refused) as exc:
                 dead.append(DeadLetter(delivery, str(exc)))
                 continue

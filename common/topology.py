@@ -25,6 +25,19 @@ ROUTING_KEY_HEADER = "x-emdc-routing-key"
 READMITTED_HEADER = "x-emdc-readmitted"
 
 
+# The deployment names each Pi's RabbitMQ account after its meter (``render_secrets.py add-edge``).
+EDGE_USER_PREFIX = "emdc-edge-"
+
+
+def edge_user(meter: str) -> str:
+    """The RabbitMQ account of the Pi that reads ``meter``.
+
+    >>> edge_user("garage")
+    'emdc-edge-garage'
+    """
+    return f"{EDGE_USER_PREFIX}{meter}"
+
+
 def pulse_routing_key(meter: str, channel: str) -> str:
     """The routing key a pulse is published under.
 

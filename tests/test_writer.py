@@ -200,6 +200,29 @@ def test_a_body_naming_another_meter_or_channel_than_its_routing_key_is_held_bac
     assert writer.ledger.channel("main", "active").total_uwh == 0 and sink.log == []
 
 
+def test_a_pulse_from_another_pis_account_is_held_back(tmp_path: Path) -> None:
+    # RabbitMQ vouches for user_id; a Pi's account is named after its meter.
+    writer, _ = make_writer(tmp_path, FakeClock(T0 + S))
+    body = encode(pulse(1, 0))
+    dead = writer.handle_batch([Delivery(1, "pulse.main.active", body, user_id="emdc-edge-garage"),
+                                Delivery(2, "pulse.main.active", body, user_id="emdc-edge-main"),
+                                Delivery(3, "pulse.main.active", body, user_id="emdc-edge")])
+    assert [(d.delivery.tag, d.reason) for d in dead] == [
+        (1, "published by emdc-edge-garage, the account of meter 'garage', not of meter 'main'")]
+    assert writer.ledger.channel("main", "active").total_uwh == 1_000_000
+
+
+def test_the_consumer_hands_the_publishing_account_to_the_handler() -> None:
+    import pika
+
+    from backend.amqp_consumer import delivery
+
+    method = pika.spec.Basic.Deliver(delivery_tag=7, exchange="EMDC", routing_key="pulse.main.active")
+    got = delivery(method, pika.BasicProperties(user_id="emdc-edge-main"), b"{}")
+    assert (got.tag, got.routing_key, got.user_id, got.readmitted) == (7, "pulse.main.active", "emdc-edge-main", False)
+    assert delivery(method, pika.BasicProperties(), b"{}").user_id == ""
+
+
 def test_a_flood_of_bad_messages_is_one_log_line_per_batch(tmp_path: Path, caplog) -> None:
     writer, _ = make_writer(tmp_path, FakeClock())
     with caplog.at_level(logging.WARNING, logger="emdc.writer"):
