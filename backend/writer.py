@@ -69,7 +69,7 @@ class Admission:
         if meter in self.configured:
             ledger.admit(meter, now_ns)
             return ""
-        beyond = [m for m in ledger.meters() if m not in self.configured]
+        beyond = [m for m in ledger.meters() if m not in self.configured] if self.cap else []
         if len(beyond) < self.cap:
             ledger.admit(meter, now_ns)
             log.warning("admitted new meter %s automatically (%d of admit_new_meters=%d)", meter, len(beyond) + 1,

@@ -101,7 +101,8 @@ def test_a_standby_that_stops_leaves_the_active_writer_online(names: Names, watc
     a.stop()
 
 
-def test_a_standby_on_the_same_state_takes_over_exactly(names: Names, watch: MqttWatcher, spawn) -> None:
+def test_a_writer_on_the_same_state_takes_over_exactly_with_its_calibration(names: Names, watch: MqttWatcher,
+                                                                            spawn) -> None:
     env = writer_env(names)
     energy = f"{names.prefix}/active_energy"
     a = start_writer(spawn, names, env)
@@ -112,12 +113,19 @@ def test_a_standby_on_the_same_state_takes_over_exactly(names: Names, watch: Mqt
 
     publish(names.exchange, fresh_pulses(1, 10))
     watch.wait_for(energy, lambda v: v == "0.01")
+    run_emdc(["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", "50"], env)
+    watch.wait_for(energy, lambda v: v == "50")
+    time.sleep(0.5)  # the next pulses happen after the reading
+    publish(names.exchange, fresh_pulses(11, 5))
+    watch.wait_for(energy, lambda v: v == "50.005")
     a.kill9()
-    publish(names.exchange, fresh_pulses(11, 10))
-    start_writer(spawn, names, env).stop()
-    assert saved_total_uwh(Path(env["EMDC_STATE_DIR"])) == 20_000_000
+    publish(names.exchange, fresh_pulses(16, 5))
+    b = start_writer(spawn, names, env)
+    watch.wait_for(energy, lambda v: v == "50.01")
+    b.stop()
+    assert saved_total_uwh(Path(env["EMDC_STATE_DIR"])) == 50_010_000_000
     history = energy_history(watch, names)
-    assert history == sorted(history) and history[-1] == 0.02
+    assert history == sorted(history), f"the retained total dropped: {history}"
 
 
 def declare_old_queue(names: Names) -> None:
