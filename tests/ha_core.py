@@ -172,9 +172,7 @@ def _build(root: Path) -> None:
     pip = {"PIP_CERT": "/tmp/host-ca.crt", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
     _run(root, "python3", "-m", "venv", VENV)
     _run(root, f"{VENV}/bin/pip", "install", "--quiet", f"homeassistant=={HA_VERSION}", env=pip)
-    requirements = subprocess.run(chroot_command(root, f"{VENV}/bin/python", "-c", REQUIREMENTS, *DOMAINS,
-                                                 tmpfs=False), capture_output=True, text=True, check=True).stdout
-    (root / "tmp/requirements.txt").write_text(requirements)
+    _run(root, "sh", "-c", f'{VENV}/bin/python -c "$0" "$@" > /tmp/requirements.txt', REQUIREMENTS, *DOMAINS)
     constraints = f"{VENV}/lib/python3.14/site-packages/homeassistant/package_constraints.txt"
     _run(root, f"{VENV}/bin/pip", "install", "--quiet", "-r", "/tmp/requirements.txt", "-c", constraints, env=pip)
     # From now on the chroot resolves no names: Home Assistant stays off the internet.
@@ -225,7 +223,13 @@ class HomeAssistant:
         wait_until(self._http_up, 180, "Home Assistant's HTTP server")
         if self.token is None:
             self.token = self._onboard()
-        wait_until(lambda: self.rest("GET", "/api/config")["state"] == "RUNNING", 180, "Home Assistant to run")
+        wait_until(self._running, 180, "Home Assistant to run")
+
+    def _running(self) -> bool:
+        try:
+            return bool(self.rest("GET", "/api/config")["state"] == "RUNNING")
+        except (HomeAssistantError, OSError):  # e.g. the REST API not set up yet
+            return False
 
     def _http_up(self) -> bool:
         if self.process is None or self.process.poll() is not None:
