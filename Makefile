@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help simulate test test-fast bench docs lint install-edge uninstall-edge clean
+.PHONY: help simulate test test-fast test-ha bench docs lint install-edge uninstall-edge clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ test: $(STAMP) ## Run the whole test suite against the real brokers
 
 test-fast: $(STAMP) ## The tests that need no broker or database (a quick inner loop)
 	$(BIN)/python -m pytest -m "not brokers" $(PYTEST_ARGS)
+
+test-ha: $(STAMP) ## EMDC in a real Home Assistant Core (as root; the first run builds it into /var/cache/emdc-ha)
+	$(BIN)/python -m pytest -m ha_core $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Measure throughput and latency against the real brokers; writes bench-results.json
 	$(BIN)/python -m bench $(ARGS)
