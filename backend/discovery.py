@@ -130,8 +130,10 @@ class Discovery:
     def handover(self, meter: str, retained: Mapping[str, str],
                  channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
         """What to publish, in this order, to announce ``meter`` while ``retained`` (topic → payload, a scan of
-        :meth:`scan_filters`) holds its configs: stale configs of sensors announced anew are handed over,
-        those of sensors no longer announced are cleared. Nothing at all when discovery is ``off``."""
+        :meth:`scan_filters`) holds its configs: stale configs of sensors announced anew are handed over
+        (``migrate_discovery``, then cleared, then the new config: the order a real Home Assistant accepts
+        without a warning), those of sensors no longer announced are cleared. Nothing at all when discovery is
+        ``off``."""
         messages = self.messages(meter, channels)
         if not messages:
             return []
@@ -139,7 +141,8 @@ class Discovery:
         sensors = set().union(*(self._components(meter, topic, payload) or set() for topic, payload in messages))
         stale = {topic: held for topic, held in self._held(meter, retained).items() if topic not in announced}
         taken = [topic for topic, held in stale.items() if held & sensors]
-        return [(topic, MIGRATE) for topic in taken] + messages + [(topic, "") for topic in stale]
+        # Cleared before the new config: Home Assistant reads a clear after it as a conflicting message.
+        return [(topic, MIGRATE) for topic in taken] + [(topic, "") for topic in stale] + messages
 
     def removal_messages(self, meters: Iterable[str], retained: Mapping[str, str]) -> list[tuple[str, str]]:
         """Empty retained configs on the topics of ``meters`` that hold one in ``retained`` (a scan of

@@ -82,8 +82,8 @@ def test_a_handover_from_entity_to_device_follows_home_assistants_migration() ->
     old = {ENTITIES["active_energy"]: "{}", ENTITIES["active_power"]: "{}"}
     messages = Discovery(PREFIX, "home/energy", "device").handover("main", old, ["active"])
     assert [(t, p if p in ("", MIGRATE) else "config") for t, p in messages] == [
-        (ENTITIES["active_energy"], MIGRATE), (ENTITIES["active_power"], MIGRATE), (DEVICE, "config"),
-        (ENTITIES["active_energy"], ""), (ENTITIES["active_power"], "")]
+        (ENTITIES["active_energy"], MIGRATE), (ENTITIES["active_power"], MIGRATE),
+        (ENTITIES["active_energy"], ""), (ENTITIES["active_power"], ""), (DEVICE, "config")]
 
 
 def test_discovery_off_touches_nothing() -> None:

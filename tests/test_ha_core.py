@@ -236,9 +236,8 @@ def discovery_topics(meter: Meter, style: str) -> set[str]:
     return {f"homeassistant/sensor/emdc_{meter.id}/active_{quantity}/config" for quantity in ("energy", "power")}
 
 
-# Home Assistant 2026.11 reads the empty config that clears an old topic after the new config as a conflicting
+# Home Assistant 2026.11 reads an empty config that clears an old topic after the new config as a conflicting
 # discovery message (and ignores it); cleared between the migration request and the new config, it is not.
-@pytest.mark.xfail(strict=True, reason="the writer clears the per-entity configs after announcing the device")
 def test_switching_to_device_discovery_keeps_the_entities_and_logs_no_warning(meter: Meter,
                                                                                ha: HomeAssistant) -> None:
     meter.start_writer(EMDC_DISCOVERY="entity")

@@ -175,12 +175,12 @@ def test_switching_discovery_styles_hands_the_sensors_over(names: Names, watch: 
     writer = start_writer(spawn, names, ha_env(names))  # the documented upgrade to device discovery
     wait_until(lambda: set(retained_now(f"{names.prefix}/ha/#")) == {device}, 30, "the per-entity configs gone")
     assert writer.stop() == 0
-    # Home Assistant's migration: unload each old entity, announce the device, then clear the old topic.
+    # Home Assistant's migration: unload each old entity, clear the old topic, then announce the device.
     announced = watch.history.index(next(m for m in watch.history if m[0] == device and m[1]))
     for topic in entities:
         (migrate, _), (cleared, _) = [(i, m) for i, m in enumerate(watch.history) if m[0] == topic][-2:]
         assert json.loads(watch.history[migrate][1]) == {"migrate_discovery": True}
-        assert migrate < announced < cleared and watch.history[cleared][1] == ""
+        assert migrate < cleared < announced and watch.history[cleared][1] == ""
 
     start_writer(spawn, names, ha_env(names, EMDC_DISCOVERY="entity"))  # and back
     wait_until(lambda: set(retained_now(f"{names.prefix}/ha/#")) == set(entities), 30, "the device config gone")
