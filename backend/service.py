@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backend.amqp_consumer import BatchConsumer, TakeoverRefused
@@ -18,6 +18,8 @@ from common.config import Config
 from common.topology import WRITER_BINDINGS
 
 log = logging.getLogger("emdc.writer")
+# How often a writer that could not ask MQTT whose totals it holds asks again (it counts meanwhile).
+CLAIM_RETRY_S = 5.0
 
 
 def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False) -> None:
@@ -30,25 +32,47 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
     """
     with exclusive_state_dir(Path(config.state_dir)):
         mqtt = MqttPublisher(config)
-        writer = EnergyWriter.open(config, sink=mqtt)
+        unchecked = threading.Event()  # whose totals Home Assistant holds could not be asked yet
+        writer = EnergyWriter.open(config, sink=GatedSink(mqtt, closed=unchecked.is_set))
         if config.discovery != "off":
             mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
         identity = writer.store.identity()
         started = threading.Event()
+        forced = [take_over]  # --take-over counts for one takeover
+        next_check = [0.0]
 
-        def on_active() -> None:
-            refusal = claim(config, identity, forced=take_over)
+        def check_claim() -> bool:
+            """True once this writer may publish; False while MQTT cannot be asked (counting goes on)."""
+            refusal = claim(config, identity, forced=forced[0])
+            if refusal is None:
+                unchecked.set()
+                next_check[0] = time.monotonic() + CLAIM_RETRY_S
+                return False
             if refusal:
                 raise TakeoverRefused(refusal)
+            unchecked.clear()
+            forced[0] = False
+            return True
+
+        def on_active() -> None:
+            check_claim()
             if not started.is_set():
                 log.info("active: counting %s into state %s in %s", config.queue, identity, writer.store.path)
                 mqtt.start()
                 started.set()
+            else:  # active again after losing the lease: another writer may have published meanwhile
+                mqtt.publish(mqtt.availability, "online")
+                mqtt.request_republish()
+
+        def on_pass() -> None:
+            # Values are held back until whose totals Home Assistant holds could be checked, then all sent.
+            if unchecked.is_set() and time.monotonic() >= next_check[0] and check_claim():
+                mqtt.request_republish()
 
         consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
-                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s), trouble=mqtt.trouble,
-                                 on_active=on_active)
+                                 on_idle=idle_handler(writer, mqtt, config.power_refresh_s, on_pass=on_pass),
+                                 trouble=mqtt.trouble, on_active=on_active)
 
         def on_availability(payload: bytes) -> None:
             # The last will of a writer that lost its lease (and then died) must not hide the active one.
@@ -69,13 +93,32 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 log.info("writer stopped; state saved in %s", writer.store.path)
 
 
+class GatedSink:
+    """The writer's MQTT publisher, sending nothing while ``closed()`` (the writer then re-publishes everything
+    once it opens): a writer taking over must not publish before it knows the totals are its state's."""
+
+    def __init__(self, mqtt: MqttPublisher, closed: Callable[[], bool]) -> None:
+        self.mqtt = mqtt
+        self.closed = closed
+
+    def publish(self, topic: str, payload: str) -> bool | None:
+        return False if self.closed() else self.mqtt.publish(topic, payload)
+
+    def scan_retained(self, filters: Sequence[str]) -> dict[str, str] | None:
+        return None if self.closed() else self.mqtt.scan_retained(filters)
+
+    def hold(self, topic: str) -> None:
+        self.mqtt.hold(topic)
+
+
 # How early a wake-up may come and still count as a refresh's turn: callers that wake once a second
 # (the consumer's idle pass) come a few milliseconds early or late.
 WAKE_JITTER_S = 0.02
 
 
 def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: float,
-                 monotonic: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_pass: Callable[[], None] = lambda: None) -> Callable[[], None]:
     """What the writer does between batches: re-publish after an MQTT reconnect, let idle power follow the load.
 
     The power is refreshed every ``refresh_s`` (1 s by default); a caller that
@@ -86,6 +129,7 @@ def idle_handler(writer: EnergyWriter, mqtt: MqttPublisher | None, refresh_s: fl
 
     def on_idle() -> None:
         nonlocal last_refresh
+        on_pass()
         if mqtt is not None and mqtt.take_republish():
             writer.publish_all()
             return

@@ -42,12 +42,9 @@ def takeover_refusal(own: str, *, published: str | None, forced: bool) -> str:
             "the right one, start this writer once with --take-over")
 
 
-def claim(config: Config, own: str, *, forced: bool) -> str:
-    """Read the published state identity, and publish ``own`` unless refused; return the refusal ("" if none).
-
-    When the MQTT broker cannot be reached the takeover goes ahead (counting
-    is safe whatever MQTT does) and a later takeover checks again.
-    """
+def claim(config: Config, own: str, *, forced: bool) -> str | None:
+    """Read the published state identity, and publish ``own`` unless refused: the refusal, ``""`` when the
+    takeover may go ahead, or None when the MQTT broker cannot be asked (ask again before publishing)."""
     topic = writer_state_topic(config.topic_prefix)
     refusal = ""
 
@@ -60,5 +57,7 @@ def claim(config: Config, own: str, *, forced: bool) -> str:
         publish_once(config, [topic], decide)
     except (MqttFailure, OSError):
         # The MQTT publisher says in its own line what is wrong with the broker; this is what it means here.
-        log.info("taking over without checking %s: no answer from MQTT", topic)
+        log.info("not yet checked whose totals Home Assistant holds (%s): no answer from MQTT; checking before "
+                 "the first publish", topic)
+        return None
     return refusal

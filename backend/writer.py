@@ -61,6 +61,11 @@ class Admission:
         self.configured = tuple(configured)
         self.cap = cap
         self._reported: set[str] = set()
+        self._beyond: int | None = None  # meters admitted beyond the configured ones, counted once when needed
+
+    def recount(self) -> None:
+        """A meter was forgotten: count the admitted ones again when next needed."""
+        self._beyond = None
 
     def check(self, ledger: Ledger, meter: str, now_ns: int) -> str:
         """Why a pulse of ``meter`` is refused ("" if it may be counted; admitting it if it may)."""
@@ -69,10 +74,12 @@ class Admission:
         if meter in self.configured:
             ledger.admit(meter, now_ns)
             return ""
-        beyond = [m for m in ledger.meters() if m not in self.configured] if self.cap else []
-        if len(beyond) < self.cap:
+        if self.cap and self._beyond is None:
+            self._beyond = sum(1 for m in ledger.meters() if m not in self.configured)
+        if self._beyond is not None and self._beyond < self.cap:
             ledger.admit(meter, now_ns)
-            log.warning("admitted new meter %s automatically (%d of admit_new_meters=%d)", meter, len(beyond) + 1,
+            self._beyond += 1
+            log.warning("admitted new meter %s automatically (%d of admit_new_meters=%d)", meter, self._beyond,
                         self.cap)
             return ""
         reason = (f"meter {meter!r} is not one this writer counts ({', '.join(self.configured)}); if it is yours, add "
@@ -131,6 +138,8 @@ class EnergyWriter:
                 ledger.admit(meter, clock())
                 self._unsaved = True
         self._interleaved: set[tuple[str, str]] = set()
+        # Forgotten meters whose Home Assistant device could not be removed yet (MQTT out of reach).
+        self._withdrawing: set[str] = set()
         self._published: dict[str, str] = {}
         # Channels whose displayed power may still change with time alone or waits to be published:
         # the only ones refresh_power looks at, so a refresh costs nothing for meters at rest.
@@ -170,6 +179,8 @@ class EnergyWriter:
             try:
                 if is_control(delivery.routing_key):
                     touched.update(self._apply_control(delivery.body))
+                    # A forgotten meter must not be published again (which would bring it back).
+                    touched = {key for key in touched if self.ledger.is_known(key[0])}
                     dirty = True
                     continue
                 pulse = decode_pulse(delivery)
@@ -253,6 +264,7 @@ class EnergyWriter:
             log.info("forget %s: not a meter this writer counts; nothing to do", meter)
             return
         channels = self.ledger.forget(meter)
+        self.admission.recount()
         log.warning("forgot meter %s (channels: %s) and removed its Home Assistant device", meter,
                     ", ".join(channels) or "none")
         self._withdraw(meter)
@@ -273,8 +285,12 @@ class EnergyWriter:
             retained = self.sink.scan_retained(self.discovery.scan_filters(meter))
         else:  # a sink without a memory of its own holds what this writer announced
             retained = dict(self.discovery.messages(meter))
-        for topic, payload in self.discovery.removal_messages([meter], retained or {}):
-            self.sink.publish(topic, payload)
+        sent = [self.sink.publish(topic, payload) for topic, payload in
+                self.discovery.removal_messages([meter], retained or {})]
+        if retained is None or False in sent:
+            self._withdrawing.add(meter)  # MQTT is out of reach: publish_all tries again after reconnecting
+        else:
+            self._withdrawing.discard(meter)
 
     def refresh_power(self) -> None:
         """Publish the power values that changed with time alone (idle bound, timeout) or were held back.
@@ -293,6 +309,8 @@ class EnergyWriter:
 
     def publish_all(self) -> None:
         """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
+        for meter in sorted(self._withdrawing):
+            self._withdraw(meter)
         self._announced.clear()
         for meter in sorted(self._meters | {meter for (meter, _), _ in self.ledger}):
             self._announce(meter)
@@ -330,7 +348,7 @@ class EnergyWriter:
                 self.sink.publish(topic, payload)
         zero = format_kwh(0)
         for key, topic in energy.items():
-            if states[key].calibrated_at_ns or states[key].calibrations or (retained and retained.get(topic)):
+            if states[key].calibrated_at_ns or (retained and retained.get(topic)):
                 self._started.add(key)  # its start is a meter reading, or Home Assistant has a value already
             elif retained is not None and self.sink.publish(topic, zero) is not False:
                 self._published[topic] = zero

@@ -244,6 +244,28 @@ def test_a_calibration_admits_a_meter_and_forget_drops_it_with_its_device(tmp_pa
     assert "in the meters setting" in refused.reason and main_total(writer) == 3_000_000
 
 
+def test_a_forget_in_the_batch_of_the_meters_last_pulses_keeps_it_forgotten(tmp_path: Path) -> None:
+    writer, sink, _ = genuine_writer(tmp_path, EMDC_DISCOVERY="device")
+    assert writer.handle_batch(control(SetTotal("garage", "active", Decimal(5), T0, "c1"))) == []
+    batch = [*deliveries(pulse(1, 2, meter="garage")), *control(ForgetMeter("garage", "f1"), tag=2)]
+    assert writer.handle_batch(batch) == []
+    assert writer.ledger.meters() == ["main"], "publishing the batch brought the meter back"
+    assert sink.retained["homeassistant/device/emdc_garage/config"] == ""
+    assert sink.retained["home/energy/garage/active_energy"] == ""
+    [dead] = writer.handle_batch(deliveries(pulse(40_000, 3, meter="garage")))
+    assert "not one this writer counts" in dead.reason
+
+
+def test_an_energy_per_pulse_set_before_the_first_pulse_still_publishes_the_zero_first(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    writer, sink = make_writer(tmp_path, clock, EMDC_DISCOVERY="off")
+    assert writer.handle_batch(control(SetPulseEnergy("main", "active", 0.5, "d1"))) == []
+    clock.now = T0 + 2 * S
+    assert writer.handle_batch(deliveries(pulse(1, 1, wh=0.5))) == []
+    energy = [payload for topic, payload in sink.log if topic == "home/energy/active_energy"]
+    assert energy[:2] == ["0", "0.0005"], "Home Assistant takes the first value as the zero point"
+
+
 def test_another_energy_per_pulse_counts_once_the_command_changed_it(tmp_path: Path) -> None:
     writer, _, clock = genuine_writer(tmp_path)
     clock.now += S
