@@ -62,6 +62,14 @@ def _keep_routing_key(method: pika.spec.Basic.GetOk, properties: pika.BasicPrope
     return headers
 
 
+def _consumers(connection: pika.BlockingConnection, queue: str) -> int:
+    """Consumers of ``queue``, 0 if it does not exist (a broker without writer leases)."""
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+
+
 def _topic_dead_letter_exchange(connection: pika.BlockingConnection, config: Config) -> None:
     """Re-declare a direct dead-letter exchange as a topic one, binding every writer's dead-letter queue again."""
     dlx = dead_letter_exchange(config.exchange)
@@ -90,8 +98,10 @@ def migrate(config: Config, queue: str, bindings: tuple[str, ...]) -> int:
         channel = connection.channel()
         channel.confirm_delivery()
         consumers = channel.queue_declare(queue, passive=True).method.consumer_count
-        if consumers:
-            raise MigrationRefused(f"{queue} has {consumers} consumer(s): stop its writers first")
+        standbys = _consumers(connection, lease_queue(queue))
+        if consumers or standbys:
+            raise MigrationRefused(f"{queue} has {consumers + standbys} writer(s) consuming or standing by: stop "
+                                   "its writers first")
         holding = holding_queue(queue)
         channel.queue_declare(holding, durable=True)
         for key in bindings:
