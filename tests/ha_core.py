@@ -28,14 +28,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,7 +43,7 @@ from typing import Any
 
 from websockets.sync.client import connect
 
-from tests.support import free_port, wait_until
+from tests.support import cached_directory, free_port, wait_until
 
 HA_VERSION = "2026.11.0"
 CACHE = Path(os.environ.get("EMDC_HA_CACHE", "/var/cache/emdc-ha"))
@@ -143,19 +141,7 @@ def _run(root: Path, *command: str, **kwargs: Any) -> None:
 def image() -> Path:
     """The cached root file system with Home Assistant, built if absent (3-4 minutes, about 2 GB)."""
     key = hashlib.sha256(" ".join((SUITE, MIRROR, HA_VERSION, *PACKAGES, *DOMAINS, REQUIREMENTS)).encode())
-    path = CACHE / f"{SUITE}-ha{HA_VERSION}-{key.hexdigest()[:10]}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building the same image
-        if path.is_dir():
-            return path
-        building = Path(tempfile.mkdtemp(prefix=f".{SUITE}-", dir=CACHE))
-        try:
-            _build(building)
-            building.rename(path)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return path
+    return cached_directory(CACHE, f"{SUITE}-ha{HA_VERSION}-{key.hexdigest()[:10]}", _build)
 
 
 def _build(root: Path) -> None:

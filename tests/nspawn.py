@@ -17,17 +17,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tests.support import wait_until
+from tests.support import cached_directory, wait_until
 
 CACHE = Path(os.environ.get("EMDC_NSPAWN_CACHE", "/var/cache/emdc-nspawn"))
 SUITE = "bookworm"
@@ -45,22 +43,14 @@ def missing_tools() -> list[str]:
 def image() -> Path:
     """The cached root file system, built (atomically: into a temporary directory, then renamed) if absent."""
     key = hashlib.sha256(" ".join((SUITE, MIRROR, *PACKAGES)).encode()).hexdigest()[:10]
-    path = CACHE / f"{SUITE}-{key}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building the same image
-        if path.is_dir():
-            return path
-        building = Path(tempfile.mkdtemp(prefix=f".{SUITE}-", dir=CACHE))
-        try:
-            result = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                                     SUITE, str(building), MIRROR], capture_output=True, text=True, timeout=1200)
-            if result.returncode != 0:
-                raise RuntimeError(f"debootstrap {SUITE} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-            building.rename(path)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return path
+    return cached_directory(CACHE, f"{SUITE}-{key}", _debootstrap)
+
+
+def _debootstrap(root: Path) -> None:
+    result = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root),
+                             MIRROR], capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"debootstrap {SUITE} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
 
 
 class Container:

@@ -8,10 +8,13 @@ here so that a test module imports every helper from this one place.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +60,7 @@ __all__ = [
     "TcpProxy",
     "amqp_parameters",
     "amqp_url_at",
+    "cached_directory",
     "clear_retained",
     "consumers",
     "declare_queue",
@@ -206,6 +210,27 @@ def consumers(queue: str) -> int:
             return connection.channel().queue_declare(queue, passive=True).method.consumer_count
         except pika.exceptions.ChannelClosedByBroker:
             return 0
+
+
+# -- cached root file systems (tests/nspawn.py, tests/ha_core.py) ---------------------
+
+
+def cached_directory(cache: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """``cache/name``, built if absent: by ``build(directory)`` into a temporary directory, then renamed, under
+    a lock, so a build that fails or another run building the same never leaves a half-built one in place."""
+    path = cache / name
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_dir():
+            return path
+        building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        try:
+            build(building)
+            building.rename(path)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return path
 
 
 # -- pulses and deliveries ----------------------------------------------------------
