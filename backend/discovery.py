@@ -11,7 +11,8 @@ Home Assistant refuses a config for a sensor it already knows from the other
 style ("conflicting MQTT discovery message"). So announcing takes the configs
 retained for the meter into account: those of the other style are handed over
 as Home Assistant's migration asks (``migrate_discovery`` on the old topic,
-the new config, then the old topic cleared), which keeps the entities and
+the old topic cleared, then the new config: a real Home Assistant reads a
+clear after the new config as a conflict), which keeps the entities and
 their history. Only topics that hold a config are touched.
 
 Example::
@@ -23,8 +24,8 @@ Example::
     >>> for topic, payload in d.handover("main", {old: "{...}"}):
     ...     print(topic, payload[:12] or "(empty)")
     homeassistant/sensor/emdc_main/active_energy/config {"migrate_di
-    homeassistant/device/emdc_main/config {"device": {
     homeassistant/sensor/emdc_main/active_energy/config (empty)
+    homeassistant/device/emdc_main/config {"device": {
 """
 
 from __future__ import annotations
