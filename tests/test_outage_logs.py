@@ -96,19 +96,13 @@ def outage(tmp_path_factory: pytest.TempPathFactory, brokers: None) -> Iterator[
         names.remove()
 
 
-def test_the_edge_logs_each_change_of_the_link_once(outage: Outage) -> None:
-    lines = outage.edge.lines
+@pytest.mark.parametrize(("service", "lost", "back"), [("edge", "lost RabbitMQ", "publishing to exchange"),
+                                                     ("writer", "disconnected from", "consuming")])
+def test_each_service_logs_each_change_of_the_link_once(outage: Outage, service: str, lost: str, back: str) -> None:
+    log = outage.edge if service == "edge" else outage.writer
+    lines = log.lines
     assert "Traceback" not in "\n".join(lines), lines
-    assert outage.edge.third_party() == [], lines
+    assert log.third_party() == [], lines
     assert len(lines) <= MAX_LINES, lines
-    assert "lost RabbitMQ" in lines[0] and "publishing to exchange" in lines[-1], lines
-    assert outage.total_uwh == outage.produced * 10**6
-
-
-def test_the_writer_logs_each_change_of_the_link_once(outage: Outage) -> None:
-    lines = outage.writer.lines
-    assert "Traceback" not in "\n".join(lines), lines
-    assert outage.writer.third_party() == [], lines
-    assert len(lines) <= MAX_LINES, lines
-    assert "disconnected from" in lines[0] and "consuming" in lines[-1], lines
+    assert lost in lines[0] and back in lines[-1], lines
     assert outage.total_uwh == outage.produced * 10**6

@@ -8,6 +8,7 @@ from, so the retained total never drops. Real RabbitMQ and Mosquitto.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pika
@@ -36,6 +37,18 @@ def fresh_pulses(first: int, count: int) -> list[Pulse]:
             for seq in range(first, first + count)]
 
 
+def count_calibrate_count(names: Names, watch: MqttWatcher, env: dict[str, str], *, kwh: int, after: int) -> None:
+    """Count pulses 1-10, calibrate main/active to ``kwh``, count ``after`` more pulses (11 on) on top of it."""
+    energy = f"{names.prefix}/active_energy"
+    publish(names.exchange, fresh_pulses(1, 10))
+    watch.wait_for(energy, lambda v: v == "0.01")
+    run_emdc(["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", str(kwh)], env)
+    watch.wait_for(energy, lambda v: v == str(kwh))
+    time.sleep(0.5)  # the next pulses happen after the reading
+    publish(names.exchange, fresh_pulses(11, after))
+    watch.wait_for(energy, lambda v: Decimal(v) == kwh + Decimal(after) / 1000)
+
+
 def unhealthy(env: dict[str, str]) -> str:
     """What ``emdc writer --check`` says when it fails ("" while healthy)."""
     health = run_emdc(["writer", "--check", "--max-age", "3"], env, check=False)
@@ -57,13 +70,7 @@ def test_writers_with_separate_state_take_turns_and_never_lower_the_total(names:
     wait_until(lambda: "standby: another writer is consuming" in b.log(), 30, "the second writer to stand by")
     assert consumers(names.queue) == 1, "a standby must not consume the queue"
 
-    publish(names.exchange, fresh_pulses(1, 10))
-    watch.wait_for(energy, lambda v: v == "0.01")
-    run_emdc(["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", "100"], env_a)
-    watch.wait_for(energy, lambda v: v == "100")
-    time.sleep(0.5)  # the next pulses happen after the reading
-    publish(names.exchange, fresh_pulses(11, 10))
-    watch.wait_for(energy, lambda v: v == "100.01")
+    count_calibrate_count(names, watch, env_a, kwh=100, after=10)
 
     a.kill9()
     wait_until(lambda: "not taking over" in b.log(), 60, "the standby to refuse a state that is not Home Assistant's")
@@ -111,13 +118,7 @@ def test_a_writer_on_the_same_state_takes_over_exactly_with_its_calibration(name
     assert refused.returncode != 0 and "in use by another writer" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    publish(names.exchange, fresh_pulses(1, 10))
-    watch.wait_for(energy, lambda v: v == "0.01")
-    run_emdc(["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", "50"], env)
-    watch.wait_for(energy, lambda v: v == "50")
-    time.sleep(0.5)  # the next pulses happen after the reading
-    publish(names.exchange, fresh_pulses(11, 5))
-    watch.wait_for(energy, lambda v: v == "50.005")
+    count_calibrate_count(names, watch, env, kwh=50, after=5)
     a.kill9()
     publish(names.exchange, fresh_pulses(16, 5))
     b = start_writer(spawn, names, env)
