@@ -199,7 +199,8 @@ class BatchConsumer:
         each get one warning line with the way to migrate.
         """
         channel = connection.channel()
-        for what, step in consumer_queue_steps(self.config.exchange, self.queue, self.bindings):
+        for what, step in consumer_queue_steps(self.config.exchange, self.queue, self.bindings,
+                                               self.config.queue_type, self.config.delivery_limit):
             try:
                 step(channel)
             except pika.exceptions.ChannelClosedByBroker as exc:

@@ -412,12 +412,15 @@ def queue_group() -> None:
     """Maintain the writers' RabbitMQ queues."""
 
 
-@queue_group.command("migrate", short_help="Re-declare a writer queue with single active consumer.")
+@queue_group.command("migrate", short_help="Re-declare a writer queue with today's arguments and queue type.")
 @click.option("--writer", "writer_name", type=click.Choice(["mqtt", "db"]), default="mqtt", show_default=True,
               help="Whose queue: the MQTT writer's or the db-writer's.")
 @click.pass_obj
 def queue_migrate(obj: CommandContext, /, writer_name: str) -> None:
-    """Rebuild a queue that an older version declared without single active consumer, losing no message.
+    """Rebuild a writer queue and its dead-letter queue with today's arguments, losing no message.
+
+    For a queue an older version declared without single active consumer, or
+    to turn a classic queue into a quorum queue (set queue_type = "quorum").
 
     Stop that queue's writers first; the edges may keep publishing. Needs an
     account that may declare queues (the deployment's admin account, e.g.
@@ -433,4 +436,5 @@ def queue_migrate(obj: CommandContext, /, writer_name: str) -> None:
             held = migrate(cfg, queue, DB_WRITER_BINDINGS if writer_name == "db" else WRITER_BINDINGS)
     except MigrationRefused as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"migrated {queue}: single active consumer, {held} message(s) kept; start its writers again")
+    click.echo(f"migrated {queue}: {cfg.queue_type} queue with single active consumer, {held} message(s) kept; "
+               "start its writers again")

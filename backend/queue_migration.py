@@ -1,7 +1,10 @@
-"""Re-declare a writer queue that an older version declared without single active consumer.
+"""Re-declare a writer queue with today's arguments: single active consumer, and the configured queue type.
 
-A queue's arguments cannot change, so the queue is rebuilt around a holding
-queue, with no message lost and none left behind:
+An older version declared writer queues without single active consumer; a
+classic queue becomes a quorum queue (``queue_type = "quorum"``) the same way.
+A queue's arguments cannot change, so the queue (and then its dead-letter
+queue) is rebuilt around a holding queue, with no message lost and none left
+behind:
 
 1. a holding queue ``<queue>.migrating`` gets the queue's bindings, so new
    pulses land there too (counting twice is impossible: the writer counts by
@@ -41,6 +44,7 @@ from common.topology import (
     ROUTING_KEY_HEADER,
     dead_letter_exchange,
     dead_letter_queue,
+    dead_letter_queue_arguments,
     lease_queue,
     queue_arguments,
 )
@@ -70,6 +74,14 @@ def _consumers(connection: pika.BlockingConnection, queue: str) -> int:
         return 0
 
 
+def _exists(connection: pika.BlockingConnection, queue: str) -> bool:
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    return True
+
+
 def _topic_dead_letter_exchange(connection: pika.BlockingConnection, config: Config) -> None:
     """Re-declare a direct dead-letter exchange as a topic one, binding every writer's dead-letter queue again."""
     dlx = dead_letter_exchange(config.exchange)
@@ -83,43 +95,76 @@ def _topic_dead_letter_exchange(connection: pika.BlockingConnection, config: Con
     channel.exchange_delete(dlx)
     channel.exchange_declare(dlx, "topic", durable=True)
     for queue in (config.queue, config.db_queue):
-        try:
-            channel.queue_declare(dead_letter_queue(queue), passive=True)
-        except pika.exceptions.ChannelClosedByBroker:  # that writer never ran here
-            channel = connection.channel()
-            continue
-        channel.queue_bind(dead_letter_queue(queue), dlx, queue)
+        if _exists(connection, dead_letter_queue(queue)):  # else that writer never ran here
+            channel.queue_bind(dead_letter_queue(queue), dlx, queue)
+
+
+def _rebuild(connection: pika.BlockingConnection, queue: str, arguments: dict[str, Any],
+             bindings: list[tuple[str, str]]) -> int:
+    """Rebuild ``queue`` with ``arguments`` and its ``bindings`` (exchange, key); return how many messages it held.
+
+    Already declared with ``arguments``, the queue is left as it is. The
+    holding queue is classic whatever the queue becomes: only a classic queue
+    can be deleted *if empty*, which is what keeps the last arrivals."""
+    try:
+        return int(connection.channel().queue_declare(queue, durable=True, arguments=arguments).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != PRECONDITION_FAILED:
+            raise
+        if "current is 'quorum'" in exc.reply_text:  # basic.get, which moves the messages, fails on it
+            raise MigrationRefused(f"{queue} is a quorum queue: emdc queue migrate does not turn it back into a "
+                                   "classic one") from None
+    channel = _confirming(connection)
+    holding = holding_queue(queue)
+    channel.queue_declare(holding, durable=True)
+    for exchange, key in bindings:
+        channel.queue_bind(holding, exchange, key)
+    for exchange, key in bindings:
+        channel.queue_unbind(queue, exchange, key)
+    held = move_messages(channel, queue, holding, _keep_routing_key)
+    channel.queue_delete(queue, if_empty=True)
+    channel.queue_declare(queue, durable=True, arguments=arguments)
+    # A new channel: RabbitMQ 3.10's channel still routes to the deleted queue's type (a classic queue
+    # redeclared as a quorum one crashes the channel on the next publish).
+    channel = _confirming(connection)
+    move_messages(channel, holding, queue, _keep_routing_key)
+    for exchange, key in bindings:
+        channel.queue_bind(queue, exchange, key)
+    for exchange, key in bindings:
+        channel.queue_unbind(holding, exchange, key)
+    move_messages(channel, holding, queue, _keep_routing_key)
+    channel.queue_delete(holding, if_empty=True)
+    return held
+
+
+def _confirming(connection: pika.BlockingConnection) -> pika.adapters.blocking_connection.BlockingChannel:
+    channel = connection.channel()
+    channel.confirm_delivery()
+    return channel
 
 
 def migrate(config: Config, queue: str, bindings: tuple[str, ...]) -> int:
-    """Rebuild ``queue`` with today's arguments; return how many messages it held. Needs the admin account."""
+    """Rebuild ``queue`` and its dead-letter queue with today's arguments and ``config.queue_type``; return how
+    many messages the queue held. Needs the admin account."""
     connection = pika.BlockingConnection(connection_parameters(config, "emdc-queue-migrate"))
     try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        consumers = channel.queue_declare(queue, passive=True).method.consumer_count
+        consumers = connection.channel().queue_declare(queue, passive=True).method.consumer_count
         standbys = _consumers(connection, lease_queue(queue))
         if consumers or standbys:
             raise MigrationRefused(f"{queue} has {consumers + standbys} writer(s) consuming or standing by: stop "
                                    "its writers first")
-        holding = holding_queue(queue)
-        channel.queue_declare(holding, durable=True)
-        for key in bindings:
-            channel.queue_bind(holding, config.exchange, key)
-        for key in bindings:
-            channel.queue_unbind(queue, config.exchange, key)
-        held = move_messages(channel, queue, holding, _keep_routing_key)
-        channel.queue_delete(queue, if_empty=True)
-        channel.queue_declare(queue, durable=True, arguments=queue_arguments(config.exchange, queue))
-        channel.queue_declare(lease_queue(queue), durable=True)
-        move_messages(channel, holding, queue, _keep_routing_key)
-        for key in bindings:
-            channel.queue_bind(queue, config.exchange, key)
-        for key in bindings:
-            channel.queue_unbind(holding, config.exchange, key)
-        move_messages(channel, holding, queue, _keep_routing_key)
-        channel.queue_delete(holding, if_empty=True)
         _topic_dead_letter_exchange(connection, config)
+        dlx, dlq = dead_letter_exchange(config.exchange), dead_letter_queue(queue)
+        typed = dead_letter_queue_arguments(config.queue_type)
+        if not _exists(connection, dlq):  # that writer never dead-lettered here: nothing to rebuild but the binding
+            channel = connection.channel()
+            channel.queue_declare(dlq, durable=True, arguments=typed)
+            channel.queue_bind(dlq, dlx, queue)
+        held = _rebuild(connection, queue, queue_arguments(config.exchange, queue, config.queue_type,
+                                                           config.delivery_limit),
+                        [(config.exchange, key) for key in bindings])
+        connection.channel().queue_declare(lease_queue(queue), durable=True)
+        _rebuild(connection, dlq, typed, [(dlx, queue)])
         return held
     finally:
         if connection.is_open:

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from common.message import MAX_WH, MessageError, validate_meter_id
+from common.topology import QUEUE_TYPES
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 # The GPIOs of a Raspberry Pi's 40-pin header, by BCM number.
@@ -48,6 +49,9 @@ class Config:
     queue: str = _setting("queue_mqtt_writer", "Queue the MQTT writer consumes")
     db_queue: str = _setting("queue_db_writer", "Queue the database writer consumes")
     declare_topology: bool = _setting(True, "Declare exchange/queues at start (false if a definitions file does)")
+    queue_type: str = _setting("classic", "Writer queues: classic, or quorum (replicated over a RabbitMQ cluster)")
+    delivery_limit: int = _setting(20, "Quorum queues: a message delivered this often without an ack is "
+                                       "dead-lettered")
     amqp_ca_file: str = _setting("", "CA bundle for amqps:// (empty: system CAs)")
     mqtt_host: str = _setting("localhost", "Mosquitto host")
     mqtt_port: int = _setting(1883, "Mosquitto port (8883 is usual with TLS)")
@@ -289,6 +293,10 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"meters: {exc} (a comma-separated list of meter ids)") from None
     if cfg.admit_new_meters < 0:
         raise ConfigError(f"admit_new_meters must be 0 (off) or a positive cap, got {cfg.admit_new_meters}")
+    if cfg.queue_type not in QUEUE_TYPES:
+        raise ConfigError(f"queue_type must be {' or '.join(QUEUE_TYPES)}, got {cfg.queue_type!r}")
+    if not 1 <= cfg.delivery_limit <= 1000:
+        raise ConfigError(f"delivery_limit must be between 1 and 1000, got {cfg.delivery_limit}")
     try:
         scheme, port = urlsplit(cfg.amqp_url).scheme, urlsplit(cfg.amqp_url).port
     except ValueError as exc:  # e.g. a port that is not a number; the URL itself may hold a password

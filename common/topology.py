@@ -25,6 +25,11 @@ ROUTING_KEY_HEADER = "x-emdc-routing-key"
 READMITTED_HEADER = "x-emdc-readmitted"
 
 
+# Writer queues are classic (one node) or quorum (replicated over a cluster, see the scaling guide).
+QUEUE_TYPES = ("classic", "quorum")
+DEFAULT_DELIVERY_LIMIT = 20
+
+
 # The deployment names each Pi's RabbitMQ account after its meter (``render_secrets.py add-edge``).
 EDGE_USER_PREFIX = "emdc-edge-"
 
@@ -83,14 +88,37 @@ def lease_queue(queue: str) -> str:
     return f"{queue}.active"
 
 
-def queue_arguments(exchange: str, queue: str) -> dict[str, Any]:
+def queue_arguments(exchange: str, queue: str, queue_type: str = "classic",
+                    delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> dict[str, Any]:
     """Arguments of a consumer queue; they must be identical wherever it is declared.
 
     Single active consumer: whatever else connects to the queue, the broker
     delivers to one consumer only, so no two writers ever count side by side.
+    A quorum queue also dead-letters a message delivered ``delivery_limit``
+    times without an ack (a message that kills every writer that reads it),
+    *at least once*: the dead letter is confirmed before the message goes,
+    which RabbitMQ allows only when a full queue refuses new messages (the
+    edge keeps them and retries) rather than dropping its oldest.
+
+    >>> arguments = queue_arguments("EMDC", "q", "quorum", 5)
+    >>> arguments["x-queue-type"], arguments["x-delivery-limit"], arguments["x-overflow"]
+    ('quorum', 5, 'reject-publish')
     """
-    return {"x-dead-letter-exchange": dead_letter_exchange(exchange), "x-dead-letter-routing-key": queue,
-            "x-single-active-consumer": True}
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": dead_letter_exchange(exchange),
+                                 "x-dead-letter-routing-key": queue, "x-single-active-consumer": True}
+    if queue_type == "quorum":
+        arguments |= {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit,
+                      "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return arguments
+
+
+def dead_letter_queue_arguments(queue_type: str = "classic") -> dict[str, Any]:
+    """Arguments of a dead-letter queue: replicated like its writer queue.
+
+    >>> dead_letter_queue_arguments("quorum"), dead_letter_queue_arguments()
+    ({'x-queue-type': 'quorum'}, {})
+    """
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
 
 
 def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
@@ -98,21 +126,25 @@ def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:
     channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True, **kwargs)
 
 
-def consumer_queue_steps(exchange: str, queue: str,
-                         bindings: tuple[str, ...]) -> list[tuple[str, Callable[[Any], None]]]:
+def consumer_queue_steps(exchange: str, queue: str, bindings: tuple[str, ...], queue_type: str = "classic",
+                         delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> list[tuple[str, Callable[[Any], None]]]:
     """The declarations behind a consumer queue, in order, each with what it declares: each is idempotent,
-    so a consumer can run them one by one and explain a step that clashes with what an older version declared."""
+    so a consumer can run them one by one and explain a step that clashes with what an older version declared.
+
+    The lease queue stays classic whatever ``queue_type`` is: RabbitMQ ignores
+    an exclusive consumer on a quorum queue."""
     dlx, dlq, lease = dead_letter_exchange(exchange), dead_letter_queue(queue), lease_queue(queue)
+    arguments = queue_arguments(exchange, queue, queue_type, delivery_limit)
     # Topic, not direct: RabbitMQ checks topic permissions only on topic exchanges, and they keep each writer
     # to its own dead-letter queue.
     return [
         (f"exchange {exchange}", lambda ch: declare_exchange(ch, exchange)),
         (f"exchange {dlx}", lambda ch: ch.exchange_declare(exchange=dlx, exchange_type="topic", durable=True)),
-        (f"queue {dlq}", lambda ch: ch.queue_declare(queue=dlq, durable=True)),
+        (f"queue {dlq}", lambda ch: ch.queue_declare(queue=dlq, durable=True,
+                                                     arguments=dead_letter_queue_arguments(queue_type))),
         (f"binding of {dlq}", lambda ch: ch.queue_bind(queue=dlq, exchange=dlx, routing_key=queue)),
         (f"queue {lease}", lambda ch: ch.queue_declare(queue=lease, durable=True)),
-        (f"queue {queue}", lambda ch: ch.queue_declare(queue=queue, durable=True,
-                                                       arguments=queue_arguments(exchange, queue))),
+        (f"queue {queue}", lambda ch: ch.queue_declare(queue=queue, durable=True, arguments=arguments)),
         *((f"binding {key} of {queue}", lambda ch, key=key: ch.queue_bind(queue=queue, exchange=exchange,
                                                                            routing_key=key))
           for key in bindings),

@@ -242,6 +242,13 @@ def pulse(seq: int, t_s: float | None = None, *, epoch: str = "e1", wh: float = 
     return Pulse(meter, channel, epoch, seq, T0 + round((seq if t_s is None else t_s) * S), wh)
 
 
+def fresh_pulses(first: int, count: int) -> list[Pulse]:
+    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 10 ms apart."""
+    now = time.time_ns()
+    return [Pulse("main", "active", "feed", seq, now - (first + count - 1 - seq) * 10_000_000, 1.0)
+            for seq in range(first, first + count)]
+
+
 def deliveries(*items: Pulse | bytes) -> list[Delivery]:
     """A batch as a transport hands it to a handler, tags from 1; raw bodies go to ``pulse.main.active``."""
     return [Delivery(i, item.routing_key if isinstance(item, Pulse) else "pulse.main.active",

@@ -396,7 +396,7 @@ def _load(**env: Any) -> Config:
 def test_every_setting_can_come_from_its_environment_variable():
     samples = {str: "x", int: "7", float: "2.5", bool: "false"}
     special = {"amqp_url": "amqps://h/", "meter_id": "m1", "discovery": "off", "log_level": "ERROR",
-               "clock_sync": "unknown", "topic_prefix": "t/p"}
+               "clock_sync": "unknown", "topic_prefix": "t/p", "queue_type": "quorum"}
     for name, variable, default, _ in settings_table():
         value = special.get(name, samples[type(default)])
         cfg = _load(**{variable: value})
@@ -405,6 +405,8 @@ def test_every_setting_can_come_from_its_environment_variable():
 
 
 @pytest.mark.parametrize(("env", "message"), [
+    ({"EMDC_QUEUE_TYPE": "stream"}, "queue_type must be classic or quorum"),
+    ({"EMDC_DELIVERY_LIMIT": "0"}, "delivery_limit must be between 1 and 1000"),
     ({"EMDC_AMQP_URL": "amqp://u:pw@host:56x72/"}, "amqp_url is not a valid URL"),
     ({"EMDC_AMQP_URL": "amqp://u:pw@[::1/"}, "amqp_url is not a valid URL"),
     ({"EMDC_BATCH_SIZE": "70000"}, "batch_size must be at most 65535"),

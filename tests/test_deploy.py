@@ -815,6 +815,24 @@ def test_definitions_match_common_topology():
     assert all(b["destination_type"] == "queue" for b in d["bindings"])
 
 
+def test_quorum_definitions_declare_what_the_writers_declare(tmp_path):
+    secrets_dir = tmp_path / "rabbitmq"
+    for user in json.loads(DEFINITIONS.read_text())["users"]:
+        write_secret(secrets_dir / user["name"], random_password())
+    d = render_secrets.render_definitions(json.loads(DEFINITIONS.read_text()), secrets_dir, "quorum")
+    exchange = Config().exchange
+    expected = {}
+    for q in (Config().queue, Config().db_queue):
+        expected[q] = topology.queue_arguments(exchange, q, "quorum")
+        expected[topology.dead_letter_queue(q)] = topology.dead_letter_queue_arguments("quorum")
+        expected[topology.lease_queue(q)] = {}  # the lease needs an exclusive consumer: classic
+    assert {q["name"]: q["arguments"] for q in d["queues"]} == expected
+    # A quorum queue's overflow comes from its policy; at-least-once dead-lettering needs reject-publish.
+    for q in (Config().queue, Config().db_queue):
+        assert [p["definition"]["overflow"] for p in d["policies"] if re.search(p["pattern"], q)] == [
+            "reject-publish"]
+
+
 def test_definitions_cap_every_queue_in_messages_and_bytes():
     d = json.loads(DEFINITIONS.read_text())
     for q in d["queues"]:

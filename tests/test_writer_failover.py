@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pika
 
-from common.message import Pulse
 from common.topology import WRITER_BINDINGS, dead_letter_exchange, queue_arguments
 from tests.support import (
     MqttWatcher,
     Names,
     amqp_parameters,
     consumers,
+    fresh_pulses,
     publish,
     queue_depth,
     run_emdc,
@@ -28,13 +28,6 @@ from tests.support import (
     wait_until,
     writer_env,
 )
-
-
-def fresh_pulses(first: int, count: int) -> list[Pulse]:
-    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 10 ms apart."""
-    now = time.time_ns()
-    return [Pulse("main", "active", "feed", seq, now - (first + count - 1 - seq) * 10_000_000, 1.0)
-            for seq in range(first, first + count)]
 
 
 def count_calibrate_count(names: Names, watch: MqttWatcher, env: dict[str, str], *, kwh: int, after: int) -> None:

@@ -61,6 +61,9 @@ LEGACY_VARIABLES = {"RABBITMQ_ADMIN_PASSWORD": "rabbitmq/emdc-admin", "RABBITMQ_
                     "MQTT_WRITER_PASSWORD": "mosquitto/emdc-writer", "MQTT_HA_PASSWORD": "mosquitto/homeassistant",
                     "MARIADB_PASSWORD": "mariadb/emdc"}
 SHARED_EDGE = "emdc-edge"
+# A writer queue's arguments as a quorum queue (common.topology.queue_arguments, the default delivery limit).
+QUORUM_ARGUMENTS = {"x-queue-type": "quorum", "x-delivery-limit": 20, "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish"}
 RELOAD = ("docker compose run --rm rabbitmq-init && docker compose exec rabbitmq "
           "rabbitmqctl import_definitions /etc/rabbitmq/definitions/definitions.json")
 
@@ -150,8 +153,12 @@ def _account(shape: Mapping[str, Any], name: str, meter: str = "") -> dict[str, 
             "topic_permissions": [fill(entry) for entry in shape["topic_permissions"]]}
 
 
-def render_definitions(template: Mapping[str, Any], secrets_dir: Path) -> dict[str, Any]:
+def render_definitions(template: Mapping[str, Any], secrets_dir: Path, queue_type: str = "classic") -> dict[str, Any]:
     """The template with a salted hash for every user, plus one user per Pi (``edges/<meter>``).
+
+    ``queue_type="quorum"`` makes the writer queues and their dead-letter
+    queues quorum queues, with the arguments the writers declare
+    (``common.topology.queue_arguments``; a test keeps the two in step).
 
     The password of template user ``u`` is the file ``<secrets_dir>/u``. The
     template's ``edge_accounts`` give the rights of a Pi's user
@@ -159,6 +166,17 @@ def render_definitions(template: Mapping[str, Any], secrets_dir: Path) -> dict[s
     is rendered only while its password file still exists.
     """
     out: dict[str, Any] = json.loads(json.dumps(template))
+    if queue_type == "quorum":
+        for queue in out["queues"]:
+            if queue["arguments"].get("x-single-active-consumer"):
+                queue["arguments"] |= QUORUM_ARGUMENTS
+                # A quorum queue takes its overflow from a policy over its arguments; dead-lettering at least
+                # once needs reject-publish (a full queue refuses pulses, which the edges keep).
+                for policy in out["policies"]:
+                    if re.search(policy["pattern"], queue["name"]):
+                        policy["definition"]["overflow"] = "reject-publish"
+            elif queue["name"].endswith(".dead"):
+                queue["arguments"] |= {"x-queue-type": "quorum"}
     accounts = out.pop("edge_accounts")
     names = [u["name"] for u in out["users"]]
     edges = {f"{accounts['per_meter']['user'].replace('{meter}', m)}": m for m in edge_meters(secrets_dir)}
@@ -302,6 +320,8 @@ def main(argv: list[str] | None = None, compose_dir: Path = HERE) -> int:
     rabbit.add_argument("out", type=Path)
     rabbit.add_argument("--secrets", type=Path, required=True, help="directory of the RabbitMQ password files")
     rabbit.add_argument("--owner", help="uid[:gid] owning the output (RabbitMQ's image: 999)")
+    rabbit.add_argument("--queue-type", choices=("classic", "quorum"), default="classic",
+                        help="writer queues: classic, or quorum (replicated over a cluster)")
     mqtt = sub.add_parser("mosquitto", help="render the Mosquitto password file and copy the ACL")
     mqtt.add_argument("acl", type=Path)
     mqtt.add_argument("out_dir", type=Path)
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None, compose_dir: Path = HERE) -> int:
             print(f"removed {path}; on the RabbitMQ host: docker compose run --rm rabbitmq-init && "
                   f"docker compose exec rabbitmq rabbitmqctl delete_user emdc-edge-{args.meter}")
         elif args.command == "rabbitmq":
-            definitions = render_definitions(json.loads(args.template.read_text()), args.secrets)
+            definitions = render_definitions(json.loads(args.template.read_text()), args.secrets, args.queue_type)
             write_private(args.out, json.dumps(definitions, indent=2) + "\n", _owner(args.owner))
             print(f"wrote {args.out}: users {', '.join(u['name'] for u in definitions['users'])}")
             if any(u["name"] == SHARED_EDGE for u in definitions["users"]):
