@@ -204,6 +204,9 @@ class BatchConsumer:
             try:
                 step(channel)
             except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404 and what == f"queue {lease_queue(self.queue)}":
+                    channel = connection.channel()  # its node is down: _take_lease says so
+                    continue
                 if exc.reply_code != 406:
                     raise
                 log.warning("%s was declared by an older version (%s); it works as it is. To migrate, see "
@@ -224,6 +227,13 @@ class BatchConsumer:
                 if exc.reply_code == 403 and "exclusive use" in exc.reply_text:
                     self._log_state(f"standby: another writer is consuming {self.queue} on "
                                     f"{describe(self.config)}; taking over when it stops")
+                elif exc.reply_code == 404 and "is down or inaccessible" in exc.reply_text:
+                    # A classic queue lives on one node of a cluster; the queue's single active consumer still
+                    # lets one writer count at a time. The lease is tried again on the next connection.
+                    log.warning("cannot take the writer lease %s: its RabbitMQ node is down (%s); counting %s with "
+                                "single active consumer alone until this writer reconnects", lease,
+                                exc.reply_text, self.queue)
+                    return connection.channel()
                 elif exc.reply_code in (403, 404):
                     # Broker definitions of an older version: no lease queue, or no right to read it.
                     log.warning("cannot take the writer lease %s (%s); counting %s with single active consumer "

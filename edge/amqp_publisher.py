@@ -85,6 +85,10 @@ class AmqpPublisher:
         self._writes = StoreRetry()  # deletes and status writes
         self._reads = StoreRetry()
         self._unsaved: dict[str, str] = {}  # status not yet written to the outbox
+        # After a nack, pulses go again on a new channel: RabbitMQ 3.10 went on refusing everything on a channel
+        # whose quorum queue had changed leader, while a new channel was accepted at once.
+        self._renew_channel = False
+        self._renewing = False
 
     # -- thread entry points -------------------------------------------------
 
@@ -221,6 +225,11 @@ class AmqpPublisher:
         # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later. A channel that
         # closes with its connection is not worth a line of its own: _on_closed says what happened.
         self._window.reset()
+        if self._renewing:  # closed by _resend, to go on with a new one
+            self._renewing = False
+            if self._connection is not None and self._connection.is_open:
+                self._connection.channel(on_open_callback=self._on_channel_open)
+            return
         if not self._stop.is_set() and isinstance(error, pika.exceptions.ChannelClosedByBroker):
             self._set_state(f"RabbitMQ closed the channel ({reason(error)}); retrying", logging.WARNING)
         if self._connection is not None and self._connection.is_open:
@@ -264,6 +273,9 @@ class AmqpPublisher:
         method = frame.method
         window = self._window
         acked, step = window.confirm(method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Ack))
+        if isinstance(method, pika.spec.Basic.Nack):
+            self._renew_channel = True
+            self._set_state("RabbitMQ refused pulses (nack); sending them again on a new channel", logging.WARNING)
         if acked:
             if window.deletes_due:  # replaying a backlog
                 self._delete_confirmed()
@@ -284,6 +296,13 @@ class AmqpPublisher:
             self._window.deleted()
 
     def _resend(self) -> None:
-        """After a return or nack: start again from the oldest row still in the outbox."""
+        """After a return or nack: start again from the oldest row still in the outbox (after a nack, on a new
+        channel)."""
         self._window.resend()
+        if self._renew_channel and self._channel is not None:
+            self._renew_channel = False
+            self._renewing = True
+            channel, self._channel = self._channel, None
+            channel.close()  # _on_channel_closed opens the next; _on_ready pumps
+            return
         self._pump()  # which deletes the confirmed rows first, so they are not sent again

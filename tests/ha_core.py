@@ -34,17 +34,19 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.sync.client import connect
 
 from tests.support import cached_directory, free_port, wait_until
 
+T = TypeVar("T")
 HA_VERSION = "2026.11.0"
 CACHE = Path(os.environ.get("EMDC_HA_CACHE", "/var/cache/emdc-ha"))
 SUITE = "forky"
@@ -217,10 +219,29 @@ class HomeAssistant:
         except (HomeAssistantError, OSError):  # e.g. the REST API not set up yet
             return False
 
-    def _http_up(self) -> bool:
+    def _check_alive(self) -> None:
+        """Raise with Home Assistant's exit code and the end of its logs if its process has ended."""
         if self.process is None or self.process.poll() is not None:
-            raise RuntimeError(f"Home Assistant exited:\n{self.log()[-3000:]}"
-                               f"{(self.config / 'stdout.log').read_text(errors='replace')[-3000:]}")
+            code = None if self.process is None else self.process.returncode
+            stdout = self.config / "stdout.log"
+            raise RuntimeError(f"Home Assistant exited (code {code}):\n{self.log()[-3000:]}"
+                               f"{stdout.read_text(errors='replace')[-3000:] if stdout.exists() else ''}")
+
+    def _refused(self, call: Callable[[], T]) -> T:
+        """``call``, retried while Home Assistant refuses connections but runs (it restarts in place, by exec,
+        closing its port for a moment); with its logs if it has exited."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return call()
+            except ConnectionRefusedError:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def _http_up(self) -> bool:
+        self._check_alive()
         try:
             with urllib.request.urlopen(f"{self.url}/api/onboarding", timeout=5):
                 return True
@@ -252,9 +273,18 @@ class HomeAssistant:
 
     def _request(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> Any:
         request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers, method=method)
+
+        def call() -> Any:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.URLError as error:
+                if isinstance(error.reason, ConnectionRefusedError):
+                    raise error.reason from None
+                raise
+
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read() or b"null")
+            return self._refused(call)
         except urllib.error.HTTPError as error:
             raise HomeAssistantError(f"{method} {path}: {error.code} {error.read().decode(errors='replace')}"
                                      ) from None
@@ -268,6 +298,12 @@ class HomeAssistant:
 
     def ws(self, command: str, token: str | None = None, **fields: Any) -> Any:
         """One websocket command as the owner on a connection of its own; its result."""
+        reply = self._refused(lambda: self._ws_call(command, token, fields))
+        if not reply.get("success"):
+            raise HomeAssistantError(f"{command}: {reply.get('error')}")
+        return reply["result"]
+
+    def _ws_call(self, command: str, token: str | None, fields: dict[str, Any]) -> Any:
         with connect(f"ws://127.0.0.1:{self.port}/api/websocket", open_timeout=30, max_size=None) as socket:
             assert json.loads(socket.recv(30))["type"] == "auth_required"
             socket.send(json.dumps({"type": "auth", "access_token": token or self.token}))
@@ -275,10 +311,7 @@ class HomeAssistant:
             if reply["type"] != "auth_ok":
                 raise HomeAssistantError(f"websocket authentication: {reply}")
             socket.send(json.dumps({"id": 1, "type": command, **fields}))
-            reply = json.loads(socket.recv(120))
-        if not reply.get("success"):
-            raise HomeAssistantError(f"{command}: {reply.get('error')}")
-        return reply["result"]
+            return json.loads(socket.recv(120))
 
     def connect_mqtt(self, host: str, port: int) -> dict[str, Any]:
         """Add the MQTT integration through its config flow, as a user does in the UI; the loaded entry."""

@@ -74,3 +74,35 @@ def test_unroutable_pulses_stay_in_the_outbox_until_a_queue_is_bound(names: Name
         service.stop()
         reader.close()
     assert queue_depth(names.queue) == 3  # each pulse delivered once: returned ones were never queued
+
+
+def test_pulses_the_broker_refuses_are_sent_again_until_taken(names: Names, factory: MockFactory) -> None:
+    # A full queue that refuses new messages (as a quorum queue's backlog cap does) nacks them.
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(names.exchange, "topic", durable=True)
+        channel.queue_declare(names.queue, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+        channel.queue_bind(names.queue, names.exchange, "pulse.#")
+    config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir))
+    backlog = Outbox(names.edge_dir / FILENAME, config.meter_id, config.outbox_max)
+    backlog.record([("active", time.time_ns() - (6 - i) * 10**9, 1.0) for i in range(6)])
+    backlog.close()
+    service = EdgeService(config, pin_factory=factory)
+    service.start()
+    reader = OutboxReader(names.edge_dir / FILENAME)
+    seqs: list[int] = []
+    try:
+        wait_until(lambda: "refused" in reader.status().get("link_state", ""), 10, "the broker to refuse pulses")
+        with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+            channel = connection.channel()
+
+            def take() -> bool:
+                while (got := channel.basic_get(names.queue, auto_ack=True))[0] is not None:
+                    seqs.append(decode(got[2]).seq)
+                return reader.depth() == 0 and len(seqs) >= 6
+            wait_until(take, 30, "every refused pulse to be sent again and taken")
+        assert reader.status()["link_state"].startswith("publishing")
+    finally:
+        service.stop()
+        reader.close()
+    assert seqs == [1, 2, 3, 4, 5, 6], "each pulse once, in order"
