@@ -306,7 +306,7 @@ def _parse_inputs(value: Any, where: str) -> tuple[Input, ...]:
     """The ``[[inputs]]`` tables of a file (``where`` is ``"<path>: "``); the first mistake is a ConfigError."""
     if not isinstance(value, list) or not value or not all(isinstance(table, dict) for table in value):
         raise ConfigError(f"{where}inputs must be one or more [[inputs]] tables, got {value!r:.60}")
-    inputs = [_parse_input(table, f"[[inputs]] #{n}") for n, table in enumerate(value, 1)]
+    inputs = [_parse_input(table, f"[[inputs]] #{n}", where) for n, table in enumerate(value, 1)]
     by_pin: dict[int, Input] = {}
     by_channel: dict[str, Input] = {}
     for one in inputs:
@@ -320,30 +320,34 @@ def _parse_inputs(value: Any, where: str) -> tuple[Input, ...]:
     return tuple(inputs)
 
 
-def _parse_input(table: dict[str, Any], setting: str) -> Input:
-    """One ``[[inputs]]`` table, checked key by key; errors name the table (``[[inputs]] #2``)."""
+def _parse_input(table: dict[str, Any], setting: str, where: str) -> Input:
+    """One ``[[inputs]]`` table, checked key by key; errors name the file (``where``) and the table."""
+    at = f"{where}{setting}"
     for key in table:
         if key not in INPUT_KEYS:
             close = difflib.get_close_matches(key, INPUT_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{setting}: unknown key {key!r}{hint}; an input has {', '.join(INPUT_KEYS)}")
+            raise ConfigError(f"{at}: unknown key {key!r}{hint}; an input has {', '.join(INPUT_KEYS)}")
     for key in ("pin", "channel", "type"):
         if key not in table:
-            raise ConfigError(f"{setting}: {key} is missing ({INPUT_KEYS[key][2]})")
-    given = {key: _coerce(value, INPUT_KEYS[key][0], f"{setting}: {key}") for key, value in table.items()}
+            raise ConfigError(f"{at}: {key} is missing ({INPUT_KEYS[key][2]})")
+    for key, value in table.items():  # a file's values are typed: "17" is no pin
+        if isinstance(value, str) and INPUT_KEYS[key][0] is not str:
+            raise ConfigError(f"{at}: {key}: expected {INPUT_KEYS[key][0].__name__}, got {value!r}")
+    given = {key: _coerce(value, INPUT_KEYS[key][0], f"{at}: {key}") for key, value in table.items()}
     if given["pin"] not in GPIO_PINS:
-        raise ConfigError(f"{setting}: pin must be a BCM GPIO number from 0 to 27 (GPIO17 is header pin 11), "
+        raise ConfigError(f"{at}: pin must be a BCM GPIO number from 0 to 27 (GPIO17 is header pin 11), "
                           f"got {given['pin']}")
     if given["channel"] not in CHANNELS:
-        raise ConfigError(f"{setting}: unknown channel {given['channel']!r}; one of {', '.join(CHANNELS)}")
+        raise ConfigError(f"{at}: unknown channel {given['channel']!r}; one of {', '.join(CHANNELS)}")
     if given["type"] not in INPUT_TYPES:
-        raise ConfigError(f"{setting}: unknown type {given['type']!r}; one of {', '.join(INPUT_TYPES)}")
+        raise ConfigError(f"{at}: unknown type {given['type']!r}; one of {', '.join(INPUT_TYPES)}")
     per_pulse = given.get("per_pulse")
     if per_pulse is not None and not 0 < per_pulse <= MAX_WH:  # also rejects NaN
-        raise ConfigError(f"{setting}: per_pulse must be > 0 and at most {MAX_WH:g}, got {per_pulse}")
+        raise ConfigError(f"{at}: per_pulse must be > 0 and at most {MAX_WH:g}, got {per_pulse}")
     for key in ("min_pulse_ms", "bounce_ms", "min_interval_ms"):
         if key in given and not 0 <= given[key] <= 3_600_000:  # also rejects NaN and infinity
-            raise ConfigError(f"{setting}: {key} must be from 0 to 3600000 (an hour), got {given[key]}")
+            raise ConfigError(f"{at}: {key} must be from 0 to 3600000 (an hour), got {given[key]}")
     return Input.of(**given, setting=setting)
 
 

@@ -34,6 +34,8 @@ A reed contact bouncing as it closes and as it opens is one pulse::
 
 from __future__ import annotations
 
+from common.inputs import Input
+
 
 class PulseFilter:
     """Stateful filter for one input; feed it every edge in order.
@@ -52,6 +54,16 @@ class PulseFilter:
         self._opened: float | None = None  # the last opening of a pulse seen whole
         self._short = False  # that opening ended a closure too short to count: a re-closure may continue it
         self._ended = False  # that opening ended a pulse (counted or refused): a re-closure is its bounce
+
+    @classmethod
+    def for_input(cls, one: Input) -> PulseFilter:
+        """The filter of a configured input: its type's preset, or the values it overrides.
+
+        >>> f = PulseFilter.for_input(Input.of(pin=22, channel="gas", type="reed"))
+        >>> f.min_width_s, f.min_interval_s, f.bounce_s
+        (0.08, 1.125, 0.02)
+        """
+        return cls(one.min_pulse_ms / 1000, one.min_interval_ms / 1000, one.bounce_ms / 1000)
 
     def edge(self, ticks: float, active: bool) -> float | None:
         """Feed one edge (ticks in seconds); return the pulse time if a valid pulse just ended."""

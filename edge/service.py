@@ -83,8 +83,7 @@ class EdgeService:
         self._publisher_thread = threading.Thread(target=self.publisher.run, args=(self._stop_publisher,),
                                                   name="emdc-publisher", daemon=True)
         inputs = config.inputs()
-        filters = {one.channel: PulseFilter(one.min_pulse_ms / 1000, one.min_interval_ms / 1000,
-                                            one.bounce_ms / 1000) for one in inputs}
+        filters = {one.channel: PulseFilter.for_input(one) for one in inputs}
         edges: queue.SimpleQueue[Edge] = queue.SimpleQueue()
         self.inputs: list[PulseInput] = []
         try:
