@@ -81,8 +81,9 @@ INPUT_KEYS: dict[str, tuple[type, str, str]] = {
                               "(switch, pull-up, contact bounce ignored)"),
     "per_pulse": (float, "the channel's usual", "Quantity of one pulse in the channel's unit: Wh (1000 imp/kWh = "
                                                 "1), varh, m³ (gas, 0.01) or L (water, 1)"),
-    "min_pulse_ms": (float, "the type's", "Closures shorter than this are noise (s0 25, led 2, reed 80)"),
-    "bounce_ms": (float, "the type's", "Openings shorter than this do not end a pulse (s0 0, led 0, reed 20)"),
+    "min_pulse_ms": (float, "the type's", "Closures shorter than this are noise"),
+    "bounce_ms": (float, "the type's", "Openings shorter than this do not end a pulse: contact bounce or a glitch, "
+                                       "the pulse is counted once"),
     "min_interval_ms": (float, "derived", "Pulses closer than this to the previous are noise (default: one "
                                           "pulse at twice the channel's plausible maximum rate)"),
 }

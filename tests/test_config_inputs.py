@@ -206,3 +206,15 @@ def test_derived_values_are_finite_for_every_channel_and_type(toml) -> None:
             one = load_config(toml(ONE.replace('"active"', f'"{channel}"').replace('"s0"', f'"{kind}"')),
                               env={}).inputs()[0]
             assert all(math.isfinite(v) and v > 0 for v in (one.per_pulse, one.min_pulse_ms, one.min_interval_ms))
+
+
+def test_the_shipped_example_s_inputs_tables_load_when_uncommented(tmp_path: Path) -> None:
+    example = (Path(__file__).resolve().parent.parent / "deploy/edge/emdc.example.toml").read_text()
+    block = example.split("Inputs (the Pi)", 1)[1]
+    tables = [line.removeprefix("# ") for line in block.splitlines()
+              if line.startswith("# [[inputs]]") or (line.startswith("# ") and " = " in line and "#" not in line[2:])]
+    path = tmp_path / "emdc.toml"
+    path.write_text("\n".join(tables) + "\n")
+    inputs = load_config(path, env={}).inputs()
+    assert [(one.pin, one.channel, one.type, one.per_pulse) for one in inputs] == [
+        (17, "active", "s0", 1.0), (27, "export", "s0", 1.0), (22, "gas", "reed", 0.01), (23, "water", "reed", 1.0)]
