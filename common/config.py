@@ -285,9 +285,10 @@ def _build(raw: list[tuple[str, Any, str]]) -> Config:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, value, origin in raw:
-        if key == "inputs" and origin.endswith(": inputs"):  # only a file has [[inputs]]
-            values["configured_inputs"] = _parse_inputs(value, origin.removesuffix("inputs"))
-            sources["inputs"] = origin.removesuffix(": inputs")
+        if key == "inputs":  # only a file has [[inputs]] (or [[edge.inputs]]): no variable or flag names it
+            file = origin.rpartition(": ")[0]
+            values["configured_inputs"] = _parse_inputs(value, f"{file}: ")
+            sources["inputs"] = file
             continue
         if key.endswith("_file") and key[:-5] in known and known[key[:-5]].metadata["secret"]:
             values[key[:-5]] = _read_secret(str(value), origin)

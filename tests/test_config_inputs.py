@@ -218,3 +218,8 @@ def test_the_shipped_example_s_inputs_tables_load_when_uncommented(tmp_path: Pat
     inputs = load_config(path, env={}).inputs()
     assert [(one.pin, one.channel, one.type, one.per_pulse) for one in inputs] == [
         (17, "active", "s0", 1.0), (27, "export", "s0", 1.0), (22, "gas", "reed", 0.01), (23, "water", "reed", 1.0)]
+
+
+def test_inputs_tables_may_sit_in_the_edge_table_like_the_other_edge_settings(toml) -> None:
+    cfg = load_config(toml(ONE.replace("[[inputs]]", "[[edge.inputs]]")), env={})
+    assert [(one.pin, one.channel) for one in cfg.inputs()] == [(17, "active")]
