@@ -56,7 +56,8 @@ def drive(factory: VirtualClockFactory, pin: int, closed: bool, at_s: float, pul
     factory.pin(pin).drive_high() if level else factory.pin(pin).drive_low()
 
 
-def test_one_pi_reads_import_export_gas_and_water_each_on_its_own_channel(names: Names, tmp_path: Path) -> None:
+def test_one_pi_reads_import_export_gas_and_water_each_on_its_own_channel(names: Names, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     declare_queue(names)
     path = tmp_path / "emdc.toml"
     path.write_text(HOUSE)
@@ -100,6 +101,7 @@ def test_one_pi_reads_import_export_gas_and_water_each_on_its_own_channel(names:
     assert [p.ts_ns for p in by_channel["gas"]] == [T0_NS + round((10 + 3 * k + 0.25) * 1e9) for k in range(3)]
     assert service.recorder.filters["gas"].rejected == 0
     assert service.recorder.filters["water"].rejected == 1  # the glitch
+    assert "1 edge pairs rejected as noise so far (water 1)" in caplog.text  # the log names the channel
 
     status = CliRunner().invoke(main, ["--config", str(path), "edge", "status"],
                                 env=names.env(EMDC_STATE_DIR=names.edge_dir)).output.splitlines()
