@@ -3,6 +3,8 @@ per pulse: clean pulses at any plausible rate count exactly, bounce never adds a
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -155,3 +157,20 @@ def test_at_10000_imp_per_kwh_a_30_kw_load_is_counted_where_a_fixed_20_ms_refuse
 def test_an_override_replaces_the_derived_interval() -> None:
     assert Input.of(pin=22, channel="gas", type="reed", min_interval_ms=500).min_interval_ms == 500
     assert Input.of(pin=22, channel="gas", type="reed", per_pulse=0.1).min_interval_ms == pytest.approx(11250)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 0.3), st.booleans()), max_size=80), st.floats(0.0, 0.05))
+def test_whatever_the_line_does_counts_are_never_closer_than_the_interval_nor_more_than_closures(
+        steps: list[tuple[float, bool]], bounce_s: float) -> None:
+    flt = PulseFilter(min_width_s=0.08, min_interval_s=0.3, bounce_s=bounce_s)
+    ticks, accepted, closures, last = 0.0, [], 0, None
+    for dt, active in steps:
+        ticks += dt
+        if active and last is not True:
+            closures += 1
+        last = active
+        if flt.edge(ticks, active) is not None:
+            accepted.append(ticks)
+    assert all(b - a >= 0.3 for a, b in itertools.pairwise(accepted))
+    assert len(accepted) <= closures
