@@ -10,6 +10,16 @@ Example::
     >>> cfg = load_config(env={"EMDC_METER_ID": "garage"}, overrides={"mqtt_port": 8883})
     >>> cfg.meter_id, cfg.mqtt_port
     ('garage', 8883)
+
+The pulse inputs of a Pi are ``[[inputs]]`` tables of the file (see
+:mod:`common.inputs`). Without them, the single-meter settings
+``active_pin``, ``reactive_pin``, ``wh_per_pulse``, ``pull_up``,
+``min_pulse_ms`` and ``min_interval_ms`` describe one or two inputs, exactly
+as they always have::
+
+    >>> [i.describe() for i in load_config(env={"EMDC_REACTIVE_PIN": "27"}).inputs()]
+    ['GPIO17: active, s0, 1 Wh per pulse, pulses >= 2 ms, >= 20 ms apart', \
+'GPIO27: reactive, s0, 1 varh per pulse, pulses >= 2 ms, >= 20 ms apart']
 """
 
 from __future__ import annotations
@@ -23,12 +33,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from common.channels import CHANNELS
+from common.inputs import INPUT_KEYS, INPUT_TYPES, Input
 from common.message import MAX_WH, MessageError, validate_meter_id
 from common.topology import QUEUE_TYPES
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 # The GPIOs of a Raspberry Pi's 40-pin header, by BCM number.
 GPIO_PINS = range(28)
+# The settings of a single meter's one or two inputs, used only when the file has no [[inputs]].
+SINGLE_METER_SETTINGS = ("active_pin", "reactive_pin", "wh_per_pulse", "pull_up", "min_pulse_ms", "min_interval_ms")
 
 
 class ConfigError(ValueError):
@@ -85,19 +99,23 @@ class Config:
     ha_birth_delay_s: float = _setting(5.0, "Re-announce within this many seconds (random) of HA's birth message")
     db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
                            secret=True)
-    # Edge
-    active_pin: int = _setting(17, "BCM pin of the active-energy pulse output")
-    reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none)")
-    pull_up: bool = _setting(True, "Enable the pull-up (S0 open collector); false for LED sensors")
-    wh_per_pulse: float = _setting(1.0, "Energy per pulse in Wh (1000 imp/kWh = 1)")
-    min_pulse_ms: float = _setting(2.0, "Pulses shorter than this are noise")
-    min_interval_ms: float = _setting(20.0, "Pulses closer than this to the previous are noise")
+    # Edge: a single meter's inputs (without [[inputs]])
+    active_pin: int = _setting(17, "BCM pin of the active-energy pulse output (without [[inputs]])")
+    reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none; without [[inputs]])")
+    pull_up: bool = _setting(True, "Enable the pull-up (S0 open collector); false for LED sensors (without "
+                                   "[[inputs]])")
+    wh_per_pulse: float = _setting(1.0, "Energy per pulse in Wh (1000 imp/kWh = 1; without [[inputs]])")
+    min_pulse_ms: float = _setting(2.0, "Pulses shorter than this are noise (without [[inputs]])")
+    min_interval_ms: float = _setting(20.0, "Pulses closer than this to the previous are noise (without "
+                                            "[[inputs]])")
     outbox_max: int = _setting(1_000_000, "Largest outbox on the Pi; beyond it the oldest timing detail goes")
     commit_interval_ms: float = _setting(100.0, "Edge: at most one disk commit (fsync) per interval; closer pulses "
                                                 "share it, a pulse after a pause is committed at once (0: never wait)")
     publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
     clock_sync: str = _setting("kernel", "Edge: tell the writer whether the clock is synchronised as the kernel "
                                          "says (kernel), or claim nothing (unknown)")
+    # The file's [[inputs]] tables, resolved; empty: the single-meter settings describe the inputs.
+    configured_inputs: tuple[Input, ...] = ()
     # Where each non-default value came from (file, variable or flag); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     # What loading noticed but did not refuse (an unknown EMDC_* variable), for the log; not a setting.
@@ -111,6 +129,36 @@ class Config:
         """
         listed = tuple(meter.strip() for meter in self.meters.split(",") if meter.strip())
         return listed or (self.meter_id,)
+
+    def inputs(self) -> tuple[Input, ...]:
+        """The pulse inputs the edge reads: the ``[[inputs]]`` tables, or those the single-meter settings describe.
+
+        Without ``[[inputs]]``, ``active_pin`` (and ``reactive_pin`` unless
+        -1) become inputs of type ``s0`` (``pull_up = true``) or ``led``
+        (false), ``wh_per_pulse`` each, with ``min_pulse_ms`` and
+        ``min_interval_ms`` as their filter and no bounce time: what the edge
+        has always done with those settings.
+
+        >>> load_config(env={"EMDC_PULL_UP": "false", "EMDC_WH_PER_PULSE": "0.5"}).inputs()[0].as_toml()
+        {'pin': 17, 'channel': 'active', 'type': 'led', 'per_pulse': 0.5, 'min_pulse_ms': 2.0, 'bounce_ms': 0.0, \
+'min_interval_ms': 20.0}
+        """
+        if self.configured_inputs:
+            return self.configured_inputs
+        pins = {"active": (self.active_pin, "active_pin")}
+        if self.reactive_pin >= 0:
+            pins["reactive"] = (self.reactive_pin, "reactive_pin")
+        return tuple(Input.of(pin=pin, channel=channel, type="s0" if self.pull_up else "led",
+                              per_pulse=self.wh_per_pulse, min_pulse_ms=self.min_pulse_ms, bounce_ms=0.0,
+                              min_interval_ms=self.min_interval_ms, setting=setting)
+                     for channel, (pin, setting) in pins.items())
+
+    def inputs_source(self) -> str:
+        """Where :meth:`inputs` come from, for ``emdc config show``."""
+        if self.configured_inputs:
+            return self.sources.get("inputs", "[[inputs]]")
+        given = [name for name in SINGLE_METER_SETTINGS if self.is_set(name)]
+        return f"no [[inputs]]: from {', '.join(given) if given else 'the single-meter defaults'}"
 
     def is_set(self, name: str) -> bool:
         """True if ``name`` was given explicitly rather than left at its default."""
@@ -206,7 +254,7 @@ def _unknown_variables(env: Mapping[str, str]) -> list[str]:
 
 def _did_you_mean(key: str, origin: str) -> str:
     """A suggestion for a misspelt setting; a key in a TOML table is also tried with its table's name."""
-    names = [f.name for f in _settings()]
+    names = [f.name for f in _settings()] + ["inputs"]
     written = origin.rpartition(": ")[2].replace(".", "_")
     close = difflib.get_close_matches(key, names, n=1) or difflib.get_close_matches(written, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -226,7 +274,7 @@ def _read_toml(path: Path) -> list[tuple[str, Any, str]]:
     known = {f.name for f in _settings()}
     entries: list[tuple[str, Any, str]] = []
     for key, value in doc.items():
-        if not isinstance(value, dict):
+        if key == "inputs" or not isinstance(value, dict):
             entries.append((key, value, key))
             continue
         for sub, sub_value in value.items():
@@ -241,6 +289,11 @@ def _build(raw: list[tuple[str, Any, str]]) -> Config:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, value, origin in raw:
+        if key == "inputs":  # only a file has [[inputs]] (or [[edge.inputs]]): no variable or flag names it
+            file = origin.rpartition(": ")[0]
+            values["configured_inputs"] = _parse_inputs(value, f"{file}: ")
+            sources["inputs"] = file
+            continue
         if key.endswith("_file") and key[:-5] in known and known[key[:-5]].metadata["secret"]:
             values[key[:-5]] = _read_secret(str(value), origin)
             sources[key[:-5]] = origin
@@ -252,6 +305,55 @@ def _build(raw: list[tuple[str, Any, str]]) -> Config:
     cfg = replace(Config(), **values, sources=sources)
     _check(cfg)
     return cfg
+
+
+def _parse_inputs(value: Any, where: str) -> tuple[Input, ...]:
+    """The ``[[inputs]]`` tables of a file (``where`` is ``"<path>: "``); the first mistake is a ConfigError."""
+    if not isinstance(value, list) or not value or not all(isinstance(table, dict) for table in value):
+        raise ConfigError(f"{where}inputs must be one or more [[inputs]] tables, got {value!r:.60}")
+    inputs = [_parse_input(table, f"[[inputs]] #{n}", where) for n, table in enumerate(value, 1)]
+    by_pin: dict[int, Input] = {}
+    by_channel: dict[str, Input] = {}
+    for one in inputs:
+        if (other := by_pin.setdefault(one.pin, one)) is not one:
+            raise ConfigError(f"{where}{one.setting}: GPIO{one.pin} is already the pin of {other.setting} "
+                              f"({other.channel}): each input needs its own pin")
+        if (other := by_channel.setdefault(one.channel, one)) is not one:
+            raise ConfigError(f"{where}{one.setting}: channel {one.channel} is already read by {other.setting} "
+                              f"(GPIO{other.pin}): one input per channel (a meter's export output is channel "
+                              "export)")
+    return tuple(inputs)
+
+
+def _parse_input(table: dict[str, Any], setting: str, where: str) -> Input:
+    """One ``[[inputs]]`` table, checked key by key; errors name the file (``where``) and the table."""
+    at = f"{where}{setting}"
+    for key in table:
+        if key not in INPUT_KEYS:
+            close = difflib.get_close_matches(key, INPUT_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{at}: unknown key {key!r}{hint}; an input has {', '.join(INPUT_KEYS)}")
+    for key in ("pin", "channel", "type"):
+        if key not in table:
+            raise ConfigError(f"{at}: {key} is missing ({INPUT_KEYS[key][2]})")
+    for key, value in table.items():  # a file's values are typed: "17" is no pin
+        if isinstance(value, str) and INPUT_KEYS[key][0] is not str:
+            raise ConfigError(f"{at}: {key}: expected {INPUT_KEYS[key][0].__name__}, got {value!r}")
+    given = {key: _coerce(value, INPUT_KEYS[key][0], f"{at}: {key}") for key, value in table.items()}
+    if given["pin"] not in GPIO_PINS:
+        raise ConfigError(f"{at}: pin must be a BCM GPIO number from 0 to 27 (GPIO17 is header pin 11), "
+                          f"got {given['pin']}")
+    if given["channel"] not in CHANNELS:
+        raise ConfigError(f"{at}: unknown channel {given['channel']!r}; one of {', '.join(CHANNELS)}")
+    if given["type"] not in INPUT_TYPES:
+        raise ConfigError(f"{at}: unknown type {given['type']!r}; one of {', '.join(INPUT_TYPES)}")
+    per_pulse = given.get("per_pulse")
+    if per_pulse is not None and not 0 < per_pulse <= MAX_WH:  # also rejects NaN
+        raise ConfigError(f"{at}: per_pulse must be > 0 and at most {MAX_WH:g}, got {per_pulse}")
+    for key in ("min_pulse_ms", "bounce_ms", "min_interval_ms"):
+        if key in given and not 0 <= given[key] <= 3_600_000:  # also rejects NaN and infinity
+            raise ConfigError(f"{at}: {key} must be from 0 to 3600000 (an hour), got {given[key]}")
+    return Input.of(**given, setting=setting)
 
 
 def _read_secret(path: str, origin: str) -> str:
@@ -282,6 +384,10 @@ def _coerce(value: Any, kind: type, origin: str, secret: bool = False) -> Any:
 
 
 def _check(cfg: Config) -> None:
+    for name in SINGLE_METER_SETTINGS:
+        if cfg.configured_inputs and cfg.is_set(name):
+            raise ConfigError(f"{cfg.sources[name]}: {name} applies only without [[inputs]]; with [[inputs]] in "
+                              f"{cfg.sources['inputs']}, set it in each input's table")
     try:
         validate_meter_id(cfg.meter_id)
     except MessageError as exc:

@@ -5,14 +5,19 @@ build time it is replaced by a table made from
 :func:`common.config.settings_table`, so the documented keys, variables and
 defaults are always the ones the program accepts. ``docs/changelog.md`` holds
 ``<!-- changelog -->``, replaced by the top-level ``CHANGELOG.md``, so the
-changelog has one source. Registered in ``mkdocs.yml`` under ``hooks:``;
-``tests/test_docs.py`` calls :func:`render_settings_table`.
+changelog has one source. ``<!-- inputs-table -->`` becomes the table of the
+keys of an ``[[inputs]]`` table (:data:`common.inputs.INPUT_KEYS`), and
+``<!-- inputs-table: reed -->`` the same with one input type's defaults, on
+that type's page. Registered in ``mkdocs.yml`` under ``hooks:``;
+``tests/test_docs.py`` calls :func:`render_settings_table` and
+:func:`render_inputs_table`.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ if str(ROOT) not in sys.path:  # the hook runs inside mkdocs, maybe without the 
 MARKER = "<!-- settings-table -->"
 CHANGELOG_MARKER = "<!-- changelog -->"
 CHANGELOG = ROOT / "CHANGELOG.md"
+INPUTS_MARKER = re.compile(r"<!-- inputs-table(?::\s*(\w+))?\s*-->")
 
 
 def _secret_names() -> set[str]:
@@ -69,10 +75,42 @@ def render_settings_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _type_default(kind: str, key: str) -> str:
+    """What ``key`` defaults to for inputs of type ``kind``, as the page of that type shows it."""
+    from common.channels import CHANNELS, channel_spec
+    from common.inputs import INPUT_TYPES, derived_min_interval_ms
+
+    preset = INPUT_TYPES[kind]
+    if key == "type":
+        return f"`{kind}` (required)"
+    if key == "min_pulse_ms":
+        return f"`{preset.min_pulse_ms:g}`"
+    if key == "bounce_ms":
+        return f"`{preset.bounce_ms:g}`"
+    if key == "per_pulse":
+        return ", ".join(f"{c} `{channel_spec(c).default_per_pulse:g}`" for c in CHANNELS)
+    if key == "min_interval_ms":
+        return "derived: " + ", ".join(
+            f"{c} `{derived_min_interval_ms(c, channel_spec(c).default_per_pulse):g}`" for c in CHANNELS)
+    return "required"
+
+
+def render_inputs_table(kind: str | None = None) -> str:
+    """The Markdown table of the keys of an ``[[inputs]]`` table; with ``kind``, that type's defaults."""
+    from common.inputs import INPUT_KEYS
+
+    rows = ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+    for key, (value_type, default, description) in INPUT_KEYS.items():
+        shown = _type_default(kind, key) if kind else _cell(default)
+        rows.append(f"| `{key}` | {value_type.__name__} | {shown} | {_cell(description)} |")
+    return "\n".join(rows) + "\n"
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs: Any) -> str:
     """Replace the markers with the generated table and the changelog."""
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, render_settings_table())
+    markdown = INPUTS_MARKER.sub(lambda match: render_inputs_table(match.group(1)), markdown)
     if CHANGELOG_MARKER in markdown:
         markdown = markdown.replace(CHANGELOG_MARKER, CHANGELOG.read_text())
     return markdown

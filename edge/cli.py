@@ -6,6 +6,7 @@ imported when a command runs, so listing commands works anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,13 +15,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from common.command import CommandContext, ConfigurationError, setting_flags, state_dir, stop_on_signals
-from common.config import Config
+from common.config import GPIO_PINS, Config
+from common.inputs import Input
 
 if TYPE_CHECKING:
     from edge.simulator import SimulationPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
-SIMULATED_REACTIVE_PIN = 27
+# The mock pins of the inputs a simulated load needs and the configuration lacks (another free one if taken).
+SIMULATED_PINS = {"active": 17, "reactive": 27, "export": 26, "gas": 22, "water": 23}
 
 
 @click.group()
@@ -57,13 +60,13 @@ def edge_run(obj: CommandContext, /, **overrides: Any) -> None:
 @setting_flags("state_dir")
 @click.pass_obj
 def edge_status(obj: CommandContext, /, **overrides: Any) -> None:
-    """Show the pulse counters, the outbox depth and the link to RabbitMQ."""
+    """Show the configured inputs, the pulse counters, the outbox depth and the link to RabbitMQ."""
     from edge.outbox import OutboxError
     from edge.status import edge_status_lines
 
     cfg = obj.config(overrides)
     try:
-        lines = edge_status_lines(Path(cfg.state_dir))
+        lines = edge_status_lines(Path(cfg.state_dir), cfg.inputs())
     except (FileNotFoundError, OutboxError) as exc:
         raise click.ClickException(str(exc)) from None
     for line in lines:
@@ -77,19 +80,28 @@ def simulation_options(command: F) -> F:
                      help="Constant active load in W (default: a household load profile)."),
         click.option("--reactive-power", type=click.FloatRange(min=0, max=10_000_000),
                      help="Constant reactive load in var (enables the reactive channel)."),
-        click.option("--count", type=click.IntRange(min=1), help="Stop after N active pulses."),
+        click.option("--export-power", type=click.FloatRange(min=0, max=10_000_000),
+                     help="Constant power returned to the grid in W (enables the export channel)."),
+        click.option("--gas-flow", type=click.FloatRange(min=0, max=10_000),
+                     help="Constant gas flow in m³/h (enables the gas channel)."),
+        click.option("--water-flow", type=click.FloatRange(min=0, max=10_000),
+                     help="Constant water flow in L/min (enables the water channel)."),
+        click.option("--count", type=click.IntRange(min=1),
+                     help="Stop after N active pulses (of the first input if none counts active)."),
         click.option("--duration", type=click.FloatRange(min=0, min_open=True),
                      help="Simulated seconds to run (default 3600 unless --count is given)."),
         click.option("--speed", default=None, help="Time compression factor, or 'max' (as fast as confirmed)."),
         click.option("--profile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="CSV load profile: seconds,active_w[,reactive_var] per row."),
+                     help="CSV load profile: seconds,active_w[,reactive_var[,export_w[,gas_m3_per_h"
+                          "[,water_l_per_min]]]] per row."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def simulation_plan(*, power: float | None, reactive_power: float | None, count: int | None,
+def simulation_plan(*, power: float | None, reactive_power: float | None, export_power: float | None,
+                    gas_flow: float | None, water_flow: float | None, count: int | None,
                     duration: float | None, speed: str | None, profile: Path | None,
                     default_speed: str) -> SimulationPlan:
     """The plan the options of :func:`simulation_options` describe; a bad option is a usage error."""
@@ -104,8 +116,10 @@ def simulation_plan(*, power: float | None, reactive_power: float | None, count:
         load = LoadProfile.constant(power)
     else:
         load = LoadProfile.household()
-    if reactive_power is not None:
-        load = load.with_reactive(reactive_power)
+    constants = {"reactive": reactive_power, "export": export_power, "gas": gas_flow, "water": water_flow}
+    for channel, rate in constants.items():
+        if rate is not None:
+            load = load.with_constant(channel, rate)
     speed = speed or default_speed
     try:
         factor = None if speed == "max" else float(speed)
@@ -118,34 +132,57 @@ def simulation_plan(*, power: float | None, reactive_power: float | None, count:
     return SimulationPlan(load, count=count, duration_s=duration, speed=factor)
 
 
+def simulation_plan_of(options: dict[str, Any], default_speed: str) -> tuple[SimulationPlan, dict[str, Any]]:
+    """The plan of a command's :func:`simulation_options`, and its other options (setting flags)."""
+    names = ("power", "reactive_power", "export_power", "gas_flow", "water_flow", "count", "duration", "speed",
+             "profile")
+    plan = simulation_plan(**{name: options[name] for name in names}, default_speed=default_speed)
+    return plan, {key: value for key, value in options.items() if key not in names}
+
+
 def simulation_config(obj: CommandContext, overrides: dict[str, Any], plan: SimulationPlan) -> Config:
-    """A load with reactive power needs a reactive input: use a mock pin unless one is configured."""
+    """The configuration, with an input on a mock pin for each channel of the load that it has none for.
+
+    A reactive or export input is the same kind of output as the configured
+    first one (a meter's outputs are alike); a gas or water input is a reed
+    switch with the channel's usual quantity per pulse.
+    """
     cfg = obj.config(overrides)
-    if cfg.reactive_pin < 0 and plan.profile.has_reactive():
-        cfg = obj.config({**overrides, "reactive_pin": SIMULATED_REACTIVE_PIN})
-    return cfg
+    inputs = list(cfg.inputs())
+    like = next((one for one in inputs if one.channel == "active"), None)
+    missing = [channel for channel in plan.profile.channels() if channel not in {one.channel for one in inputs}]
+    for channel in missing:
+        used = {one.pin for one in inputs}
+        pin = SIMULATED_PINS[channel] if SIMULATED_PINS[channel] not in used else min(set(GPIO_PINS) - used)
+        if channel in {"reactive", "export"} and like is not None:
+            inputs.append(dataclasses.replace(like, pin=pin, channel=channel, setting="simulated"))
+        else:
+            kind = "s0" if channel in {"active", "reactive", "export"} else "reed"
+            inputs.append(Input.of(pin=pin, channel=channel, type=kind, setting="simulated"))
+    return dataclasses.replace(cfg, configured_inputs=tuple(inputs)) if missing else cfg
 
 
 @edge.command("simulate", short_help="Publish a simulated meter's pulses through the real edge code.")
 @simulation_options
 @setting_flags("state_dir", "meter_id")
 @click.pass_obj
-def edge_simulate(obj: CommandContext, /, power: float | None, reactive_power: float | None, count: int | None,
-                  duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
+def edge_simulate(obj: CommandContext, /, **options: Any) -> None:
     """Publish the pulses of a simulated meter to RabbitMQ, through the real edge code.
 
     gpiozero mock pins are driven by a load profile with a virtual clock, so
     timestamps are realistic at any --speed. With --count it exits once all N
-    pulses are confirmed by the broker. Example:
+    pulses are confirmed by the broker; it then prints the pulses it sent per
+    channel. A channel of the load without a configured input gets one on a
+    mock pin. Example:
 
     \b
         emdc edge simulate --power 3000 --count 300 --speed max
+        emdc edge simulate --power 500 --export-power 2000 --gas-flow 1.2 --duration 600 --speed max
     """
     from edge.outbox import OutboxError
     from edge.simulator import EdgeSimulation
 
-    plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
-                           speed=speed, profile=profile, default_speed="1")
+    plan, overrides = simulation_plan_of(options, default_speed="1")
     cfg = simulation_config(obj, overrides, plan)
     stop = stop_on_signals()
     try:
@@ -156,3 +193,5 @@ def edge_simulate(obj: CommandContext, /, power: float | None, reactive_power: f
     if stop.is_set():
         raise click.ClickException(f"stopped; pulses not yet confirmed stay in the outbox, counters {result.counters}")
     click.echo(f"confirmed by the broker; edge counters (epoch {result.epoch}): {result.counters}")
+    for line in result.sent_lines(cfg.inputs()):
+        click.echo(line)

@@ -22,6 +22,7 @@ from functools import partial
 
 from common.config import Config
 from common.doctor import Check, CheckFunction, RabbitMQ, bad, good
+from common.inputs import Input
 from common.topology import pulse_routing_key
 
 
@@ -64,8 +65,8 @@ def clock(config: Config) -> Check:
     return good("clock", "synchronised, as the kernel says")
 
 
-def pin(config: Config, channel: str, number: int) -> Check:
-    """Does ``channel``'s pin open with the configured pull-up? Opened as the edge does, and closed at once."""
+def pin(one: Input) -> Check:
+    """Does the input's pin open with its type's pull-up? Opened as the edge does, and closed at once."""
     from gpiozero.exc import GPIOZeroError, PinFactoryFallback
 
     from edge.reader import PulseInput
@@ -74,23 +75,23 @@ def pin(config: Config, channel: str, number: int) -> Check:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PinFactoryFallback)  # the failure below says it once
-            device = PulseInput(number, channel=channel, sink=lambda _edge: None, pull_up=config.pull_up)
+            device = PulseInput(one.pin, channel=one.channel, sink=lambda _edge: None, pull_up=one.pull_up)
     except (GPIOZeroError, ImportError, OSError) as exc:
-        return bad(f"GPIO{number}", gpio_failure(exc, channel, number),
+        return bad(f"GPIO{one.pin}", gpio_failure(exc, one),
                    "if `emdc edge run` is running it holds its pins: stop it (`sudo systemctl stop emdc-edge`) "
                    "to check them" if "in use" in str(exc) or "busy" in str(exc).lower() else "")
     factory = type(device.pin_factory).__name__
     device.close()
-    pull = "pull-up" if config.pull_up else "no pull-up"
-    return good(f"GPIO{number}", f"{channel}_pin opens with {factory} ({pull})")
+    pull = "pull-up" if one.pull_up else "no pull-up"
+    return good(f"GPIO{one.pin}", f"{one.channel} input ({one.type}) opens with {factory} ({pull})")
 
 
 def checks(config: Config, rabbit: RabbitMQ) -> list[CheckFunction]:
     """The edge's checks, in the order they are shown."""
     try:
-        from edge.service import channel_pins  # imports gpiozero
+        import gpiozero  # noqa: F401  (the pins need it)
     except ImportError as exc:
         return [partial(bad, "GPIO", str(exc), "install the edge's packages: pip install 'emdc[edge]'")]
-    pins = channel_pins(config)
-    return [*(partial(pulse_publish, config, rabbit, channel) for channel in pins), partial(clock, config),
-            *(partial(pin, config, channel, number) for channel, number in pins.items())]
+    inputs = config.inputs()
+    return [*(partial(pulse_publish, config, rabbit, one.channel) for one in inputs), partial(clock, config),
+            *(partial(pin, one) for one in inputs)]

@@ -20,8 +20,8 @@ Example::
 
     edges = queue.SimpleQueue()
     PulseInput(17, channel="active", sink=edges.put, pin_factory=factory)
-    recorder = PulseRecorder(edges, outbox, clock, filters={"active": PulseFilter(0.002, 0.02)}, wh=1.0,
-                             commit_interval_s=0.1, on_recorded=publisher.wake)
+    recorder = PulseRecorder(edges, outbox, clock, filters={"active": PulseFilter(0.002, 0.02)},
+                             per_pulse={"active": 1.0}, commit_interval_s=0.1, on_recorded=publisher.wake)
     recorder.start()
 """
 
@@ -67,8 +67,9 @@ def pause(seconds: float) -> None:
 class PulseInput(DigitalInputDevice):
     """A digital input that reports every edge with the pin event's own ticks.
 
-    ``pull_up=True`` suits an S0 open-collector output (a pulse pulls the line
-    low); use ``pull_up=False`` for LED sensors that drive the line high.
+    ``pull_up=True`` suits an S0 open-collector output or a reed switch (a
+    pulse pulls the line low); use ``pull_up=False`` for LED sensors that
+    drive the line high (the input type says which, see :mod:`common.inputs`).
     gpiozero's ``bounce_time`` is deliberately unused: it drops edges without
     telling us, while :class:`~edge.pulse_filter.PulseFilter` judges pulses
     by their measured width and spacing.
@@ -105,6 +106,9 @@ class PulseInput(DigitalInputDevice):
 class PulseRecorder(threading.Thread):
     """Consumes edges, stores accepted pulses in the outbox, calls ``on_recorded`` after each commit.
 
+    Each channel has its own filter and its quantity per pulse (``per_pulse``,
+    in the channel's pulse unit), which every pulse of it carries.
+
     A storage fault (:class:`~edge.outbox.StoreError`) never ends the thread:
     the pulses wait in memory (a damaged store ends the service instead, through
     its health). Any other exception is a bug and ends the thread, which the
@@ -112,7 +116,7 @@ class PulseRecorder(threading.Thread):
     """
 
     def __init__(self, edges: queue.SimpleQueue[Edge], outbox: Outbox, clock: TickClock,
-                 filters: Mapping[str, PulseFilter], wh: float, commit_interval_s: float = 0.0,
+                 filters: Mapping[str, PulseFilter], per_pulse: Mapping[str, float], commit_interval_s: float = 0.0,
                  on_recorded: Callable[[], None] = lambda: None,
                  clock_synced: Callable[[], bool | None] = lambda: None, hold_limit: int = HOLD_MAX) -> None:
         super().__init__(name="emdc-recorder", daemon=True)
@@ -120,7 +124,7 @@ class PulseRecorder(threading.Thread):
         self.outbox = outbox
         self.clock = clock
         self.filters = filters
-        self.wh = wh
+        self.per_pulse = per_pulse
         self.pacer = CommitPacer(commit_interval_s)
         self.on_recorded = on_recorded
         self._clock_synced = clock_synced
@@ -185,7 +189,7 @@ class PulseRecorder(threading.Thread):
         for channel, ticks, active in edges:
             pulse_ticks = self.filters[channel].edge(ticks, active)
             if pulse_ticks is not None:
-                pulses.append((channel, self.clock.to_utc_ns(pulse_ticks), self.wh))
+                pulses.append((channel, self.clock.to_utc_ns(pulse_ticks), self.per_pulse[channel]))
         self._report_noise()
         if self._holding:
             self._hold_back(pulses)
@@ -242,9 +246,10 @@ class PulseRecorder(threading.Thread):
         """One line per minute at most when the filter rejects pulses: wiring or thresholds may be wrong."""
         rejected = sum(f.rejected for f in self.filters.values())
         if rejected > self._rejected_reported and time.monotonic() >= self._next_noise_report:
-            log.warning("%d edge pairs rejected as noise so far (shorter than min_pulse_ms or closer than "
-                        "min_interval_ms to the previous pulse); check the wiring if pulses go missing",
-                        rejected)
+            log.warning("%d edge pairs rejected as noise so far (%s): shorter than min_pulse_ms or closer than "
+                        "min_interval_ms to the previous pulse; check the wiring and the input's type if pulses go "
+                        "missing", rejected, ", ".join(f"{channel} {f.rejected}" for channel, f in self.filters.items()
+                                                         if f.rejected))
             self._rejected_reported = rejected
             self._next_noise_report = time.monotonic() + 60
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from gpiozero.exc import BadPinFactory, GPIOPinInUse, GPIOZeroError, PinFactoryFallback, PinInvalidPin
 
 from common.config import Config
+from common.inputs import Input
 from edge.clock_sync import describe_sync, kernel_clock_synced
 from edge.outbox import FILENAME, Outbox, OutboxReader
 from edge.pulse_filter import PulseFilter
@@ -46,9 +47,10 @@ class GpioUnavailable(RuntimeError):
     """The configured pins cannot be opened; the text says why and what to do. Retrying will not help."""
 
 
-def gpio_failure(exc: BaseException, channel: str, pin: int) -> str:
-    """One line for a pin that cannot be opened, naming the setting and the likely fix."""
-    setting = f"{channel}_pin = {pin}"
+def gpio_failure(exc: BaseException, one: Input) -> str:
+    """One line for a pin that cannot be opened, naming the input's setting and the likely fix."""
+    pin = one.pin
+    setting = f"{one.setting}: {one.channel}" if one.setting.startswith("[[") else f"{one.setting} = {pin}"
     if isinstance(exc, BadPinFactory):  # before ImportError, which it extends
         return (f"no GPIO access here ({exc}): on a Raspberry Pi install lgpio (`sudo apt install python3-lgpio`) "
                 "and run as a user in the gpio group; to try EMDC without a meter, use `emdc edge simulate`")
@@ -60,13 +62,6 @@ def gpio_failure(exc: BaseException, channel: str, pin: int) -> str:
     if isinstance(exc, PinInvalidPin):
         return f"GPIO{pin} ({setting}) does not exist on this board ({exc})"
     return f"cannot open GPIO{pin} ({setting}): {exc}"
-
-
-def channel_pins(config: Config) -> dict[str, int]:
-    pins = {"active": config.active_pin}
-    if config.reactive_pin >= 0:
-        pins["reactive"] = config.reactive_pin
-    return pins
 
 
 class EdgeService:
@@ -87,21 +82,20 @@ class EdgeService:
         self._stop_publisher = threading.Event()
         self._publisher_thread = threading.Thread(target=self.publisher.run, args=(self._stop_publisher,),
                                                   name="emdc-publisher", daemon=True)
-        pins = channel_pins(config)
-        filters = {channel: PulseFilter(config.min_pulse_ms / 1000, config.min_interval_ms / 1000)
-                   for channel in pins}
+        inputs = config.inputs()
+        filters = {one.channel: PulseFilter.for_input(one) for one in inputs}
         edges: queue.SimpleQueue[Edge] = queue.SimpleQueue()
         self.inputs: list[PulseInput] = []
         try:
-            for channel, pin in pins.items():
+            for one in inputs:
                 try:
                     with warnings.catch_warnings():
                         # gpiozero warns about each factory it cannot load; the error below says it once.
                         warnings.simplefilter("ignore", PinFactoryFallback)
-                        self.inputs.append(PulseInput(pin, channel=channel, sink=edges.put,
-                                                      pull_up=config.pull_up, pin_factory=pin_factory))
+                        self.inputs.append(PulseInput(one.pin, channel=one.channel, sink=edges.put,
+                                                      pull_up=one.pull_up, pin_factory=pin_factory))
                 except (GPIOZeroError, ImportError, OSError) as exc:
-                    raise GpioUnavailable(gpio_failure(exc, channel, pin)) from exc
+                    raise GpioUnavailable(gpio_failure(exc, one)) from exc
         except Exception:
             self._close_inputs()
             self.outbox.close()
@@ -110,7 +104,8 @@ class EdgeService:
         clock = clock or TickClock(factory.ticks)
         if clock_synced is None:
             clock_synced = kernel_clock_synced if config.clock_sync == "kernel" else lambda: None
-        self.recorder = PulseRecorder(edges, self.outbox, clock, filters, config.wh_per_pulse,
+        per_pulse = {one.channel: one.per_pulse for one in inputs}
+        self.recorder = PulseRecorder(edges, self.outbox, clock, filters, per_pulse,
                                       commit_interval_s=config.commit_interval_ms / 1000,
                                       on_recorded=self.publisher.wake, clock_synced=clock_synced)
         if self.outbox.started_epoch_because:
@@ -122,7 +117,7 @@ class EdgeService:
                         "wrong then; pulse times follow it, and the writer counts every pulse either way",
                         behind_ns / 1e9, describe_sync(self.recorder.synced))
         log.info("meter %s: %s; counter store %s (epoch %s, counters %s)", config.meter_id,
-                 ", ".join(f"{c} on GPIO{p}" for c, p in pins.items()), self.outbox.path, self.outbox.epoch,
+                 "; ".join(one.describe() for one in inputs), self.outbox.path, self.outbox.epoch,
                  self.outbox.counters() or "new")
         log.log(logging.WARNING if self.recorder.synced is False else logging.INFO,
                 "the clock is %s; pulses say so, and the writer trusts only times it can check",

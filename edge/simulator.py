@@ -5,13 +5,16 @@ is gpiozero's ``MockFactory`` with a virtual clock, so pin events carry
 synthetic but realistic ticks however fast the simulation runs, and the same
 :class:`~edge.reader.PulseInput`, filter, outbox and publisher handle them.
 
-Load comes from a :class:`LoadProfile`: constant, a household hour, or a CSV
-file with rows ``seconds,active_w[,reactive_var]`` (a step function).
+Load comes from a :class:`LoadProfile`: constant, a household hour (with
+solar export, a gas boiler and water use), or a CSV file with rows
+``seconds,active_w[,reactive_var[,export_w[,gas_m3_per_h[,water_l_per_min]]]]``
+(a step function). Each configured input is driven as its type looks: an S0
+output's 30 ms pulses, an LED's short flashes, a reed contact's long closures.
 
 Example::
 
     factory = VirtualClockFactory()
-    meter = SimulatedMeter(factory, {"active": 17}, LoadProfile.constant(3000), wh=1.0)
+    meter = SimulatedMeter(factory, [Input.of(pin=17, channel="active", type="s0")], LoadProfile.constant(3000))
     meter.run(count=300)
 """
 
@@ -25,22 +28,28 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpiozero.pins.mock import MockFactory, MockPin, PinState
 
+from common.channels import channel_spec
 from common.config import Config
+from common.inputs import INPUT_TYPES, Input
 from edge.outbox import FILENAME, last_recorded_ns
-from edge.service import EdgeService, channel_pins
+from edge.service import EdgeService
 from edge.tick_clock import TickClock
 
-S0_PULSE_WIDTH_S = 0.03
 STATES_KEPT = 64
-MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months) or W/var (10 MW)
-CHANNEL_COLUMNS = {"active": 1, "reactive": 2}
+MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months), W/var (10 MW), m³/h or L/min
+# Channel -> (its column in a profile step, the seconds of the column's time unit): W and var are Wh and varh per
+# hour, gas flows in m³ per hour, water in litres per minute.
+CHANNEL_COLUMNS = {"active": (1, 3600.0), "reactive": (2, 3600.0), "export": (3, 3600.0), "gas": (4, 3600.0),
+                   "water": (5, 60.0)}
+PROFILE_HEADER = "seconds,active_w[,reactive_var[,export_w[,gas_m3_per_h[,water_l_per_min]]]]"
+Step = tuple[float, ...]
 
 
 def _is_number(text: str) -> bool:
@@ -88,22 +97,34 @@ class VirtualClockFactory(MockFactory):
 
 @dataclass(frozen=True)
 class LoadProfile:
-    """Piecewise-constant load: ``steps`` of (start_s, active_w, reactive_var), sorted by start."""
+    """Piecewise-constant load: ``steps`` of (start_s, active_w, reactive_var, export_w, gas_m3_per_h,
+    water_l_per_min), sorted by start. Columns left out of a step are 0.
 
-    steps: tuple[tuple[float, float, float], ...]
+    >>> LoadProfile(((0.0, 100.0),)).steps
+    ((0.0, 100.0, 0.0, 0.0, 0.0, 0.0),)
+    """
+
+    steps: tuple[Step, ...]
+
+    def __post_init__(self) -> None:
+        width = 1 + len(CHANNEL_COLUMNS)
+        object.__setattr__(self, "steps", tuple((*map(float, step), *(0.0,) * (width - len(step)))
+                                                for step in self.steps))
 
     @classmethod
     def constant(cls, active_w: float, reactive_var: float = 0.0) -> LoadProfile:
         return cls(((0.0, active_w, reactive_var),))
 
     @classmethod
-    def household(cls, duration_s: float = 3600.0, seed: int = 1) -> LoadProfile:
-        """Base load, a fridge cycling, and appliances switching on and off."""
+    def household(cls, duration_s: float = 3600.0, seed: int = 1, solar_w: float = 1500.0) -> LoadProfile:
+        """A sunny hour: base load, a fridge cycling, appliances switching on and off, ``solar_w`` of solar
+        panels (what the house does not use is exported; the meter counts import and export apart), a gas
+        boiler heating water, and the water of a shower and the taps."""
         rng = random.Random(seed)
-        events: list[tuple[float, float, float]] = []  # (time, delta W, delta var)
+        events: list[tuple[float, float, float, float, float]] = []  # (time, delta W, var, m³/h, L/min)
 
-        def run(start: float, length: float, watts: float, var: float) -> None:
-            events.extend([(start, watts, var), (start + length, -watts, -var)])
+        def run(start: float, length: float, watts: float, var: float, gas: float = 0.0, water: float = 0.0) -> None:
+            events.extend([(start, watts, var, gas, water), (start + length, -watts, -var, -gas, -water)])
 
         for start in range(0, int(duration_s), 1800):  # fridge: 12 min of every 30
             run(start + rng.uniform(0, 300), 720, 120, 90)
@@ -112,16 +133,24 @@ class LoadProfile:
         run(rng.uniform(600, 1200), 2400, 500, 250)  # washing machine
         for _ in range(6):  # lights and TV
             run(rng.uniform(0, duration_s), rng.uniform(300, 1500), rng.uniform(40, 150), 10)
-        active, reactive, steps = 180.0, 60.0, [(0.0, 180.0, 60.0)]
-        for t, dw, dvar in sorted(e for e in events if e[0] < duration_s):
-            active, reactive = active + dw, reactive + dvar
-            steps.append((t, round(active, 3), round(reactive, 3)))
+        shower = rng.uniform(0, max(1.0, duration_s - 600))
+        run(shower, 420, 0, 0, water=9.0)  # a shower, its water heated by the boiler
+        run(shower + 10, 400, 60, 0, gas=2.2)
+        for _ in range(4):  # taps
+            run(rng.uniform(0, duration_s), rng.uniform(20, 60), 0, 0, water=6.0)
+        load, reactive, gas, water = 180.0, 60.0, 0.0, 0.0
+        steps: list[Step] = [(0.0, 0.0, 60.0, solar_w - 180.0, 0.0, 0.0)] if solar_w > 180 else \
+            [(0.0, 180.0 - solar_w, 60.0, 0.0, 0.0, 0.0)]
+        for t, dw, dvar, dgas, dwater in sorted(e for e in events if e[0] < duration_s):
+            load, reactive, gas, water = load + dw, reactive + dvar, gas + dgas, water + dwater
+            steps.append((t, round(max(0.0, load - solar_w), 3), round(reactive, 3),
+                          round(max(0.0, solar_w - load), 3), round(gas, 3), round(water, 3)))
         return cls(tuple(steps))
 
     @classmethod
     def from_csv(cls, path: Path) -> LoadProfile:
-        """Rows ``seconds,active_w[,reactive_var]``; a header row and ``#`` comments are skipped."""
-        steps: list[tuple[float, float, float]] = []
+        """Rows as :data:`PROFILE_HEADER` says; a header row and ``#`` comments are skipped."""
+        steps: list[Step] = []
         header_allowed = True
         with path.open(newline="") as fh:
             for lineno, row in enumerate(csv.reader(fh), 1):
@@ -131,71 +160,78 @@ class LoadProfile:
                     header_allowed = False
                     continue
                 header_allowed = False
-                if not 2 <= len(row) <= 3 or not all(_is_number(cell) for cell in row):
-                    raise ValueError(f"{path}:{lineno}: expected seconds,active_w[,reactive_var], got {row}")
-                values = [float(cell) for cell in row]
+                if not 2 <= len(row) <= 1 + len(CHANNEL_COLUMNS) or not all(_is_number(cell) for cell in row):
+                    raise ValueError(f"{path}:{lineno}: expected {PROFILE_HEADER}, got {row}")
+                values = tuple(float(cell) for cell in row)
                 if not all(0 <= v <= MAX_PROFILE_VALUE for v in values):
                     raise ValueError(f"{path}:{lineno}: values must be from 0 to {MAX_PROFILE_VALUE:g}, got {row}")
-                steps.append((values[0], values[1], values[2] if len(values) > 2 else 0.0))
+                steps.append(values)
         if not steps:
             raise ValueError(f"{path}: no rows")
         return cls(tuple(sorted(steps)))
 
-    def with_reactive(self, reactive_var: float) -> LoadProfile:
-        return LoadProfile(tuple((t, w, reactive_var) for t, w, _ in self.steps))
+    def with_constant(self, channel: str, rate: float) -> LoadProfile:
+        """The profile with ``channel``'s column set to ``rate`` throughout (in the column's unit)."""
+        column = CHANNEL_COLUMNS[channel][0]
+        return LoadProfile(tuple((*step[:column], rate, *step[column + 1:]) for step in self.steps))
 
-    def has_reactive(self) -> bool:
-        """True if the load draws reactive power at any time (the simulation then needs a reactive input)."""
-        return any(var > 0 for _, _, var in self.steps)
+    def channels(self) -> tuple[str, ...]:
+        """The channels the profile makes pulses on at some time (the simulation needs an input for each)."""
+        return tuple(channel for channel, (column, _) in CHANNEL_COLUMNS.items()
+                     if any(step[column] > 0 for step in self.steps))
 
     def pulse_times(self, channel: str, wh: float) -> Iterator[float]:
-        """Times (s) at which a meter emitting one pulse per ``wh`` completes each pulse."""
-        column = CHANNEL_COLUMNS[channel]
+        """Times (s) at which a meter emitting one pulse per ``wh`` (in the channel's pulse unit) completes each."""
+        column, unit_s = CHANNEL_COLUMNS[channel]
         ends = [s[0] for s in self.steps[1:]] + [float("inf")]
-        stored = 0.0  # Wh accumulated since the last pulse
+        stored = 0.0  # quantity accumulated since the last pulse
         for step, end in zip(self.steps, ends, strict=True):
             t, power = step[0], step[column]
             if power <= 0:
                 continue
             while True:
-                due = t + (wh - stored) * 3600 / power
+                due = t + (wh - stored) * unit_s / power
                 if due > end:
-                    stored += power * (end - t) / 3600
+                    stored += power * (end - t) / unit_s
                     break
                 yield due
                 stored, t = 0.0, due
 
 
-def _edges(times: Iterator[float], channel: str) -> Iterator[tuple[float, str, bool]]:
+def _edges(times: Iterator[float], channel: str, width_s: float) -> Iterator[tuple[float, str, bool]]:
     previous = 0.0
     for t in times:
-        width = min(S0_PULSE_WIDTH_S, (t - previous) / 2)
+        width = min(width_s, (t - previous) / 2)
         yield t - width, channel, True
         yield t, channel, False
         previous = t
 
 
 class SimulatedMeter:
-    """Drives the pins of a :class:`VirtualClockFactory` with the pulses of a load profile.
+    """Drives the pins of a :class:`VirtualClockFactory` with the pulses of a load profile, one per input.
 
-    ``speed`` is the time compression (``None``: as fast as ``throttle`` lets it).
+    Each input's pulses are its quantity per pulse of its channel's column,
+    as wide as its type's usual pulse, at the level its pull-up makes active.
+    ``count`` counts the pulses of the *lead* channel: active, or the first
+    input's if there is no active one. ``speed`` is the time compression
+    (``None``: as fast as ``throttle`` lets it).
     """
 
-    def __init__(self, factory: VirtualClockFactory, pins: dict[str, int], profile: LoadProfile, wh: float,
-                 pull_up: bool = True, speed: float | None = None) -> None:
+    def __init__(self, factory: VirtualClockFactory, inputs: Sequence[Input], profile: LoadProfile,
+                 speed: float | None = None) -> None:
         self.factory = factory
-        self.pins = {channel: factory.pin(number) for channel, number in pins.items()}
+        self.inputs = {one.channel: one for one in inputs}
+        self.pins = {one.channel: factory.pin(one.pin) for one in inputs}
         self.profile = profile
-        self.wh = wh
-        self.active_level = not pull_up
+        self.lead = "active" if "active" in self.inputs else inputs[0].channel
         self.speed = speed
         self.active_pulses = 0
 
     def duration_for(self, count: int | None, duration_s: float | None) -> float:
-        """Simulated seconds the run will cover (the time of the last active pulse for ``count``)."""
+        """Simulated seconds the run will cover (the time of the last lead pulse for ``count``)."""
         if count is None:
             return duration_s or 0.0
-        times = itertools.islice(self.profile.pulse_times("active", self.wh), count)
+        times = itertools.islice(self.profile.pulse_times(self.lead, self.inputs[self.lead].per_pulse), count)
         last = 0.0
         for last in times:  # noqa: B007
             pass
@@ -204,11 +240,12 @@ class SimulatedMeter:
     def run(self, *, count: int | None = None, duration_s: float | None = None,
             stop: threading.Event | None = None, throttle: Callable[[], None] = lambda: None,
             progress: Callable[[float, int], None] = lambda t, n: None, started: float | None = None) -> int:
-        """Simulate until ``count`` active pulses or ``duration_s``; return the active pulses made.
+        """Simulate until ``count`` lead pulses or ``duration_s``; return the lead pulses made.
 
         ``started`` is the ``time.monotonic()`` at which simulated time 0 is due (default: now).
         """
-        streams = [_edges(self.profile.pulse_times(channel, self.wh), channel) for channel in self.pins]
+        streams = [_edges(self.profile.pulse_times(one.channel, one.per_pulse), one.channel,
+                          INPUT_TYPES[one.type].nominal_pulse_ms / 1000) for one in self.inputs.values()]
         started = time.monotonic() if started is None else started
         for t, channel, active in heapq.merge(*streams):
             if (duration_s is not None and t > duration_s) or (stop is not None and stop.is_set()):
@@ -218,10 +255,10 @@ class SimulatedMeter:
                 if delay > 0:
                     time.sleep(delay)
             self.factory.now = t
-            level = self.active_level if active else not self.active_level
+            level = active != self.inputs[channel].pull_up
             pin = self.pins[channel]
             pin.drive_high() if level else pin.drive_low()
-            if not active and channel == "active":
+            if not active and channel == self.lead:
                 self.active_pulses += 1
                 if self.active_pulses % 100 == 0:
                     throttle()
@@ -243,8 +280,24 @@ class SimulationPlan:
 
 @dataclass(frozen=True)
 class SimulationResult:
+    """The edge's counters once the run is confirmed, and the pulses the run itself sent per channel."""
+
     epoch: str
     counters: dict[str, int]
+    sent: dict[str, int]
+
+    def sent_lines(self, inputs: Sequence[Input]) -> list[str]:
+        """One line per input: the pulses sent and what they amount to in the channel's total unit.
+
+        >>> SimulationResult("e", {"gas": 9}, {"gas": 4}).sent_lines([Input.of(pin=22, channel="gas", type="reed")])
+        ['sent gas: 4 pulses = 0.04 m³']
+        """
+        lines = []
+        for one in inputs:
+            spec, pulses = channel_spec(one.channel), self.sent.get(one.channel, 0)
+            lines.append(f"sent {one.channel}: {pulses} pulses = "
+                         f"{round(pulses * one.per_pulse / spec.total_divisor, 6):g} {spec.total_unit}")
+        return lines
 
 
 class EdgeSimulation:
@@ -254,8 +307,7 @@ class EdgeSimulation:
         self.config = config
         self.plan = plan
         self.factory = VirtualClockFactory()
-        self.meter = SimulatedMeter(self.factory, channel_pins(config), plan.profile, config.wh_per_pulse,
-                                    config.pull_up, plan.speed)
+        self.meter = SimulatedMeter(self.factory, config.inputs(), plan.profile, plan.speed)
         # Timestamps: let the simulated run end about now, as if it had happened in real time, but never
         # overlap a previous run on the same store: that would stamp pulses before ones already counted.
         speedup = 1 - 1 / plan.speed if plan.speed else 1
@@ -287,13 +339,16 @@ class EdgeSimulation:
             while (edges.qsize() > backlog_limit or depth.depth() > backlog_limit) and not (stop and stop.is_set()):
                 time.sleep(0.01)
 
+        before = self.service.outbox.counters()
         self.service.start()
         try:
             self.meter.run(count=self.plan.count, duration_s=self.plan.duration_s, stop=stop, throttle=throttle,
                            progress=progress, started=self._time_zero)
             self.service.recorder.stop()
             self.service.wait_drained(stop)
-            return SimulationResult(self.service.outbox.epoch, self.service.outbox.counters())
+            counters = self.service.outbox.counters()
+            sent = {channel: seq - before.get(channel, 0) for channel, seq in counters.items()}
+            return SimulationResult(self.service.outbox.epoch, counters, sent)
         finally:
             depth.close()
             self.service.stop()

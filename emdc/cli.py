@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import click
 
 from common import __version__
 from common.command import CommandContext, configure_logging, setting_flags, state_dir, stop_on_signals
-from edge.cli import simulation_config, simulation_options, simulation_plan
+from edge.cli import simulation_config, simulation_options, simulation_plan_of
 
 # Command name -> "module:attribute" of its click command or group.
 SIDE_COMMANDS = {
@@ -90,32 +89,37 @@ def config_show(obj: CommandContext, /) -> None:
     for name, value in cfg.redacted().items():
         source = cfg.sources.get(name, "default")
         click.echo(f"{name} = {value!r}  # {source}")
+    click.echo(f"# inputs ({cfg.inputs_source()})")
+    for one in cfg.inputs():
+        click.echo(f"input {one.describe()}  # {one.setting}")
 
 
 @main.command(short_help="Simulated meter, edge and writer in one process.")
 @simulation_options
 @setting_flags("state_dir", "topic_prefix")
 @click.pass_obj
-def simulate(obj: CommandContext, /, power: float | None, reactive_power: float | None, count: int | None,
-             duration: float | None, speed: str | None, profile: Path | None, **overrides: Any) -> None:
+def simulate(obj: CommandContext, /, **options: Any) -> None:
     """Run a simulated meter, the edge and the writer together, and print the final MQTT values.
 
     Without EMDC_AMQP_URL / EMDC_MQTT_HOST configured, pulses travel through an
     embedded in-process transport (no broker needed); with them, through the
-    real brokers. By default it simulates an hour of household load in seconds.
+    real brokers. By default it simulates an hour of a household with solar
+    panels, a gas boiler and a water meter in seconds; after the values it
+    prints the pulses the edge sent per channel.
     """
     from emdc.simulate import run_simulation, simulation_settings
 
-    plan = simulation_plan(power=power, reactive_power=reactive_power, count=count, duration=duration,
-                           speed=speed, profile=profile, default_speed="720")
+    plan, overrides = simulation_plan_of(options, default_speed="720")
     cfg = simulation_config(obj, overrides, plan)
     try:
         state_dir(simulation_settings(cfg))
-        values = run_simulation(cfg, plan, stop_on_signals())
+        values, result = run_simulation(cfg, plan, stop_on_signals())
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     for topic, value in sorted(values.items()):
         click.echo(f"{topic} = {value}")
+    for line in result.sent_lines(cfg.inputs()):
+        click.echo(line)
 
 
 

@@ -24,7 +24,7 @@ from backend.service import idle_handler
 from backend.writer import EnergyWriter
 from common.config import Config
 from common.topology import WRITER_BINDINGS
-from edge.simulator import EdgeSimulation, SimulationPlan
+from edge.simulator import EdgeSimulation, SimulationPlan, SimulationResult
 
 log = logging.getLogger("emdc.simulate")
 
@@ -36,8 +36,9 @@ def simulation_settings(config: Config) -> Config:
     return config if config.is_set("state_dir") else dataclasses.replace(config, state_dir=DEFAULT_STATE_DIR)
 
 
-def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) -> dict[str, str]:
-    """Simulate ``plan`` end to end; return the final value of every MQTT topic."""
+def run_simulation(config: Config, plan: SimulationPlan,
+                   stop: threading.Event) -> tuple[dict[str, str], SimulationResult]:
+    """Simulate ``plan`` end to end; return the final value of every MQTT topic, and what the edge sent."""
     config = simulation_settings(config)
     real_amqp, real_mqtt = config.is_set("amqp_url"), config.is_set("mqtt_host")
     log.info("transport: %s; values: %s; state in %s",
@@ -88,7 +89,7 @@ def run_simulation(config: Config, plan: SimulationPlan, stop: threading.Event) 
         thread.join(timeout=30)
         if mqtt:
             mqtt.stop()
-    return writer.current_values()
+    return writer.current_values(), result
 
 
 def _wait_published(mqtt: MqttPublisher, stop: threading.Event, timeout_s: float = 15.0) -> None:

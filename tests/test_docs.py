@@ -173,3 +173,22 @@ def test_a_malformed_meter_reading_is_a_usage_error_not_a_traceback() -> None:
                                        "--kwh", "abc"])
     assert result.exit_code == 2
     assert "'abc' is not a decimal number" in result.output
+
+
+def test_the_inputs_tables_list_every_key_with_each_types_defaults() -> None:
+    from common.inputs import INPUT_KEYS, INPUT_TYPES
+
+    hooks = load_hooks()
+    assert "<!-- inputs-table -->" in (DOCS / "configuration.md").read_text()
+    for kind in INPUT_TYPES:
+        page = (DOCS / f"input-{kind}.md").read_text()
+        assert f"<!-- inputs-table: {kind} -->" in page and "[[inputs]]" in page
+        assert "## Home Assistant Energy dashboard" in page
+        rendered = hooks.on_page_markdown(page, None, None, None)
+        assert "<!-- inputs-table" not in rendered
+        table = hooks.render_inputs_table(kind)
+        assert f"| `min_pulse_ms` | float | `{INPUT_TYPES[kind].min_pulse_ms:g}` |" in table
+        assert f"| `bounce_ms` | float | `{INPUT_TYPES[kind].bounce_ms:g}` |" in table
+    generic = hooks.render_inputs_table()
+    for key, (_type, _default, description) in INPUT_KEYS.items():
+        assert f"| `{key}` |" in generic and html.escape(description, quote=False) in generic

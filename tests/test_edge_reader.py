@@ -12,6 +12,7 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from common.config import load_config
+from common.inputs import Input
 from edge.outbox import FILENAME, Outbox
 from edge.pulse_filter import PulseFilter
 from edge.reader import PulseInput, PulseRecorder
@@ -19,6 +20,8 @@ from edge.service import EdgeService
 from edge.simulator import LoadProfile, SimulatedMeter, VirtualClockFactory
 from edge.tick_clock import TickClock
 from tests.support import wait_until
+
+S0_ACTIVE = Input.of(pin=17, channel="active", type="s0", per_pulse=1.0, min_pulse_ms=2.0, min_interval_ms=20.0)
 
 
 def test_pulse_input_reports_edges_with_the_pin_events_own_ticks(factory: MockFactory) -> None:
@@ -54,7 +57,8 @@ def _virtual(tmp_path: Path):
     edges: queue.SimpleQueue = queue.SimpleQueue()
     outbox = Outbox(tmp_path / FILENAME, "main", 1000)
     clock = TickClock(clock_factory.ticks, wall_ns=lambda: 1_700_000_000_000_000_000)
-    recorder = PulseRecorder(edges, outbox, clock, {"active": PulseFilter(0.002, 0.02)}, wh=1.0)
+    recorder = PulseRecorder(edges, outbox, clock, {"active": PulseFilter(0.002, 0.02)},
+                             per_pulse={"active": 1.0})
     device = PulseInput(17, channel="active", sink=edges.put, pin_factory=clock_factory)
     return clock_factory, outbox, recorder, device
 
@@ -79,7 +83,7 @@ def test_recorder_stores_filtered_pulses_with_utc_timestamps_from_ticks(tmp_path
 
 def test_simulated_meter_at_3600_w_pulses_once_a_second_through_the_real_reader(tmp_path: Path) -> None:
     clock_factory, outbox, recorder, device = _virtual(tmp_path)
-    meter = SimulatedMeter(clock_factory, {"active": 17}, LoadProfile.constant(3600), wh=1.0)
+    meter = SimulatedMeter(clock_factory, [S0_ACTIVE], LoadProfile.constant(3600))
     recorder.start()
     assert meter.run(count=50) == 50
     recorder.stop()
@@ -125,7 +129,7 @@ def test_edge_service_counter_continues_across_restarts(tmp_path: Path) -> None:
         clock_factory = VirtualClockFactory()
         service = EdgeService(config, pin_factory=clock_factory, publisher_factory=make)
         service.start()
-        SimulatedMeter(clock_factory, {"active": 17}, LoadProfile.constant(3600), wh=1.0).run(count=5)
+        SimulatedMeter(clock_factory, [S0_ACTIVE], LoadProfile.constant(3600)).run(count=5)
         service.recorder.stop()
         assert service.wait_drained()
         service.stop()
@@ -151,7 +155,7 @@ def _paced(tmp_path: Path, interval_s: float):
     edges: queue.SimpleQueue = queue.SimpleQueue()
     outbox = CommitLog(tmp_path / FILENAME, "main", 1000)
     recorder = PulseRecorder(edges, outbox, TickClock(time.monotonic), {"active": PulseFilter(0.002, 0.02)},
-                             wh=1.0, commit_interval_s=interval_s)
+                             per_pulse={"active": 1.0}, commit_interval_s=interval_s)
     return edges, outbox, recorder
 
 

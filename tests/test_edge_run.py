@@ -33,3 +33,19 @@ def test_edge_run_notifies_systemd_and_feeds_the_watchdog(names: Names, spawn, t
     assert "STOPPING=1" in drain()
     assert "edge stopped" in edge.log()
     sock.close()
+
+
+def test_edge_run_opens_every_configured_input_with_its_type(names: Names, spawn, tmp_path: Path) -> None:
+    config = tmp_path / "emdc.toml"
+    config.write_text('[[inputs]]\npin = 17\nchannel = "active"\ntype = "s0"\n\n'
+                      '[[inputs]]\npin = 27\nchannel = "export"\ntype = "s0"\n\n'
+                      '[[inputs]]\npin = 22\nchannel = "gas"\ntype = "reed"\n\n'
+                      '[[inputs]]\npin = 4\nchannel = "water"\ntype = "led"\n')
+    edge = spawn(["edge", "run"], names.edge_env(GPIOZERO_PIN_FACTORY="mock", EMDC_CONFIG=config), "edge")
+    wait_until(lambda: "counter store" in edge.log(), 30, "the edge to open its inputs")
+    opened = edge.log()
+    for line in ("GPIO17: active, s0, 1 Wh per pulse", "GPIO27: export, s0, 1 Wh per pulse",
+                 "GPIO22: gas, reed, 0.01 m³ per pulse, pulses >= 80 ms, bounce 20 ms",
+                 "GPIO4: water, led, 1 L per pulse, pulses >= 2 ms"):
+        assert line in opened
+    assert edge.stop(signal.SIGTERM) == 0, edge.log()

@@ -120,7 +120,8 @@ def test_an_unclassified_error_is_not_a_store_error(box: Outbox) -> None:
 
 def _recorder(outbox: Outbox) -> tuple[queue.SimpleQueue, PulseRecorder]:
     edges: queue.SimpleQueue = queue.SimpleQueue()
-    recorder = PulseRecorder(edges, outbox, TickClock(time.monotonic), {"active": PulseFilter(0.002, 0.02)}, wh=1.0)
+    recorder = PulseRecorder(edges, outbox, TickClock(time.monotonic), {"active": PulseFilter(0.002, 0.02)},
+                             per_pulse={"active": 1.0})
     return edges, recorder
 
 

@@ -1,14 +1,20 @@
-"""`emdc simulate` end to end in one process, no broker: repeated runs on one state never overlap in time."""
+"""`emdc simulate` end to end in one process, no broker: repeated runs on one state never overlap in time; every
+channel (export, gas, water) simulated; `emdc edge simulate` through the real RabbitMQ."""
 
 from __future__ import annotations
 
+import collections
 import os
+import tempfile
 import time
 from pathlib import Path
 
+import pika
+
 from backend.writer import load_ledger
 from common.config import load_config
-from tests.support import run_emdc
+from common.message import decode
+from tests.support import AMQP_URL, Names, declare_queue, queue_depth, run_emdc, wait_until
 
 
 def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path: Path) -> None:
@@ -24,3 +30,58 @@ def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path:
     assert state.ts_doubt == "" and state.held_back == 0
     # Three 100 s runs end after each other, the last one at most a few minutes ahead of now.
     assert state.last_ts_ns is not None and state.last_ts_ns < time.time_ns() + 300 * 10**9
+
+
+def sent(stdout: str) -> dict[str, str]:
+    """The ``sent <channel>: ...`` lines of a simulation's output, by channel."""
+    return {line.split(":")[0].removeprefix("sent "): line.split(": ", 1)[1]
+            for line in stdout.splitlines() if line.startswith("sent ")}
+
+
+def test_edge_simulate_drives_export_gas_and_water_through_the_broker_on_their_channels(names: Names) -> None:
+    declare_queue(names)
+    result = run_emdc(["edge", "simulate", "--power", "500", "--export-power", "3600", "--gas-flow", "3.6",
+                       "--water-flow", "60", "--duration", "95", "--speed", "max"], names.edge_env())
+    # 500 W: 1 Wh every 7.2 s; 3600 W: 1 Wh a second; 3.6 m³/h: 0.01 m³ every 10 s; 60 L/min: 1 L a second.
+    assert sent(result.stdout) == {"active": "13 pulses = 0.013 kWh", "export": "95 pulses = 0.095 kWh",
+                                   "gas": "9 pulses = 0.09 m³", "water": "95 pulses = 95 L"}
+    total = 13 + 95 + 9 + 95
+    wait_until(lambda: queue_depth(names.queue) == total, 10, "every pulse at the broker")
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+        channel = connection.channel()
+        got = [channel.basic_get(names.queue, auto_ack=True) for _ in range(total)]
+    seqs: dict[str, list[int]] = collections.defaultdict(list)
+    quantities: dict[str, set[float]] = collections.defaultdict(set)
+    for method, _, body in got:
+        pulse = decode(body)
+        assert method.routing_key == f"pulse.main.{pulse.channel}"
+        seqs[pulse.channel].append(pulse.seq)
+        quantities[pulse.channel].add(pulse.wh)
+    assert {c: sorted(s) for c, s in seqs.items()} == {"active": list(range(1, 14)), "export": list(range(1, 96)),
+                                                       "gas": list(range(1, 10)), "water": list(range(1, 96))}
+    assert dict(quantities) == {"active": {1.0}, "export": {1.0}, "gas": {0.01}, "water": {1.0}}
+
+
+def test_a_csv_profile_with_export_and_gas_columns_is_simulated_end_to_end(tmp_path: Path) -> None:
+    profile = tmp_path / "sunny.csv"
+    profile.write_text("seconds,active_w,reactive_var,export_w,gas_m3_per_h\n0,0,0,1800,0\n60,1800,0,0,1.8\n")
+    env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path / "state")}
+    result = run_emdc(["simulate", "--profile", str(profile), "--duration", "119", "--speed", "max"], env)
+    # The edge sent each channel's pulses, and the writer counted every one of them (it waits for that).
+    assert sent(result.stdout) == {"active": "29 pulses = 0.029 kWh", "export": "30 pulses = 0.03 kWh",
+                                   "gas": "2 pulses = 0.02 m³"}
+    assert "home/energy/active_energy = 0.029" in result.stdout.splitlines()
+    _, ledger = load_ledger(load_config(env=env))
+    assert ledger is not None
+    counted = {c: max(cursor.seq for cursor in ledger.channel("main", c).epochs.values())
+               for c in ("active", "export", "gas")}
+    assert counted == {"active": 29, "export": 30, "gas": 2}
+
+
+def test_the_default_household_returns_solar_power_and_burns_gas() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    with tempfile.TemporaryDirectory() as state:
+        result = run_emdc(["simulate", "--duration", "3600", "--speed", "max"], {**env, "EMDC_STATE_DIR": state})
+    lines = sent(result.stdout)
+    assert set(lines) == {"active", "reactive", "export", "gas", "water"}
+    assert all(int(lines[channel].split()[0]) > 0 for channel in lines), lines

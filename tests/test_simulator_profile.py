@@ -13,6 +13,11 @@ from hypothesis import strategies as st
 from edge.simulator import LoadProfile
 
 
+def row(*values: float) -> tuple[float, ...]:
+    """A profile step as it is kept: every channel's column, the ones not given 0."""
+    return (*values, *(0.0,) * (6 - len(values)))
+
+
 def times_until(profile: LoadProfile, end_s: float, channel: str = "active", wh: float = 1.0) -> list[float]:
     return list(itertools.takewhile(lambda t: t <= end_s, profile.pulse_times(channel, wh)))
 
@@ -108,20 +113,41 @@ def test_pulse_times_increase_and_each_pulse_holds_wh(steps: list[tuple[float, f
     assert wrong == []
 
 
-def test_with_reactive_replaces_the_reactive_column():
-    profile = LoadProfile(((0.0, 100.0, 5.0), (10.0, 200.0, 6.0))).with_reactive(50.0)
-    assert profile.steps == ((0.0, 100.0, 50.0), (10.0, 200.0, 50.0))
+def test_with_constant_replaces_one_column():
+    profile = LoadProfile(((0.0, 100.0, 5.0), (10.0, 200.0, 6.0))).with_constant("reactive", 50.0)
+    assert profile.steps == (row(0.0, 100.0, 50.0), row(10.0, 200.0, 50.0))
+    assert profile.with_constant("gas", 1.5).steps == (row(0.0, 100.0, 50.0, 0.0, 1.5),
+                                                       row(10.0, 200.0, 50.0, 0.0, 1.5))
+
+
+@pytest.mark.parametrize(("channel", "rate", "quantity", "period_s"), [
+    ("export", 3600.0, 1.0, 1.0),   # 3600 W returned: 1 Wh a second
+    ("gas", 1.8, 0.01, 20.0),       # 1.8 m³/h: 0.01 m³ every 20 s
+    ("water", 6.0, 1.0, 10.0),      # 6 L/min: 1 L every 10 s
+])
+def test_each_channel_pulses_at_its_rate_in_its_unit(channel: str, rate: float, quantity: float, period_s: float):
+    profile = LoadProfile.constant(0).with_constant(channel, rate)
+    assert profile.channels() == (channel,)
+    assert list(itertools.islice(profile.pulse_times(channel, quantity), 3)) == pytest.approx(
+        [period_s, 2 * period_s, 3 * period_s])
 
 
 # --- CSV profiles ---------------------------------------------------------------------------------
 
 def test_csv_with_header_comments_and_blank_lines(csv_file):
     path = csv_file("seconds,active_w,reactive_var\n# morning\n0,180,60\n\n  # kettle\n600,2180,60\n900,180\n")
-    assert LoadProfile.from_csv(path).steps == ((0.0, 180.0, 60.0), (600.0, 2180.0, 60.0), (900.0, 180.0, 0.0))
+    assert LoadProfile.from_csv(path).steps == (row(0.0, 180.0, 60.0), row(600.0, 2180.0, 60.0), row(900.0, 180.0))
+
+
+def test_csv_columns_for_export_gas_and_water(csv_file):
+    path = csv_file("seconds,active_w,reactive_var,export_w,gas_m3_per_h,water_l_per_min\n0,0,0,2000,1.2,8\n60,500\n")
+    profile = LoadProfile.from_csv(path)
+    assert profile.steps == (row(0.0, 0.0, 0.0, 2000.0, 1.2, 8.0), row(60.0, 500.0))
+    assert profile.channels() == ("active", "export", "gas", "water")
 
 
 def test_csv_without_header(csv_file):
-    assert LoadProfile.from_csv(csv_file("0,1000\n")).steps == ((0.0, 1000.0, 0.0),)
+    assert LoadProfile.from_csv(csv_file("0,1000\n")).steps == (row(0.0, 1000.0),)
 
 
 def test_csv_rows_are_sorted_by_time(csv_file):
@@ -131,6 +157,8 @@ def test_csv_rows_are_sorted_by_time(csv_file):
 def test_csv_extra_columns_are_refused(csv_file):
     with pytest.raises(ValueError, match="expected seconds,active_w"):
         LoadProfile.from_csv(csv_file("0,100,10,note\n"))
+    with pytest.raises(ValueError, match="expected seconds,active_w"):
+        LoadProfile.from_csv(csv_file("0,100,10,0,0,0,7\n"))
 
 
 def test_csv_a_typo_in_the_first_data_row_is_not_taken_for_a_header(csv_file):
@@ -174,7 +202,7 @@ def test_csv_missing_file_is_an_error(tmp_path: Path):
 
 def test_csv_header_after_a_comment_is_skipped(csv_file):
     assert LoadProfile.from_csv(csv_file("# exported from the logger\nseconds,active_w\n0,100\n")).steps == (
-        (0.0, 100.0, 0.0),)
+        row(0.0, 100.0),)
 
 
 @pytest.mark.parametrize("row", ["0,nan", "0,inf", "0,100,nan"])
@@ -193,15 +221,30 @@ def test_household_is_deterministic_for_a_seed():
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("duration_s", [600.0, 3600.0, 7200.0])
 def test_household_is_within_sane_ranges(seed: int, duration_s: float):
-    profile = LoadProfile.household(duration_s=duration_s, seed=seed)
-    assert profile.steps[0] == (0.0, 180.0, 60.0)
+    profile = LoadProfile.household(duration_s=duration_s, seed=seed, solar_w=0.0)
+    assert profile.steps[0] == row(0.0, 180.0, 60.0)
     starts = [s[0] for s in profile.steps]
     assert starts == sorted(starts)
     assert all(0 <= t < duration_s for t in starts)
-    assert all(179.999 <= w <= 6100.001 for _, w, _ in profile.steps)  # base load .. everything on
-    assert all(59.999 <= var <= 610.001 for _, _, var in profile.steps)
+    assert all(179.999 <= s[1] <= 6100.001 for s in profile.steps)  # base load .. everything on
+    assert all(59.999 <= s[2] <= 610.001 for s in profile.steps)
+    assert all(s[3] == 0 for s in profile.steps)  # no solar panels: nothing returned
+    assert all(-1e-9 <= s[4] <= 2.2 + 1e-9 and -1e-9 <= s[5] <= 9.0 + 4 * 6.0 + 1e-9 for s in profile.steps)
     mean_w = energy_wh(profile, duration_s) * 3600 / duration_s
     assert 180 <= mean_w <= 4000
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_household_solar_exports_what_the_house_does_not_use(seed: int):
+    without = LoadProfile.household(seed=seed, solar_w=0.0)
+    sunny = LoadProfile.household(seed=seed, solar_w=1500.0)
+    # The same appliances: the meter counts the import above the panels and exports the rest, never both.
+    assert [s[0] for s in sunny.steps] == [s[0] for s in without.steps]
+    for load, step in zip(without.steps, sunny.steps, strict=True):
+        assert step[1] == pytest.approx(max(0.0, load[1] - 1500.0))
+        assert step[3] == pytest.approx(max(0.0, 1500.0 - load[1]))
+        assert step[1] == 0 or step[3] == 0
+    assert set(sunny.channels()) == {"active", "reactive", "export", "gas", "water"}
 
 
 def test_household_produces_a_realistic_number_of_pulses():
