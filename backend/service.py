@@ -86,6 +86,7 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         finally:
             if started.is_set():
                 mqtt.stop()
+            writer.store.close()
             if writer.save_failed:
                 log.warning("writer stopped; the last batch could not be saved to %s and stays in the queue, "
                             "to be counted at the next start", writer.store.path)

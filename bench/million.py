@@ -9,6 +9,7 @@ from typing import Any
 
 import psutil
 
+from backend.state_store import StateStore
 from bench.harness import UWH_PER_WH, Broker, Scratch, pulses_in, vm_kb
 from edge.outbox import FILENAME as OUTBOX_FILENAME
 
@@ -22,7 +23,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
             edge = scratch.spawn(["edge", "simulate", "--power", "3600", "--count", str(count), "--speed", "max"],
                                  scratch.edge_env(), "edge")
             started = time.perf_counter()
-            state = scratch.names.writer_dir / "energy_state.json"
+            state = scratch.names.writer_dir / StateStore.FILENAME
             outbox = scratch.names.edge_dir / OUTBOX_FILENAME
             samples: list[dict[str, Any]] = []
             while not subscriber.arrived(0):
@@ -32,7 +33,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                 sample = {"t_s": round(time.perf_counter() - started, 1),
                           "counted": pulses_in(latest) if latest else 0,
                           "writer_rss_mb": round(vm_kb(writer.pid, "VmRSS") / 1024, 1),
-                          "state_bytes": state.stat().st_size if state.exists() else 0}
+                          "state_bytes": sum(p.stat().st_size for p in state.parent.glob(state.name + "*"))}
                 if edge.alive():
                     with contextlib.suppress(FileNotFoundError, ProcessLookupError, psutil.Error):
                         sample["edge_rss_mb"] = round(vm_kb(edge.pid, "VmRSS") / 1024, 1)
