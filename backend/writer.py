@@ -212,17 +212,17 @@ class EnergyWriter:
                 dirty = True
                 report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
         changed = self._unsaved | self.ledger.changed()
-        if dirty:
+        if dirty or changed:
             try:
                 self.store.save(self.ledger, changed)
             except BaseException:
                 # The batch will be redelivered; counting it again must not look like a duplicate.
                 self.ledger.rollback()
+                self.admission.recount()  # the meters it admitted are not admitted any more
                 self.save_failed = True
                 raise
             self.save_failed = False
-            changed = Changed()
-        self._unsaved = changed
+            self._unsaved = Changed()
         self.ledger.commit()
         self._publish(touched, force=False)
         report_held_back(dead, log)

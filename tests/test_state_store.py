@@ -8,15 +8,20 @@ import json
 import logging
 import os
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from backend.batch import Delivery
 from backend.ledger import Changed, Ledger
 from backend.memory_transport import MemorySink
 from backend.state_store import STATE_FORMAT, StateError, StateStore
 from backend.writer import EnergyWriter
 from common.config import load_config
+from common.message import ControlCommand, ForgetMeter, SetTotal, encode, encode_control
 from tests.support import T0, S, pulse
 
 
@@ -258,3 +263,76 @@ def test_a_json_state_put_back_beside_the_database_is_refused_not_guessed(store:
     with pytest.raises(StateError, match="hold a state; refusing to guess which one counts"):
         StateStore(store.directory).load()
     assert store.legacy.exists()
+
+
+# --- what is saved is what was counted, whatever saves fail ---------------------------------------
+
+class FlakyStore(StateStore):
+    """Fails the saves it is told to, after writing part of the transaction (a full disk, an I/O error)."""
+
+    fail = False
+
+    def _write(self, *args: object) -> None:  # type: ignore[override]
+        super()._write(*args)  # type: ignore[arg-type]
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+
+METERS = ("main", "m1", "m2")
+ITEM = st.one_of(
+    st.tuples(st.just("pulse"), st.sampled_from(METERS), st.sampled_from(("active", "reactive")),
+              st.integers(min_value=1, max_value=40)),
+    st.tuples(st.just("set_total"), st.sampled_from(METERS), st.sampled_from(("active", "reactive")),
+              st.integers(min_value=0, max_value=9)),
+    st.tuples(st.just("forget"), st.sampled_from(("m1", "m2")), st.just(""), st.just(0)),
+)
+
+
+def as_delivery(tag: int, item: tuple[str, str, str, int], clock_s: int) -> Delivery:
+    kind, meter, channel, n = item
+    if kind == "pulse":
+        counted_pulse = pulse(n, n, meter=meter, channel=channel)
+        return Delivery(tag, counted_pulse.routing_key, encode(counted_pulse))
+    if kind == "set_total":
+        command_id = f"c{n}{METERS.index(meter)}{'ab'[channel == 'reactive']}"  # repeats are ignored by id
+        command: ControlCommand = SetTotal(meter, channel, Decimal(n), T0 + clock_s * S, command_id)
+    else:
+        command = ForgetMeter(meter, f"f{clock_s}")
+    return Delivery(tag, command.routing_key, encode_control(command))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(ITEM, min_size=1, max_size=8), st.booleans()), min_size=1, max_size=8))
+@example([([("pulse", "m1", "active", 1)], True), ([("pulse", "m2", "active", 1)], False)])
+def test_after_any_batches_and_failed_saves_the_saved_state_is_the_counted_one(
+        tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[list[tuple[str, str, str, int]], bool]]) -> None:
+    clock_s = [3600]
+
+    def clock() -> int:
+        return T0 + clock_s[0] * S
+
+    env = {"EMDC_DISCOVERY": "off", "EMDC_METERS": "main", "EMDC_ADMIT_NEW_METERS": "1"}
+    writers = []
+    for name in ("flaky", "reference"):
+        directory = tmp_path_factory.mktemp(name)
+        writer = EnergyWriter.open(load_config(env={**env, "EMDC_STATE_DIR": str(directory)}), sink=MemorySink(),
+                                   clock=clock)
+        writer.store = FlakyStore(directory)
+        writers.append(writer)
+    flaky, reference = writers
+    for items, fails in batches:
+        clock_s[0] += 1
+        batch = [as_delivery(tag, item, clock_s[0]) for tag, item in enumerate(items, 1)]
+        flaky.store.fail = fails  # type: ignore[attr-defined]
+        try:
+            flaky.handle_batch(batch)
+        except OSError:
+            assert fails
+        else:
+            reference.handle_batch(batch)  # the reference counts only the batches that were saved
+            assert StateStore(flaky.store.directory).load() == flaky.ledger.to_json()
+        assert flaky.ledger.to_json() == reference.ledger.to_json()
+    flaky.store.fail = False  # type: ignore[attr-defined]
+    for writer in writers:
+        writer.handle_batch([])  # saves what was admitted at start, if no batch was saved yet
+    assert StateStore(flaky.store.directory).load() == flaky.ledger.to_json() == reference.ledger.to_json()
