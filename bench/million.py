@@ -33,7 +33,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                 sample = {"t_s": round(time.perf_counter() - started, 1),
                           "counted": pulses_in(latest) if latest else 0,
                           "writer_rss_mb": round(vm_kb(writer.pid, "VmRSS") / 1024, 1),
-                          "state_bytes": sum(p.stat().st_size for p in state.parent.glob(state.name + "*"))}
+                          "state_bytes": state.stat().st_size if state.exists() else 0}
                 if edge.alive():
                     with contextlib.suppress(FileNotFoundError, ProcessLookupError, psutil.Error):
                         sample["edge_rss_mb"] = round(vm_kb(edge.pid, "VmRSS") / 1024, 1)
