@@ -1,4 +1,4 @@
-"""Composition root of ``emdc writer``: RabbitMQ in, ledger and state file, MQTT out."""
+"""Composition root of ``emdc writer``: RabbitMQ in, ledger and state database, MQTT out."""
 
 from __future__ import annotations
 

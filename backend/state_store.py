@@ -178,6 +178,18 @@ class StateStore:
         os.replace(tmp, path)
         return identity
 
+    def backup(self, target: Path) -> int:
+        """Copy the saved state into the database file ``target``, consistent even while a writer saves (SQLite's
+        online backup, which a plain copy of the file and its ``-wal`` is not); return its channels' count."""
+        if self.load() is None:
+            raise StateError(f"no state saved in {self.path} yet: nothing to back up")
+        if target.exists():
+            raise StateError(f"{target} exists; give the backup a new name")
+        with contextlib.closing(sqlite3.connect(target)) as copy:
+            self._connection().backup(copy)
+            count: int = copy.execute("SELECT count(*) FROM channels").fetchone()[0]
+        return count
+
     def close(self) -> None:
         """Fold the write-ahead log into the database file (a copy of that one file is then complete) and close."""
         if self._conn is None:

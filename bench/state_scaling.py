@@ -53,7 +53,9 @@ def _state_of(meters: int) -> dict[str, Any]:
 
 
 def _writer(directory: Path, meters: int, batch_size: int) -> tuple[EnergyWriter, _Clock]:
-    StateStore(directory).replace(_state_of(meters))
+    seeded = StateStore(directory)
+    seeded.replace(_state_of(meters))
+    seeded.close()  # every size starts with an empty write-ahead log, as after a restart
     clock = _Clock()
     config = load_config(env={"EMDC_STATE_DIR": str(directory), "EMDC_METERS": METER,
                               "EMDC_BATCH_SIZE": str(batch_size)})

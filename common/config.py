@@ -60,7 +60,7 @@ class Config:
     mqtt_key_file: str = _setting("", "Client key for MQTT TLS (optional)")
     # Identity and storage
     meter_id: str = _setting("main", "Meter id: routing key pulse.<meter>.<channel>, topic sub-level")
-    state_dir: str = _setting("./state", "Directory for energy_state.json (writer) or edge.sqlite3 (edge)")
+    state_dir: str = _setting("./state", "Directory for energy_state.sqlite3 (writer) or edge.sqlite3 (edge)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     # Writer
     topic_prefix: str = _setting("home/energy", "MQTT topic prefix; other meters get <prefix>/<meter>/...")

@@ -336,3 +336,19 @@ def test_after_any_batches_and_failed_saves_the_saved_state_is_the_counted_one(
     for writer in writers:
         writer.handle_batch([])  # saves what was admitted at start, if no batch was saved yet
     assert StateStore(flaky.store.directory).load() == flaky.ledger.to_json() == reference.ledger.to_json()
+
+
+def test_a_backup_taken_while_saving_holds_the_saved_state_and_restores_as_the_state(tmp_path: Path) -> None:
+    from tests.support import run_emdc
+
+    store = StateStore(tmp_path / "live")
+    ledger = counted("main", "garage")
+    save_all(store, ledger)  # the connection stays open, with the changes in the -wal file
+    env = {"EMDC_STATE_DIR": str(store.directory), "PATH": os.environ["PATH"]}
+    result = run_emdc(["state", "backup", str(tmp_path / "copy.sqlite3")], env)
+    assert result.stdout.strip() == f"backed up 2 channel(s) from {store.path} to {tmp_path / 'copy.sqlite3'}"
+    (tmp_path / "restored").mkdir()
+    (tmp_path / "copy.sqlite3").rename(tmp_path / "restored" / StateStore.FILENAME)
+    assert StateStore(tmp_path / "restored").load() == ledger.to_json()
+    again = run_emdc(["state", "backup", str(tmp_path / "restored" / StateStore.FILENAME)], env, check=False)
+    assert again.returncode == 1 and "exists; give the backup a new name" in again.stderr
