@@ -55,6 +55,8 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
             return True
 
         def on_active() -> None:
+            if writer.store.acquire():  # a shared state: fence the previous writer, count on from its state
+                writer.reload()
             check_claim()
             if not started.is_set():
                 log.info("active: counting %s into state %s in %s", config.queue, identity, writer.store.path)

@@ -43,9 +43,12 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.ledger import Changed, Ledger
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 log = logging.getLogger("emdc.writer")
 
@@ -90,6 +93,44 @@ def exclusive_state_dir(directory: Path) -> Iterator[None]:
         fh.write(f"pid {os.getpid()}\n")
         fh.flush()
         yield
+
+
+class LedgerStore(Protocol):
+    """Where the writer's ledger is saved: :class:`StateStore` (this server) or, for an active/standby pair,
+    :class:`~backend.shared_state.SharedStateStore` (a shared database)."""
+
+    path: Any  # where the state is, for log lines
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, ledger: Ledger, changed: Changed) -> None: ...
+
+    def acquire(self) -> bool: ...
+
+    def identity(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(config: Config) -> LedgerStore:
+    """The store the configuration names: the shared database of ``state_url``, else the state dir's SQLite.
+
+    A shared state that is still empty starts as a copy of this server's
+    state and identity (one log line), so that the first writer moved to it
+    counts on from its own totals, and Home Assistant's totals stay theirs.
+    """
+    local = StateStore(Path(config.state_dir))
+    if not config.state_url:
+        return local
+    from backend.shared_state import SharedStateStore
+
+    shared = SharedStateStore.open(config.state_url)
+    if shared.load() is None and (doc := local.load()) is not None:
+        shared.replace(doc)
+        log.warning("copied the state in %s into the shared state %s; the local copy is kept and no longer used",
+                    local.path, shared.path)
+    shared.identity(default=local.identity())
+    return shared
 
 
 class StateStore:
@@ -157,6 +198,11 @@ class StateStore:
             conn.execute("DELETE FROM channels")
             conn.execute("DELETE FROM meters")
             self._write_document(conn, doc)
+
+    def acquire(self) -> bool:
+        """Nothing to take: only the writer holding the state dir's lock saves here, and its ledger is the
+        state (False: no need to reload it)."""
+        return False
 
     def identity(self) -> str:
         """This state dir's identity, created (durably) on first use: it tells one writer's state from another's.

@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from backend.amounts import format_kw, format_kwh
@@ -27,7 +26,7 @@ from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
-from backend.state_store import StateError, StateStore
+from backend.state_store import LedgerStore, StateError, open_store
 from backend.topics import QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
@@ -113,7 +112,7 @@ class BrokerSink(Sink, Protocol):
 class EnergyWriter:
     """Counts pulses into a persisted ledger and publishes the current values."""
 
-    def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
+    def __init__(self, ledger: Ledger, store: LedgerStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
                  reactive_meters: Iterable[str] = (), admit_new_meters: int = 0) -> None:
@@ -227,6 +226,18 @@ class EnergyWriter:
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead
+
+    def reload(self) -> None:
+        """Take the saved state as it is now: a shared state that another writer counted on while this one stood
+        by. What was published is published again from it (:meth:`publish_all`)."""
+        doc = self.store.load()
+        self.ledger.load_json(doc or {"meters": {}})
+        self._unsaved = Changed()
+        self.admission.recount()
+        self._started = {key for key, _ in self.ledger}
+        self._live = set(self._started)
+        self._held.clear()
+        self._announced.clear()
 
     def _apply_control(self, body: bytes) -> list[tuple[str, str]]:
         """Apply a control command; return the channels whose values changed. Raises :class:`Refused`."""
@@ -414,13 +425,13 @@ def report_changes(pulse: Pulse, state: ChannelState, *, doubted: str, new_epoch
         log.info("%s: timestamps trusted again", where)
 
 
-def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:
+def load_ledger(config: Config) -> tuple[LedgerStore, Ledger | None]:
     """The configured state store and the ledger saved in it (None if nothing was saved yet).
 
     Raises StateError if the file exists but does not hold a valid ledger: the
     writer must then refuse to start rather than count from zero.
     """
-    store = StateStore(Path(config.state_dir))
+    store = open_store(config)
     doc = store.load()
     if doc is None:
         return store, None

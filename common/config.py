@@ -81,6 +81,8 @@ class Config:
     ha_birth_delay_s: float = _setting(5.0, "Re-announce within this many seconds (random) of HA's birth message")
     db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
                            secret=True)
+    state_url: str = _setting("", "Writer state shared by an active/standby pair: a MariaDB or PostgreSQL URL "
+                                  "(empty: SQLite in state dir); a secret", secret=True)
     # Edge
     active_pin: int = _setting(17, "BCM pin of the active-energy pulse output")
     reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none)")
