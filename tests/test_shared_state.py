@@ -19,7 +19,19 @@ from backend.state_store import StateError, StateStore, open_store
 from backend.writer import EnergyWriter
 from common.config import load_config
 from common.message import encode
-from tests.support import T0, S, port_open, pulse
+from tests.support import (
+    T0,
+    MqttWatcher,
+    Names,
+    S,
+    port_open,
+    publish,
+    pulse,
+    start_writer,
+    wait_until,
+    writer_env,
+)
+from tests.test_writer_failover import count_calibrate_count, energy_history, fresh_pulses
 
 SERVERS = {
     "mariadb": os.environ.get("EMDC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/"),
@@ -154,3 +166,30 @@ def test_an_unusable_state_url_is_one_clear_line(tmp_path: Path) -> None:
         with pytest.raises(StateError, match=says) as info:
             SharedStateStore.open(url)
         assert "s3cret" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_writers_on_one_shared_state_take_over_from_each_other_exactly(state_url: str, names: Names,
+                                                                           watch: MqttWatcher, spawn,
+                                                                           tmp_path: Path) -> None:
+    energy = f"{names.prefix}/active_energy"
+    env_a = writer_env(names, EMDC_STATE_URL=state_url)
+    env_b = {**env_a, "EMDC_STATE_DIR": str(tmp_path / "b-state")}  # another server: its own state dir
+    a = start_writer(spawn, names, env_a)
+    b = spawn(["writer"], env_b, "writer-b")
+    wait_until(lambda: "standby" in b.log(), 30, "the second writer to stand by")
+    count_calibrate_count(names, watch, env_a, kwh=50, after=5)  # a calibration only the shared state knows
+    a.kill9()
+    publish(names.exchange, fresh_pulses(16, 5))
+    watch.wait_for(energy, lambda v: v == "50.01", timeout=60)  # the standby counts on from the shared state
+    again = spawn(["writer"], env_a, "writer-a-again")
+    wait_until(lambda: "standby" in again.log(), 30, "the restarted writer to stand by")
+    b.kill9()
+    publish(names.exchange, fresh_pulses(21, 5))
+    watch.wait_for(energy, lambda v: v == "50.015", timeout=60)
+    assert again.stop() == 0
+    history = energy_history(watch, names)
+    assert history == sorted(history), f"the retained total dropped: {history}"
+    saved = SharedStateStore.open(state_url).load()
+    assert saved is not None and saved["meters"]["main"]["active"]["total_uwh"] == 50_015_000_000
+    assert "took generation 3 of the shared state" in again.log()
+    assert "not taking over" not in again.log() + b.log(), "both writers have the shared state's identity"
