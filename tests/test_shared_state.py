@@ -27,6 +27,7 @@ from tests.support import (
     port_open,
     publish,
     pulse,
+    queue_depth,
     start_writer,
     wait_until,
     writer_env,
@@ -193,3 +194,25 @@ def test_two_writers_on_one_shared_state_take_over_from_each_other_exactly(state
     assert saved is not None and saved["meters"]["main"]["active"]["total_uwh"] == 50_015_000_000
     assert "took generation 3 of the shared state" in again.log()
     assert "not taking over" not in again.log() + b.log(), "both writers have the shared state's identity"
+
+
+def test_a_writer_fenced_by_a_newer_generation_stops_saving_and_publishing_in_one_line(
+        state_url: str, names: Names, watch: MqttWatcher, spawn) -> None:
+    energy = f"{names.prefix}/active_energy"
+    env = writer_env(names, EMDC_STATE_URL=state_url)
+    writer = start_writer(spawn, names, env)
+    publish(names.exchange, fresh_pulses(1, 3))
+    watch.wait_for(energy, lambda v: v == "0.003")
+    SharedStateStore.open(state_url).acquire()  # what a writer taking over on another server does first
+    publish(names.exchange, fresh_pulses(4, 2))
+    wait_until(lambda: "was taken over by another writer" in writer.log(), 30, "the writer to notice")
+    wait_until(lambda: queue_depth(names.queue) == 2, 30, "the batch to go back to the queue")
+    assert writer.stop() == 0
+    assert watch.values[energy] == "0.003", "nothing published after losing the state"
+    [line] = [line for line in writer.log().splitlines() if "taken over by another writer" in line]
+    assert "this writer stopped saving and publishing, and stands by" in line
+    saved = SharedStateStore.open(state_url).load()
+    assert saved is not None and saved["meters"]["main"]["active"]["total_uwh"] == 3_000_000
+    again = start_writer(spawn, names, env)  # the lease and a new generation: it counts again, exactly
+    watch.wait_for(energy, lambda v: v == "0.005")
+    assert again.stop() == 0
