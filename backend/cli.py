@@ -119,7 +119,11 @@ def state_backup(obj: CommandContext, /, target: Path, **overrides: Any) -> None
     """Copy the saved totals into TARGET, a database file, also while the writer runs."""
     from backend.state_store import StateError, StateStore
 
-    store = StateStore(Path(obj.config(overrides).state_dir))
+    config = obj.config(overrides)
+    if config.state_url:
+        raise click.ClickException("the writer's state is in the database of state_url: back it up with that "
+                                   "database's own tools (mariadb-dump, pg_dump)")
+    store = StateStore(Path(config.state_dir))
     try:
         channels = store.backup(target)
     except StateError as exc:
