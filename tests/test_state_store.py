@@ -77,6 +77,16 @@ def test_a_batch_that_touches_one_meter_names_only_it(store: StateStore) -> None
     assert ledger.changed() == Changed(frozenset({("m8", "active")}), frozenset({"new"}))
 
 
+def test_a_batch_that_neither_committed_nor_rolled_back_is_undone_when_the_next_begins() -> None:
+    ledger = counted("main")
+    before = ledger.to_json()
+    ledger.begin()
+    ledger.apply(pulse(9, 9, meter="main"), T0 + 10 * S)
+    ledger.admit("garage", T0)  # ... and the batch raised here: it will be redelivered
+    ledger.begin()
+    assert ledger.to_json() == before and ledger.changed() == Changed()
+
+
 def test_a_forgotten_meter_is_deleted(store: StateStore) -> None:
     ledger = counted("main", "garage")
     save_all(store, ledger)
