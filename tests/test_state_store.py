@@ -163,15 +163,15 @@ def test_a_damaged_database_is_refused_in_one_line_and_kept(store: StateStore, d
     assert store.path.read_bytes() == kept, "a damaged database is never overwritten"
 
 
-def test_a_damaged_database_is_refused_by_the_writer_command_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["writer"], ["state", "show"]])
+def test_a_damaged_database_is_refused_by_the_commands_in_one_line(tmp_path: Path, command: list[str]) -> None:
     from tests.support import run_emdc
 
     store = StateStore(tmp_path)
     save_all(store, counted("main"))
     store.close()
     _garbage(store.path)
-    result = run_emdc(["state", "show"], {"EMDC_STATE_DIR": str(tmp_path), "PATH": os.environ["PATH"]},
-                      check=False)
+    result = run_emdc(command, {"EMDC_STATE_DIR": str(tmp_path), "PATH": os.environ["PATH"]}, check=False)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: {store.path} is damaged (") and "Traceback" not in result.stderr
