@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                 sample = {"t_s": round(time.perf_counter() - started, 1),
                           "counted": pulses_in(latest) if latest else 0,
                           "writer_rss_mb": round(vm_kb(writer.pid, "VmRSS") / 1024, 1),
-                          "state_bytes": state.stat().st_size if state.exists() else 0}
+                          "state_bytes": database_bytes(state)}
                 if edge.alive():
                     with contextlib.suppress(FileNotFoundError, ProcessLookupError, psutil.Error):
                         sample["edge_rss_mb"] = round(vm_kb(edge.pid, "VmRSS") / 1024, 1)
@@ -53,6 +54,20 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                             "max": max(s["state_bytes"] for s in samples)},
             "outbox_bytes_max": max((s.get("outbox_bytes", 0) for s in samples), default=0),
             "samples": samples}
+
+
+def database_bytes(path: Path) -> int:
+    """The size of the database at ``path`` as SQLite sees it (its pages, wherever they are: the file or the
+    write-ahead log, which SQLite reuses and folds in as it goes); 0 before it exists."""
+    if not path.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+    except sqlite3.Error:  # created a moment ago, not a database yet
+        return 0
+    return int(pages * size)
 
 
 def flatness(samples: list[dict[str, Any]], key: str, count: int) -> dict[str, Any]:
