@@ -97,7 +97,13 @@ def exclusive_state_dir(directory: Path) -> Iterator[None]:
 
 class LedgerStore(Protocol):
     """Where the writer's ledger is saved: :class:`StateStore` (this server) or, for an active/standby pair,
-    :class:`~backend.shared_state.SharedStateStore` (a shared database)."""
+    :class:`~backend.shared_state.SharedStateStore` (a shared database). Example::
+
+        store = open_store(config)
+        if store.acquire():         # becoming active on a shared state: count on from what is saved now
+            ledger.load_json(store.load() or {"meters": {}})
+        ledger.begin(); ...; store.save(ledger, ledger.changed()); ledger.commit()
+    """
 
     path: Any  # where the state is, for log lines
 
