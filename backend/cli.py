@@ -69,7 +69,7 @@ def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:
 def writer(obj: CommandContext, /, check: bool, max_age: float, take_over: bool, **overrides: Any) -> None:
     """Consume pulses from RabbitMQ, keep exact energy totals, publish them to MQTT.
 
-    State lives in <state dir>/energy_state.json and is saved before each
+    State lives in <state dir>/energy_state.sqlite3 and is saved before each
     acknowledgement, so restarts never lose or repeat a pulse. Writers on one
     queue take turns: one counts, the others stand by and take over when it
     stops, provided their state is the one Home Assistant's totals came from.
@@ -109,6 +109,26 @@ def state_show(obj: CommandContext, /, **overrides: Any) -> None:
         raise click.ClickException(str(exc)) from None
     for line in lines:
         click.echo(line)
+
+
+@state.command("backup")
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@setting_flags("state_dir")
+@click.pass_obj
+def state_backup(obj: CommandContext, /, target: Path, **overrides: Any) -> None:
+    """Copy the saved totals into TARGET, a database file, also while the writer runs."""
+    from backend.state_store import StateError, StateStore
+
+    config = obj.config(overrides)
+    if config.state_url:
+        raise click.ClickException("the writer's state is in the database of state_url: back it up with that "
+                                   "database's own tools (mariadb-dump, pg_dump)")
+    store = StateStore(Path(config.state_dir))
+    try:
+        channels = store.backup(target)
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"backed up {channels} channel(s) from {store.path} to {target}")
 
 
 def require_known(config: Config, meter: str, hint: str) -> None:

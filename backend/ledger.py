@@ -63,6 +63,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +181,28 @@ class ChannelState:
         return state
 
 
+@dataclass(frozen=True)
+class Changed:
+    """The channels and meters (admissions) whose state changed: all that a save of those changes must write.
+
+    >>> Changed(frozenset({("main", "active")})) | Changed(meters=frozenset({"main"}))
+    Changed(channels=frozenset({('main', 'active')}), meters=frozenset({'main'}))
+    """
+
+    channels: frozenset[tuple[str, str]] = frozenset()
+    meters: frozenset[str] = frozenset()
+
+    def __or__(self, other: Changed) -> Changed:
+        return Changed(self.channels | other.channels, self.meters | other.meters)
+
+    def __bool__(self) -> bool:
+        return bool(self.channels or self.meters)
+
+
+# A meter's admission before a change, when it had none (``None`` means admitted at an unknown time).
+_UNKNOWN = "unknown"
+
+
 def _int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"expected an integer, got {value!r:.40}")
@@ -208,9 +231,60 @@ class Ledger:
         self._channels: dict[tuple[str, str], ChannelState] = {}
         # When each meter was admitted (None: known from an older state file, time unknown).
         self._admitted: dict[str, int | None] = {}
+        # Between begin() and commit() or rollback(): each touched channel's and meter's state before.
+        self._before: tuple[dict[tuple[str, str], ChannelState | None], dict[str, int | str | None]] | None = None
 
     def channel(self, meter: str, channel: str) -> ChannelState:
-        return self._channels.setdefault((meter, channel), ChannelState())
+        """The state of (``meter``, ``channel``), created if new; every change of a channel goes through here."""
+        key = (meter, channel)
+        if self._before is not None and key not in self._before[0]:
+            self._before[0][key] = copy.deepcopy(self._channels.get(key))
+        return self._channels.setdefault(key, ChannelState())
+
+    def begin(self) -> None:
+        """Remember, from now on, each channel and meter as it was before it is first touched (a batch starts).
+
+        Only what a batch touches is copied, so neither :meth:`changed` nor
+        :meth:`rollback` costs more with more meters. A batch neither
+        committed nor rolled back (it raised) is rolled back here: it will be
+        redelivered, and must not then look counted.
+        """
+        if self._before is not None:
+            self.rollback()
+        self._before = ({}, {})
+
+    def changed(self) -> Changed:
+        """The channels and meters whose state differs from when :meth:`begin` was called."""
+        if self._before is None:
+            return Changed()
+        channels, meters = self._before
+        return Changed(frozenset(key for key, state in channels.items() if self._channels.get(key) != state),
+                       frozenset(m for m, ns in meters.items() if self._admitted.get(m, _UNKNOWN) != ns))
+
+    def commit(self) -> None:
+        """Keep the changes since :meth:`begin` (they were saved) and stop remembering."""
+        self._before = None
+
+    def rollback(self) -> None:
+        """Put every channel and meter touched since :meth:`begin` back as it was (its save failed)."""
+        if self._before is None:
+            return
+        channels, meters = self._before
+        self._before = None
+        for key, state in channels.items():
+            if state is None:
+                self._channels.pop(key, None)
+            else:
+                self._channels[key] = state
+        for meter, admitted_ns in meters.items():
+            if admitted_ns == _UNKNOWN:
+                self._admitted.pop(meter, None)
+            else:
+                self._admitted[meter] = None if admitted_ns is None else int(admitted_ns)
+
+    def _touch_meter(self, meter: str) -> None:
+        if self._before is not None and meter not in self._before[1]:
+            self._before[1][meter] = self._admitted.get(meter, _UNKNOWN)
 
     def get(self, meter: str, channel: str) -> ChannelState | None:
         """The state of (``meter``, ``channel``) if it has one, without creating it."""
@@ -233,14 +307,17 @@ class Ledger:
         """Admit ``meter`` as of ``now_ns`` unless its admission time is known; True if it was new."""
         new = not self.is_known(meter)
         if self._admitted.get(meter) is None:
+            self._touch_meter(meter)
             self._admitted[meter] = now_ns
         return new
 
     def forget(self, meter: str) -> list[str]:
         """Drop ``meter``'s admission and channels; return the channels it had."""
+        self._touch_meter(meter)
         self._admitted.pop(meter, None)
         gone = sorted(channel for m, channel in self._channels if m == meter)
         for channel in gone:
+            self.channel(meter, channel)  # remembered as it was, for a rollback
             del self._channels[(meter, channel)]
         return gone
 

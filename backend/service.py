@@ -1,4 +1,4 @@
-"""Composition root of ``emdc writer``: RabbitMQ in, ledger and state file, MQTT out."""
+"""Composition root of ``emdc writer``: RabbitMQ in, ledger and state database, MQTT out."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
             return True
 
         def on_active() -> None:
+            if writer.store.acquire():  # a shared state: fence the previous writer, count on from its state
+                writer.reload()
             check_claim()
             if not started.is_set():
                 log.info("active: counting %s into state %s in %s", config.queue, identity, writer.store.path)
@@ -86,6 +88,7 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         finally:
             if started.is_set():
                 mqtt.stop()
+            writer.store.close()
             if writer.save_failed:
                 log.warning("writer stopped; the last batch could not be saved to %s and stays in the queue, "
                             "to be counted at the next start", writer.store.path)

@@ -19,15 +19,14 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from backend.amounts import format_kw, format_kwh
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
-from backend.ledger import NS_PER_S, ChannelState, Implausible, Interleaved, Ledger
+from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
-from backend.state_store import StateError, StateStore
+from backend.state_store import LedgerStore, StateError, open_store
 from backend.topics import QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
@@ -113,7 +112,7 @@ class BrokerSink(Sink, Protocol):
 class EnergyWriter:
     """Counts pulses into a persisted ledger and publishes the current values."""
 
-    def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
+    def __init__(self, ledger: Ledger, store: LedgerStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
                  reactive_meters: Iterable[str] = (), admit_new_meters: int = 0) -> None:
@@ -131,12 +130,13 @@ class EnergyWriter:
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
         self.admission = Admission(sorted(self._meters), admit_new_meters)
-        # Configured meters (and those of older state files) admitted at start, not saved yet.
-        self._unsaved = False
+        # Configured meters (and those of older state files) admitted at start, and any other change not saved yet.
+        ledger.begin()
         for meter in sorted(self._meters | set(ledger.meters())):
             if ledger.admitted_ns(meter) is None:
                 ledger.admit(meter, clock())
-                self._unsaved = True
+        self._unsaved = ledger.changed()
+        ledger.commit()
         self._interleaved: set[tuple[str, str]] = set()
         # Forgotten meters whose Home Assistant device could not be removed yet (MQTT out of reach).
         self._withdrawing: set[str] = set()
@@ -159,7 +159,7 @@ class EnergyWriter:
                             fixed_wh=True)
             # Loud on purpose: a forgotten volume or a wrong state_dir also looks like this.
             log.warning("no saved state in %s: starting from zero (right for a first start; otherwise "
-                        "check state_dir and restore energy_state.json)", store.path)
+                        "check state_dir and restore the state dir's backup)", store.path)
         for (meter, channel), state in ledger:
             log.info("loaded %s/%s total %s %s from %s", meter, channel, format_kwh(state.total_uwh),
                      channel_spec(channel).total_unit, store.path)
@@ -173,8 +173,8 @@ class EnergyWriter:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
         dead: list[DeadLetter] = []
         touched: set[tuple[str, str]] = set()
-        dirty = self._unsaved
-        saved = self.ledger.to_json()
+        dirty = bool(self._unsaved)
+        self.ledger.begin()  # remembers only the channels and meters this batch touches
         for delivery in deliveries:
             try:
                 if is_control(delivery.routing_key):
@@ -210,19 +210,34 @@ class EnergyWriter:
                 touched.add((pulse.meter, pulse.channel))
                 dirty = True
                 report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
-        if dirty:
+        changed = self._unsaved | self.ledger.changed()
+        if dirty or changed:
             try:
-                self.store.save(self.ledger.to_json())
+                self.store.save(self.ledger, changed)
             except BaseException:
                 # The batch will be redelivered; counting it again must not look like a duplicate.
-                self.ledger.load_json(saved)
+                self.ledger.rollback()
+                self.admission.recount()  # the meters it admitted are not admitted any more
                 self.save_failed = True
                 raise
             self.save_failed = False
-            self._unsaved = False
+            self._unsaved = Changed()
+        self.ledger.commit()
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead
+
+    def reload(self) -> None:
+        """Take the saved state as it is now: a shared state that another writer counted on while this one stood
+        by. What was published is published again from it (:meth:`publish_all`)."""
+        doc = self.store.load()
+        self.ledger.load_json(doc or {"meters": {}})
+        self._unsaved = Changed()
+        self.admission.recount()
+        self._started = {key for key, _ in self.ledger}
+        self._live = set(self._started)
+        self._held.clear()
+        self._announced.clear()
 
     def _apply_control(self, body: bytes) -> list[tuple[str, str]]:
         """Apply a control command; return the channels whose values changed. Raises :class:`Refused`."""
@@ -410,13 +425,13 @@ def report_changes(pulse: Pulse, state: ChannelState, *, doubted: str, new_epoch
         log.info("%s: timestamps trusted again", where)
 
 
-def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:
+def load_ledger(config: Config) -> tuple[LedgerStore, Ledger | None]:
     """The configured state store and the ledger saved in it (None if nothing was saved yet).
 
     Raises StateError if the file exists but does not hold a valid ledger: the
     writer must then refuse to start rather than count from zero.
     """
-    store = StateStore(Path(config.state_dir))
+    store = open_store(config)
     doc = store.load()
     if doc is None:
         return store, None
@@ -425,7 +440,7 @@ def load_ledger(config: Config) -> tuple[StateStore, Ledger | None]:
                                        config.max_clock_ahead_s, fixed_wh=True)
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
-                         "zero. Inspect it and its .bak copy.") from None
+                         "zero. Inspect it, or restore a backup of the state dir.") from None
 
 
 def saved_totals(config: Config) -> list[str]:

@@ -21,7 +21,10 @@ edge            outbox replay rate (a pre-filled outbox drained with confirms), 
 power_truth     seeded household loads (7 days each) replayed through the real writer and idle handler:
                 MAE of the published power against the true load, over the run and in the 5 minutes after
                 load drops, next to ESPHome pulse_meter's hold rule and Home Assistant's derivative helper;
-                power messages per second per channel. In-process: the only phase that needs no broker.
+                power messages per second per channel. In-process: needs no broker.
+state_scaling   the writer in-process on its real state store: a one-pulse batch's cost and a backlog's drain
+                rate with 1, 1,000, 10,000 (and 100,000) meters in the state, as ratios to 1 meter: the cost
+                of a batch must follow the batch, not the number of meters. Needs no broker either.
 million         (``--million`` only) edge -> broker -> writer on 1,000,000 pulses, sampling both
                 processes' RSS and state-file sizes: memory and state must stay flat.
 
@@ -32,7 +35,7 @@ figures and the Pi Zero assumption: docs/performance.md.
 
 Where it lives: ``__main__`` (options, sizes, the run), ``ceiling``, ``writer`` (drain, naive
 baseline, live latency), ``edge`` (replay, simulate, live CPU and RSS, the Pi Zero projection),
-``million``, ``power_truth``, ``report`` (targets, the table, py-spy summaries), ``harness`` (the bench's own
-plumbing) and ``brokers`` (addresses and per-run names, shared with tests/). A developer tool:
-not installed with the package, and it never imports from tests/.
+``million``, ``power_truth``, ``state_scaling``, ``report`` (targets, the table, py-spy summaries),
+``harness`` (the bench's own plumbing) and ``brokers`` (addresses and per-run names, shared with tests/).
+A developer tool: not installed with the package, and it never imports from tests/.
 """

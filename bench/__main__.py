@@ -33,6 +33,7 @@ from bench.harness import OVERRIDES, WORK_PARENT, Broker, pyspy
 from bench.million import measure_million
 from bench.power_truth import measure_power_truth
 from bench.report import cpu_model, fsync_ms, git_revision, print_table, summarize_profile, targets
+from bench.state_scaling import measure_state_scaling
 from bench.writer import measure_edge_latency, measure_live_latency, measure_naive, measure_writer_drain
 
 RESULTS = ROOT / "bench-results.json"
@@ -48,16 +49,20 @@ class Sizes:
     warmup_s: float  # edge live: ignored after its first pulse
     repeat: int  # ceiling and writer drain run this many times, interleaved; medians are reported
     power_days: float  # days of each generated household in the power-truth replay
+    state_meters: tuple[int, ...]  # meters in the writer's state for the state-scaling phase
+    state_batches: int  # one-pulse batches timed per state size
+    state_drain: int  # pulses drained per state size
 
 
 PRESETS = {
     "full": Sizes(pulses=30_000, naive=1_000, latency=200, edge_replay=30_000, edge_live_s=30.0, warmup_s=2.0,
-                  repeat=3, power_days=7.0),
+                  repeat=3, power_days=7.0, state_meters=(1, 1_000, 10_000, 100_000), state_batches=300,
+                  state_drain=20_000),
     "small": Sizes(pulses=2_000, naive=60, latency=30, edge_replay=2_000, edge_live_s=3.0, warmup_s=1.0, repeat=1,
-                   power_days=1.0),
+                   power_days=1.0, state_meters=(1, 1_000, 10_000), state_batches=50, state_drain=2_000),
 }
-PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge", "power_truth")
-WITHOUT_BROKERS = {"power_truth"}
+PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge", "power_truth", "state_scaling")
+WITHOUT_BROKERS = {"power_truth", "state_scaling"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,6 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "power_truth" in phases:
             results["power_truth"] = phase("power truth", lambda: measure_power_truth(
                 sizes.power_days, progress=lambda step: print(f"[bench]   {step}", file=sys.stderr, flush=True)))
+        if "state_scaling" in phases:
+            results["state_scaling"] = phase("state scaling", lambda: measure_state_scaling(
+                work, sizes.state_meters, sizes.state_batches, sizes.state_drain))
         if args.million:
             results["million"] = phase("million", lambda: measure_million(work, broker, args.million))
         if args.profile:

@@ -11,9 +11,11 @@ saved total).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -184,9 +186,17 @@ def pulses(count: int, *, epoch: str = "feed", interval_s: float = 1.0, channel:
 
 
 def saved_total_uwh(state_dir: Path, channel: str = "active", meter: str = "main") -> int | None:
-    """The total an ``emdc writer`` persisted in ``state_dir``, in µWh; None before its first save."""
-    try:
-        doc = json.loads((state_dir / "energy_state.json").read_text())
-    except FileNotFoundError:
+    """The total an ``emdc writer`` persisted in ``state_dir``, in µWh; None before its first save.
+
+    Read-only, straight from the database: a writer may be saving meanwhile.
+    """
+    path = state_dir / "energy_state.sqlite3"
+    if not path.exists():
         return None
-    return doc["state"]["meters"][meter][channel]["total_uwh"]
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as conn:
+            row = conn.execute("SELECT state FROM channels WHERE meter = ? AND channel = ?",
+                               (meter, channel)).fetchone()
+    except sqlite3.OperationalError:  # created, but no table yet
+        return None
+    return None if row is None else int(json.loads(row[0])["total_uwh"])

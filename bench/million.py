@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from backend.state_store import StateStore
 from bench.harness import UWH_PER_WH, Broker, Scratch, pulses_in, vm_kb
 from edge.outbox import FILENAME as OUTBOX_FILENAME
 
@@ -22,7 +24,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
             edge = scratch.spawn(["edge", "simulate", "--power", "3600", "--count", str(count), "--speed", "max"],
                                  scratch.edge_env(), "edge")
             started = time.perf_counter()
-            state = scratch.names.writer_dir / "energy_state.json"
+            state = scratch.names.writer_dir / StateStore.FILENAME
             outbox = scratch.names.edge_dir / OUTBOX_FILENAME
             samples: list[dict[str, Any]] = []
             while not subscriber.arrived(0):
@@ -32,7 +34,7 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                 sample = {"t_s": round(time.perf_counter() - started, 1),
                           "counted": pulses_in(latest) if latest else 0,
                           "writer_rss_mb": round(vm_kb(writer.pid, "VmRSS") / 1024, 1),
-                          "state_bytes": state.stat().st_size if state.exists() else 0}
+                          "state_bytes": database_bytes(state)}
                 if edge.alive():
                     with contextlib.suppress(FileNotFoundError, ProcessLookupError, psutil.Error):
                         sample["edge_rss_mb"] = round(vm_kb(edge.pid, "VmRSS") / 1024, 1)
@@ -52,6 +54,20 @@ def measure_million(work: Path, broker: Broker, count: int) -> dict[str, Any]:
                             "max": max(s["state_bytes"] for s in samples)},
             "outbox_bytes_max": max((s.get("outbox_bytes", 0) for s in samples), default=0),
             "samples": samples}
+
+
+def database_bytes(path: Path) -> int:
+    """The size of the database at ``path`` as SQLite sees it (its pages, wherever they are: the file or the
+    write-ahead log, which SQLite reuses and folds in as it goes); 0 before it exists."""
+    if not path.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+    except sqlite3.Error:  # created a moment ago, not a database yet
+        return 0
+    return int(pages * size)
 
 
 def flatness(samples: list[dict[str, Any]], key: str, count: int) -> dict[str, Any]:

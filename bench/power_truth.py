@@ -36,7 +36,7 @@ from typing import Any
 
 from backend.amounts import format_kw
 from backend.batch import Delivery
-from backend.ledger import NS_PER_S, Ledger
+from backend.ledger import NS_PER_S, Changed, Ledger
 from backend.service import idle_handler
 from backend.state_store import StateStore
 from backend.topics import state_topic
@@ -201,8 +201,8 @@ class _MemoryStore(StateStore):
     def load(self) -> dict[str, Any] | None:
         return self.doc
 
-    def save(self, doc: dict[str, Any]) -> None:
-        self.doc = doc
+    def save(self, ledger: Ledger, changed: Changed) -> None:
+        self.doc = ledger.to_json()
 
 
 @dataclass

@@ -22,6 +22,9 @@ REPLAY_TARGET_PER_S = 3000.0
 EDGE_RSS_TARGET_MB = 40.0
 POWER_AFTER_DROPS_RATIO_TARGET = 0.5  # EMDC's error after load drops / ESPHome pulse_meter's
 POWER_MSGS_PER_S_TARGET = 1
+STATE_BATCH_RATIO_TARGET = 2.0  # a one-pulse batch with 10,000 meters in the state / with 1
+STATE_DRAIN_RATIO_TARGET = 0.8  # the drain rate with 10,000 meters in the state / with 1
+STATE_TARGET_METERS = 10_000
 
 EDGE_LIVE_RUNS = (("live", "edge simulate"), ("live_production", "edge production chain"),
                   ("live_production_household", "edge production chain"))
@@ -68,6 +71,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"<= {POWER_AFTER_DROPS_RATIO_TARGET}", power["ratio_after_drops"] <= POWER_AFTER_DROPS_RATIO_TARGET)
         add("power truth: power messages per second per channel (max)", power["power_msgs_max_per_s"],
             f"<= {POWER_MSGS_PER_S_TARGET}", power["power_msgs_max_per_s"] <= POWER_MSGS_PER_S_TARGET)
+    scaling = {run["meters"]: run for run in results.get("state_scaling", {}).get("sizes", [])}
+    if STATE_TARGET_METERS in scaling:
+        run = scaling[STATE_TARGET_METERS]
+        add(f"state: one-pulse batch with {STATE_TARGET_METERS:,} meters / 1 meter", run["batch_ratio"],
+            f"<= {STATE_BATCH_RATIO_TARGET:g}", run["batch_ratio"] <= STATE_BATCH_RATIO_TARGET)
+        add(f"state: drain rate with {STATE_TARGET_METERS:,} meters / 1 meter", run["drain_ratio"],
+            f">= {STATE_DRAIN_RATIO_TARGET:g}", run["drain_ratio"] >= STATE_DRAIN_RATIO_TARGET)
     million = results.get("million", {})
     for side in ("writer", "edge"):
         growth = million.get(side, {}).get("growth_mb_per_100k")
@@ -136,6 +146,10 @@ def print_table(results: dict[str, Any]) -> None:
     power = results.get("power_truth")
     if power:
         rows += power_rows(power)
+    for run in results.get("state_scaling", {}).get("sizes", []):
+        rows.append((f"state of {run['meters']:,} meter(s): one-pulse batch", f"{run['batch_ms']:.3f} ms",
+                     f"x{run['batch_ratio']:.2f} of 1 meter; drain {fmt_rate(run['drain_per_s'])}/s "
+                     f"(x{run['drain_ratio']:.2f})"))
     million = results.get("million")
     if million:
         rows.append((f"million: edge -> writer, {million['pulses']:,} pulses", f"{fmt_rate(million['rate_per_s'])}/s",

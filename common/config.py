@@ -78,7 +78,7 @@ class Config:
     mqtt_key_file: str = _setting("", "Client key for MQTT TLS (optional)")
     # Identity and storage
     meter_id: str = _setting("main", "Meter id: routing key pulse.<meter>.<channel>, topic sub-level")
-    state_dir: str = _setting("./state", "Directory for energy_state.json (writer) or edge.sqlite3 (edge)")
+    state_dir: str = _setting("./state", "Directory for energy_state.sqlite3 (writer) or edge.sqlite3 (edge)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     # Writer
     topic_prefix: str = _setting("home/energy", "MQTT topic prefix; other meters get <prefix>/<meter>/...")
@@ -99,6 +99,8 @@ class Config:
     ha_birth_delay_s: float = _setting(5.0, "Re-announce within this many seconds (random) of HA's birth message")
     db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
                            secret=True)
+    state_url: str = _setting("", "Writer state shared by an active/standby pair: a MariaDB or PostgreSQL URL "
+                                  "(empty: SQLite in state dir); a secret", secret=True)
     # Edge: a single meter's inputs (without [[inputs]])
     active_pin: int = _setting(17, "BCM pin of the active-energy pulse output (without [[inputs]])")
     reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none; without [[inputs]])")

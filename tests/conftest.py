@@ -27,6 +27,7 @@ from tests.support import EmdcProcess, MqttWatcher, Names, unreachable_brokers
 BROKER_FIXTURES = frozenset({
     "brokers", "names", "watch",  # the shared RabbitMQ and Mosquitto (below)
     "mariadb",  # tests/test_db_writer.py: the shared MariaDB
+    "state_url",  # tests/test_shared_state.py: the shared MariaDB and PostgreSQL
     "mosquitto_broker",  # tests/test_deploy.py: a private Mosquitto
     "private_mosquitto",  # tests/test_reliability.py: a Mosquitto the test kills and restarts
 })

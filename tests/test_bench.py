@@ -26,6 +26,7 @@ EXPECTED = {
     "edge": {"replay", "simulate_max", "live", "live_production", "live_production_household"},
     "power_truth": {"seeds", "days_each", "drops", "mae_day_w", "mae_after_drops_w", "ratio_after_drops",
                     "power_msgs_max_per_s", "tuning"},
+    "state_scaling": {"batches", "drain_pulses", "sizes"},
 }
 RULES = {"emdc", "emdc_10s", "esphome", "ha_derivative"}
 LATENCY = {"pulses", "p50_ms", "p99_ms", "max_ms"}
@@ -57,6 +58,11 @@ def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, broke
                                                         "edge outbox replay (pulses/s)", "edge peak RSS (MB)"}
     assert all(isinstance(t["ok"], bool) for t in results["targets"])
     assert "power truth" in result.stdout
+    scaling = results["state_scaling"]["sizes"]
+    assert [run["meters"] for run in scaling] == [1, 1_000, 10_000]
+    assert all(run.keys() >= {"batch_ms", "batch_ratio", "drain_per_s", "drain_ratio"} for run in scaling)
+    assert {t["name"] for t in results["targets"]} >= {"state: one-pulse batch with 10,000 meters / 1 meter",
+                                                        "state: drain rate with 10,000 meters / 1 meter"}
 
 
 def test_power_truth_runs_without_brokers_and_scores_every_rule_on_held_out_households(tmp_path: Path) -> None:

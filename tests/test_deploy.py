@@ -329,6 +329,7 @@ def test_example_loads_as_shipped_and_fully_uncommented(tmp_path):
     (secrets_dir / "amqp_url").write_text("amqp://emdc-edge:s3cret@broker.example.org:5672/%2F\n")
     (secrets_dir / "mqtt_password").write_text("mqtt-s3cret\n")
     (secrets_dir / "db_url").write_text("mysql+pymysql://emdc:x@mariadb/emdc\n")
+    (secrets_dir / "state_url").write_text("mysql+pymysql://emdc:x@mariadb/emdc_state\n")
     text = EXAMPLE_TOML.read_text().replace("/etc/emdc/", f"{secrets_dir}/")
 
     shipped = tmp_path / "shipped.toml"

@@ -209,7 +209,8 @@ def test_a_flood_of_new_meter_ids_grows_nothing_and_announces_nothing(tmp_path: 
     assert "not one this writer counts (main)" in dead[0].reason and "EMDC_METERS" in dead[0].reason
     assert writer.ledger.meters() == ["main"]
     assert sink.log[before:] == [], "no discovery, no value for an unknown meter"
-    saved = json.loads((tmp_path / "energy_state.json").read_text())["state"]
+    saved = StateStore(tmp_path).load()
+    assert saved is not None
     assert list(saved["meters"]) == ["main"] and list(saved["admitted"]) == ["main"]
     assert len(writer.admission._reported) == UNKNOWN_REPORTED
     lines = [r.getMessage() for r in caplog.records if "logged once per meter" in r.getMessage()]
@@ -327,7 +328,7 @@ def test_a_state_file_of_an_older_version_loads_and_holds_its_channels_to_their_
                "intervals_ns": []}
     untimed = {**channel, "last_ts_ns": None}
     doc = {"meters": {"main": {"active": channel, "reactive": untimed}}}
-    StateStore(tmp_path).save(doc)
+    StateStore(tmp_path).replace(doc)
     clock = FakeClock(T0 + 8 * S)
     writer, _ = make_writer(tmp_path, clock)
     assert writer.ledger.admitted_ns("main") == clock.now

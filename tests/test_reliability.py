@@ -17,6 +17,8 @@ from pathlib import Path
 import pika
 import pytest
 
+from backend.ledger import Ledger
+from backend.state_store import StateStore
 from common.message import Pulse, encode
 from common.topology import ERROR_HEADER, dead_letter_queue
 from tests.support import (
@@ -67,6 +69,47 @@ def test_kill_9_while_draining_a_20000_pulse_backlog_keeps_totals_exact(names: N
     wait_until(lambda: saved_total_uwh(names.writer_dir) == 24_000 * 10**6, 10, "the exact total")
     assert writer.stop() == 0
     assert saved_total_uwh(names.writer_dir) == 24_000 * 10**6
+    assert queue_depth(dead_letter_queue(names.queue)) == 0
+
+
+def test_kill_9_while_draining_many_meters_of_a_migrated_state_keeps_every_total_exact(names: Names, spawn) -> None:
+    # An older version's energy_state.json with 2,000 meters, each 5 Wh; 10 of them then drain a backlog.
+    long_ago = time.time_ns() - 7 * 24 * 3600 * 10**9
+    old = Ledger(100_000, fixed_wh=True)
+    meters = [f"m{i:04d}" for i in range(2000)]
+    for meter in meters:
+        old.admit(meter, long_ago)
+        old.apply(Pulse(meter, "active", "old", 5, long_ago + 5 * 10**9, 1.0), long_ago + 6 * 10**9)
+    names.writer_dir.mkdir(parents=True)
+    (names.writer_dir / "energy_state.json").write_text(json.dumps({"format": 1, "state": old.to_json()}))
+    draining = meters[:10]
+    end = time.time_ns()
+    backlog = [Pulse(meter, "active", "feed", seq, end - (1000 - seq) * 10**9, 1.0)
+               for seq in range(1, 1001) for meter in draining]
+    declare_queue(names)
+    publish(names.exchange, backlog)
+    wait_until(lambda: queue_depth(names.queue) == len(backlog), 30, "the backlog to be queued")
+
+    rng = random.Random(11)
+    for kill in range(4):
+        before = queue_depth(names.queue)
+        assert before > 0, f"the backlog drained after only {kill} kills; make it larger"
+        writer = spawn(["writer"], writer_env(names, EMDC_BATCH_SIZE=200), "writer")
+        wait_until(lambda b=before: queue_depth(names.queue) < b, 60, "the writer to start draining", interval=0.01)
+        time.sleep(rng.uniform(0, 0.15))
+        writer.kill9()
+        if kill == 0:
+            assert "migrated " in writer.log() and "energy_state.json.migrated" in writer.log()
+
+    writer = start_writer(spawn, names, writer_env(names))
+    wait_until(lambda: queue_depth(names.queue) == 0, 60, "the queue to drain")
+    assert writer.stop() == 0
+    saved = StateStore(names.writer_dir).load()
+    assert saved is not None
+    totals = {meter: channels["active"]["total_uwh"] for meter, channels in saved["meters"].items()}
+    assert totals == {meter: (1005 if meter in draining else 5) * 10**6 for meter in meters}
+    assert (names.writer_dir / "energy_state.json.migrated").exists()
+    assert not (names.writer_dir / "energy_state.json").exists()
     assert queue_depth(dead_letter_queue(names.queue)) == 0
 
 

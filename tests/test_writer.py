@@ -16,7 +16,7 @@ from backend.memory_transport import MemorySink
 from backend.writer import EnergyWriter
 from common.config import load_config
 from common.message import SetTotal, encode, encode_set_total
-from tests.support import T0, S, deliveries, pulse
+from tests.support import T0, S, deliveries, pulse, saved_total_uwh
 
 
 class FakeClock:
@@ -51,8 +51,7 @@ def test_a_batch_is_counted_persisted_and_published_once(tmp_path: Path) -> None
     # A fresh channel's 0 first: Home Assistant takes the first value it sees as the zero point.
     assert sink.log == [("home/energy/active_energy", "0"), ("home/energy/active_energy", "0.003"),
                         ("home/energy/active_power", "3.600")]
-    saved = json.loads((tmp_path / "energy_state.json").read_text())
-    assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 3_000_000
+    assert saved_total_uwh(tmp_path) == 3_000_000
 
 
 def test_malformed_and_implausible_messages_are_returned_as_dead_letters(tmp_path: Path) -> None:
@@ -172,7 +171,7 @@ def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: 
     writer, sink = make_writer(tmp_path, FakeClock())
     batch = deliveries(pulse(1, 0), pulse(2, 1))
 
-    def disk_full(_state: object) -> None:
+    def disk_full(*_args: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer.store, "save", disk_full)
@@ -183,8 +182,7 @@ def test_a_failed_save_rolls_the_ledger_back_so_the_redelivery_counts(tmp_path: 
     monkeypatch.undo()
     writer.handle_batch(batch)  # the broker redelivers the unacknowledged batch
     assert not writer.save_failed
-    saved = json.loads((tmp_path / "energy_state.json").read_text())
-    assert saved["state"]["meters"]["main"]["active"]["total_uwh"] == 2_000_000
+    assert saved_total_uwh(tmp_path) == 2_000_000
 
 
 @pytest.mark.parametrize("routing_key", ["pulse.garage.active", "pulse.main.reactive", "pulse.main", "control.main"])
