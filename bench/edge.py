@@ -14,9 +14,9 @@ from typing import Any
 
 from bench.brokers import wait_until
 from bench.harness import Broker, Scratch, vm_kb
+from common.inputs import INPUT_TYPES
 from edge.outbox import FILENAME as OUTBOX_FILENAME
 from edge.outbox import Outbox
-from edge.simulator import S0_PULSE_WIDTH_S
 
 EDGE_LIVE_RATE_PER_S = 30.0
 HOUSEHOLD_RATE_PER_S = 3.0  # 10.8 kW at 1 Wh per pulse: a busy household, the edge's everyday load
@@ -189,7 +189,7 @@ def drive_edges(fd: int, gpio: int, active_level: int, rate: float, duration_s: 
         for level in (active_level, 1 - active_level):
             os.write(fd, LGPIO_EVENT.pack(time.monotonic_ns(), 0, gpio, level, 0, 0))
             if level == active_level:
-                time.sleep(S0_PULSE_WIDTH_S)
+                time.sleep(INPUT_TYPES["s0"].nominal_pulse_ms / 1000)
         pulses += 1
 
 
