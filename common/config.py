@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from common.channels import CHANNELS, channel_spec
 from common.message import MAX_WH, MessageError, validate_meter_id
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -69,7 +70,15 @@ class Config:
                                "are dead-lettered")
     admit_new_meters: int = _setting(0, "Writer: count up to this many meters beyond `meters` as they appear "
                                         "(0: none, unknown meters are dead-lettered)")
-    max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
+    max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered (active, "
+                                             "export and reactive, in W or var)")
+    max_gas_flow_m3h: float = _setting(channel_spec("gas").default_max_rate, "A gas counter jump implying more "
+                                       "than this flow in m³/h is dead-lettered")
+    max_water_flow_lpm: float = _setting(channel_spec("water").default_max_rate, "A water counter jump implying "
+                                         "more than this flow in L/min is dead-lettered")
+    channels: str = _setting("", "Writer: channels announced to Home Assistant for meter_id before their first "
+                                 "pulse, comma-separated (e.g. active,export,gas); active always is, others once "
+                                 "counted")
     max_clock_ahead_s: float = _setting(600.0, "Pulses stamped further than this in the future are dead-lettered")
     power_refresh_s: float = _setting(1.0, "How often a falling idle power bound is re-evaluated (published on change)")
     power_timeout_s: float = _setting(300.0, "With no pulse for this long, power is published as 0")
@@ -107,6 +116,14 @@ class Config:
         """
         listed = tuple(meter.strip() for meter in self.meters.split(",") if meter.strip())
         return listed or (self.meter_id,)
+
+    def announced_channels(self) -> tuple[str, ...]:
+        """The ``channels`` setting as names.
+
+        >>> load_config(env={"EMDC_CHANNELS": "active, gas"}).announced_channels()
+        ('active', 'gas')
+        """
+        return tuple(channel.strip() for channel in self.channels.split(",") if channel.strip())
 
     def is_set(self, name: str) -> bool:
         """True if ``name`` was given explicitly rather than left at its default."""
@@ -297,7 +314,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
     if port == 0:
         raise ConfigError("amqp_url: port must be 1-65535")
-    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_clock_ahead_s", "power_refresh_s",
+    unknown = set(cfg.announced_channels()) - set(CHANNELS)
+    if unknown:
+        raise ConfigError(f"channels: {', '.join(sorted(unknown))} is no channel (one of {', '.join(CHANNELS)})")
+    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_gas_flow_m3h", "max_water_flow_lpm",
+                "max_clock_ahead_s", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
