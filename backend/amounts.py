@@ -37,9 +37,10 @@ def format_total(channel: str, total_micro: int) -> str:
     return f"{whole}.{frac:0{digits}d}".rstrip("0").rstrip(".")
 
 
-def format_total_rounded(channel: str, total_micro: int) -> str:
-    """The total in its unit with three decimals, half to even (one Wh, one litre in a thousand): for tables."""
-    return str((Decimal(total_micro) / micro_per_total(channel)).quantize(Decimal("0.001"), ROUND_HALF_EVEN))
+def format_total_rounded(channel: str, total_micro: int, decimals: int = 3) -> str:
+    """The total in its unit with ``decimals`` decimals, half to even (three: one Wh of a kWh): for tables."""
+    step = Decimal(1).scaleb(-decimals)
+    return str((Decimal(total_micro) / micro_per_total(channel)).quantize(step, ROUND_HALF_EVEN))
 
 
 def format_kwh(total_uwh: int) -> str:

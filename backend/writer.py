@@ -238,8 +238,8 @@ class EnergyWriter:
             if old_wh is None:
                 log.info("command %s was applied before; ignoring the repeat", command.id)
             else:
-                log.warning("%s/%s: energy per pulse %g -> %g Wh; readmit the pulses held back for it", command.meter,
-                            command.channel, old_wh, command.wh)
+                log.warning("%s/%s: energy per pulse %g -> %g %s; readmit the pulses held back for it", command.meter,
+                            command.channel, old_wh, command.wh, channel_spec(command.channel).pulse_unit)
             return []
         if self.ledger.admit(command.meter, self.clock()):
             log.warning("admitted meter %s by calibration", command.meter)
