@@ -82,12 +82,12 @@ def test_rates_are_written_in_the_rate_unit_of_their_kind() -> None:
 
 
 def test_an_idle_bound_is_rounded_down_in_the_rate_unit() -> None:
-    # 1 L, then 7 s of silence: at most 8.571... L/min, shown as 8.57, never 8.58 nor a whole 9.
+    # 1 L, then 9 s of silence: at most 6.666... L/min, shown as 6.66, never rounded up to 6.67.
     water = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[S], kind="water")
-    assert format_rate("water", displayed_power_w(water, 7 * S, 300) or -1) == "8.57"
-    # 0.01 m³, then 70 s: at most 0.514... m³/h.
+    assert format_rate("water", displayed_power_w(water, 9 * S, 300) or -1) == "6.66"
+    # 0.01 m³, then 55 s: at most 0.6545... m³/h.
     gas = ChannelState(last_ts_ns=0, wh=0.01, intervals_ns=[S], kind="gas")
-    assert format_rate("gas", displayed_power_w(gas, 70 * S, 300) or -1) == "0.514"
+    assert format_rate("gas", displayed_power_w(gas, 55 * S, 300) or -1) == "0.654"
     assert displayed_power_w(gas, 300 * S, 300) == 0.0
 
 
