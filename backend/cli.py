@@ -373,7 +373,7 @@ def db_writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: 
 @click.pass_obj
 def report(obj: CommandContext, /, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
            as_csv: bool, plot: Path | None, gap_minutes: float, **overrides: Any) -> None:
-    """Energy per hour, day or month from the db-writer's database, active and reactive.
+    """Energy per hour, day or month from the db-writer's database: every kind of channel, each in its unit.
 
     Periods without any pulse and pulses whose timing was lost are flagged, not
     hidden. Example, one week by day in Berlin time with a chart:
