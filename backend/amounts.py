@@ -14,6 +14,8 @@ round to the channel's rate precision. Rates come in pulse units per hour
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 
@@ -51,6 +53,28 @@ def format_kwh(total_uwh: int) -> str:
 def format_kwh_rounded(total_uwh: int) -> str:
     """kWh (kvarh) with three decimals, half to even: one Wh, for tables."""
     return format_total_rounded("active", total_uwh)
+
+
+@dataclass(frozen=True)
+class GasEnergy:
+    """The energy of a gas volume, as the gas bill reckons it: m³ × calorific value (kWh/m³) × correction factor.
+
+    The values are the bill's decimals, taken as written (not as binary floats), and the energy is rounded
+    down to the µWh, so it grows with the volume and is never above the billed energy::
+
+        >>> GasEnergy(11.2, 0.9523).uwh(1_000_000)  # 1 m³
+        10665760000
+        >>> format_kwh(GasEnergy(11.2, 0.9523).uwh(1_234_560_000))
+        '13167.5206656'
+    """
+
+    calorific_kwh_m3: float
+    correction: float = 1.0
+
+    def uwh(self, total_um3: int) -> int:
+        """µWh of ``total_um3`` µm³ of gas."""
+        factor = Fraction(str(self.calorific_kwh_m3)) * Fraction(str(self.correction))
+        return math.floor(total_um3 * factor * 1000)  # µm³ · kWh/m³ = mWh; 1000 µWh each
 
 
 def per_hour_to_rate(spec: Channel) -> Fraction:

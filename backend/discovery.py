@@ -38,7 +38,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.topics import availability_topic, state_topic, value_name
+from backend.topics import ENERGY_KWH, availability_topic, state_topic, value_name
 from common import __version__
 from common.channels import CHANNELS, channel_spec
 
@@ -68,9 +68,9 @@ class SensorSpec:
 LEGACY_CLASSES = ("reactive_energy", "reactive_power")
 
 
-def sensor_specs(legacy_units: bool) -> list[SensorSpec]:
+def sensor_specs(legacy_units: bool, gas_energy: bool = False) -> list[SensorSpec]:
     """The total and rate sensor of every channel; ``legacy_units`` drops the reactive device classes HA < 2025.6
-    lacks.
+    lacks, ``gas_energy`` adds the gas total in kWh (a calorific value is set).
 
     >>> gas = [s for s in sensor_specs(False) if s.channel == "gas"]
     >>> [(s.component, s.device_class, s.unit, s.state_class) for s in gas]
@@ -85,6 +85,10 @@ def sensor_specs(legacy_units: bool) -> list[SensorSpec]:
             name = value_name(channel, quantity).replace("_", " ").capitalize()
             shown_class = None if legacy_units and device_class in LEGACY_CLASSES else device_class
             specs.append(SensorSpec(channel, quantity, name, shown_class, unit, state_class, precision))
+    if gas_energy:
+        energy = channel_spec("active")
+        specs.append(SensorSpec("gas", ENERGY_KWH, "Gas energy", energy.total_device_class, energy.total_unit,
+                                "total_increasing", energy.total_decimals))
     return specs
 
 
@@ -92,11 +96,12 @@ class Discovery:
     """Builds the retained discovery messages (topic, JSON payload) for a meter."""
 
     def __init__(self, discovery_prefix: str, topic_prefix: str, style: str = "device",
-                 legacy_units: bool = False) -> None:
+                 legacy_units: bool = False, gas_energy: bool = False) -> None:
         self.discovery_prefix = discovery_prefix
         self.topic_prefix = topic_prefix
         self.style = style
         self.legacy_units = legacy_units
+        self.gas_energy = gas_energy
 
     @staticmethod
     def device_id(meter: str) -> str:
@@ -132,7 +137,7 @@ class Discovery:
             try:
                 return set(json.loads(payload)["components"])
             except (ValueError, KeyError, TypeError):  # e.g. a handover interrupted half way: assume all
-                return {s.component for s in sensor_specs(False)}
+                return {s.component for s in sensor_specs(False, gas_energy=True)}
         if len(levels) == 4 and levels[:2] == ["sensor", node] and levels[3] == "config":
             return {levels[2]}
         return None
@@ -177,7 +182,7 @@ class Discovery:
         """Discovery messages for ``meter`` with the sensors of ``channels``, in the configured style (none if
         ``off``)."""
         availability = availability_topic(self.topic_prefix)
-        specs = [s for s in sensor_specs(self.legacy_units) if s.channel in channels]
+        specs = [s for s in sensor_specs(self.legacy_units, self.gas_energy) if s.channel in channels]
         if self.style == "device":
             payload = {
                 "device": self._device(meter),

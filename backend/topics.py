@@ -20,6 +20,8 @@ from __future__ import annotations
 from common.channels import channel_spec
 
 QUANTITIES = ("energy", "power")
+# The gas total converted to kWh (``gas_energy``), published when a calorific value is set.
+ENERGY_KWH = "energy_kwh"
 
 
 def meter_prefix(prefix: str, meter: str) -> str:
@@ -32,8 +34,11 @@ def echo_topic(prefix: str) -> str:
 
 
 def value_name(channel: str, quantity: str) -> str:
-    """The last topic level of a channel's total (``energy``) or rate (``power``): ``gas_volume``, ``gas_flow``."""
+    """The last topic level of a channel's total (``energy``) or rate (``power``): ``gas_volume``, ``gas_flow``;
+    of the total in kWh (:data:`ENERGY_KWH`): ``gas_energy``."""
     spec = channel_spec(channel)
+    if quantity == ENERGY_KWH:
+        return f"{channel}_energy"
     return spec.total_topic if quantity == "energy" else spec.rate_topic
 
 

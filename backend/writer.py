@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from backend.amounts import format_rate, format_total
+from backend.amounts import GasEnergy, format_kwh, format_rate, format_total
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.ledger import NS_PER_S, ChannelState, Implausible, Interleaved, Ledger, rate_limits
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import StateError, StateStore
-from backend.topics import QUANTITIES, state_topic
+from backend.topics import ENERGY_KWH, QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
@@ -116,7 +116,8 @@ class EnergyWriter:
     def __init__(self, ledger: Ledger, store: StateStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
-                 channels: Mapping[str, Iterable[str]] | None = None, admit_new_meters: int = 0) -> None:
+                 channels: Mapping[str, Iterable[str]] | None = None, admit_new_meters: int = 0,
+                 gas_energy: GasEnergy | None = None) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -127,6 +128,8 @@ class EnergyWriter:
         self._meters = set(meters)
         # Channels configured per meter beyond active; a meter's others get sensors once one of their pulses is seen.
         self._configured = {meter: set(names) for meter, names in (channels or {}).items()}
+        # How gas volume becomes energy (kWh), if a calorific value is set.
+        self.gas_energy = gas_energy
         self._announced: dict[str, tuple[str, ...]] = {}  # meter -> the channels its discovery describes
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
@@ -163,11 +166,13 @@ class EnergyWriter:
         for (meter, channel), state in ledger:
             log.info("loaded %s/%s total %s %s from %s", meter, channel, format_total(channel, state.total_uwh),
                      channel_spec(channel).total_unit, store.path)
+        gas_energy = (GasEnergy(config.gas_calorific_kwh_m3, config.gas_correction_factor)
+                      if config.gas_calorific_kwh_m3 else None)
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
-                              config.ha_legacy_units)
+                              config.ha_legacy_units, gas_energy=gas_energy is not None)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
                    meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
-                   channels={config.meter_id: configured_channels(config)})
+                   channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy)
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -276,7 +281,7 @@ class EnergyWriter:
         for channel in CHANNELS:
             for key in (self._started, self._live, self._held):
                 key.discard((meter, channel))
-            for topic in (state_topic(self.topic_prefix, meter, channel, q) for q in QUANTITIES):
+            for topic in (state_topic(self.topic_prefix, meter, channel, q) for q in (*QUANTITIES, ENERGY_KWH)):
                 if self._published.pop(topic, None) is not None:
                     self.sink.publish(topic, "")  # an empty retained message clears the value
         if not self.discovery:
@@ -340,31 +345,43 @@ class EnergyWriter:
         unstarted = [key for key in states if key not in self._started]
         if self._announced.get(meter) == channels and not unstarted:
             return
-        energy = {key: state_topic(self.topic_prefix, *key, "energy") for key in unstarted}
-        retained = self._retained(meter, list(energy.values()))
+        energy = {key: list(self._totals(*key, states[key])) for key in unstarted}
+        retained = self._retained(meter, [topic for topics in energy.values() for topic in topics])
         if self._announced.get(meter) != channels:
             self._announced[meter] = channels
             for topic, payload in self.discovery.handover(meter, retained or {}, channels) if self.discovery else []:
                 self.sink.publish(topic, payload)
-        for key, topic in energy.items():
+        for key, topics in energy.items():
+            if states[key].calibrated_at_ns:
+                self._started.add(key)  # its start is a meter reading
+                continue
+            if retained is None:
+                continue
+            # Home Assistant has a value already where the broker retains one.
+            fresh = [topic for topic in topics if not retained.get(topic)]
             zero = format_total(key[1], 0)
-            if states[key].calibrated_at_ns or (retained and retained.get(topic)):
-                self._started.add(key)  # its start is a meter reading, or Home Assistant has a value already
-            elif retained is not None and self.sink.publish(topic, zero) is not False:
+            if False in [self.sink.publish(topic, zero) for topic in fresh]:
+                continue
+            self._started.add(key)
+            for topic in fresh:
                 self._published[topic] = zero
-                self._started.add(key)
                 if isinstance(self.sink, BrokerSink):
                     self.sink.hold(topic)  # Home Assistant may be setting the sensor up right now
+
+    def _totals(self, meter: str, channel: str, state: ChannelState) -> dict[str, str]:
+        """The topics and payloads of a channel's total: in its unit, and for gas with a calorific value in kWh."""
+        totals = {state_topic(self.topic_prefix, meter, channel, "energy"): format_total(channel, state.total_uwh)}
+        if channel == "gas" and self.gas_energy:
+            totals[state_topic(self.topic_prefix, meter, channel, ENERGY_KWH)] = format_kwh(
+                self.gas_energy.uwh(state.total_uwh))
+        return totals
 
     def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
         now = self.clock()
         for meter, channel in keys:
             self._announce(meter)
             state = self.ledger.channel(meter, channel)
-            values = {}
-            if energy:
-                total = format_total(channel, state.total_uwh)
-                values[state_topic(self.topic_prefix, meter, channel, "energy")] = total
+            values = self._totals(meter, channel, state) if energy else {}
             power = displayed_power_w(state, now, self.power_timeout_s)
             power_topic = state_topic(self.topic_prefix, meter, channel, "power")
             if power is not None:

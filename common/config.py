@@ -76,6 +76,10 @@ class Config:
                                        "than this flow in m³/h is dead-lettered")
     max_water_flow_lpm: float = _setting(channel_spec("water").default_max_rate, "A water counter jump implying "
                                          "more than this flow in L/min is dead-lettered")
+    gas_calorific_kwh_m3: float = _setting(0.0, "Writer: calorific value of the gas in kWh/m³, as the bill states "
+                                                "it (e.g. 11.2); above 0 a gas energy sensor in kWh is published too")
+    gas_correction_factor: float = _setting(1.0, "Writer: the gas bill's volume correction factor (e.g. 0.9523), "
+                                                 "applied with gas_calorific_kwh_m3")
     channels: str = _setting("", "Writer: channels announced to Home Assistant for meter_id before their first "
                                  "pulse, comma-separated (e.g. active,export,gas); active always is, others once "
                                  "counted")
@@ -317,8 +321,11 @@ def _check(cfg: Config) -> None:
     unknown = set(cfg.announced_channels()) - set(CHANNELS)
     if unknown:
         raise ConfigError(f"channels: {', '.join(sorted(unknown))} is no channel (one of {', '.join(CHANNELS)})")
+    if not 0 <= cfg.gas_calorific_kwh_m3 <= 100:  # also rejects NaN
+        raise ConfigError(f"gas_calorific_kwh_m3 must be 0 (off) or a value in kWh/m³ (about 10), got "
+                          f"{cfg.gas_calorific_kwh_m3}")
     positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_gas_flow_m3h", "max_water_flow_lpm",
-                "max_clock_ahead_s", "power_refresh_s",
+                "gas_correction_factor", "max_clock_ahead_s", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN

@@ -350,6 +350,7 @@ HOUSE_SENSORS = {
     "export_power": ("power", "kW", "measurement"),
     "gas_volume": ("gas", "m³", "total_increasing"),
     "gas_flow": ("volume_flow_rate", "m³/h", "measurement"),
+    "gas_energy": ("energy", "kWh", "total_increasing"),
     "water_volume": ("water", "L", "total_increasing"),
     "water_flow": ("volume_flow_rate", "L/min", "measurement"),
 }
@@ -358,7 +359,8 @@ HOUSE_SENSORS = {
 def test_the_energy_dashboard_takes_import_export_gas_and_water_of_one_meter(meter: Meter, ha: HomeAssistant,
                                                                              watch: MqttWatcher) -> None:
     inside_a_statistics_period()
-    meter.start_writer(EMDC_CHANNELS="export,gas,water")
+    meter.start_writer(EMDC_CHANNELS="export,gas,water", EMDC_GAS_CALORIFIC_KWH_M3=11.2,
+                       EMDC_GAS_CORRECTION_FACTOR=0.9523)
     entities = meter.wait_for_entities(set(HOUSE_SENSORS))
     ids = {sensor: entry["entity_id"] for sensor, entry in entities.items()}
     for sensor, (device_class, unit, state_class) in HOUSE_SENSORS.items():
@@ -370,18 +372,20 @@ def test_the_energy_dashboard_takes_import_export_gas_and_water_of_one_meter(met
     meter.count(4, channel="gas", per_pulse=0.01)
     meter.count(6, channel="water")
     meter.wait_until_shown(watch, {"active_energy": "0.005", "export_energy": "0.003", "gas_volume": "0.04",
-                                   "water_volume": "6"}, HOUSE_SENSORS)
+                                   "gas_energy": "0.4266304", "water_volume": "6"}, HOUSE_SENSORS)
     compiled_statistics(ha, ids, HOUSE_SENSORS, {"active_energy": 0.005, "export_energy": 0.003,
-                                                 "gas_volume": 0.04, "water_volume": 6})
+                                                 "gas_volume": 0.04, "gas_energy": 0.4266304, "water_volume": 6})
 
-    # Home Assistant 2026.11's grid source: import and export of one connection, with its power.
+    # Home Assistant 2026.11's grid source: import and export of one connection, with its power; gas by volume
+    # and, as the bill reckons it, by energy.
     ha.ws("energy/save_prefs", energy_sources=[
         {"type": "grid", "stat_energy_from": ids["active_energy"], "stat_energy_to": ids["export_energy"],
          "stat_rate": ids["active_power"], "cost_adjustment_day": 0},
         {"type": "gas", "stat_energy_from": ids["gas_volume"], "stat_rate": ids["gas_flow"]},
+        {"type": "gas", "stat_energy_from": ids["gas_energy"]},
         {"type": "water", "stat_energy_from": ids["water_volume"], "stat_rate": ids["water_flow"]}],
         device_consumption=[])
-    assert ha.ws("energy/validate") == {"energy_sources": [[], [], []], "device_consumption": [],
+    assert ha.ws("energy/validate") == {"energy_sources": [[], [], [], []], "device_consumption": [],
                                         "device_consumption_water": []}
 
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.amounts import format_rate, format_total, micro_per_total, per_rate_unit
+from backend.amounts import GasEnergy, format_rate, format_total, micro_per_total, per_rate_unit
 from backend.database import PulseStore
 from backend.db_writer import DbWriter
 from backend.discovery import Discovery
@@ -35,6 +35,7 @@ from common.config import ConfigError, load_config
 from common.message import MessageError, Pulse, SetTotal, decode_control, encode_control
 from emdc.cli import main
 from tests.support import T0, MqttWatcher, Names, S, deliveries, publish, run_emdc, start_writer
+from tests.test_writer import RecordingSink
 
 KINDS = ("active", "export", "gas", "water")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -132,10 +133,50 @@ def test_each_kind_has_its_own_plausibility_limit() -> None:
     ({"EMDC_CHANNELS": "active,solar"}, "channels: solar is no channel"),
     ({"EMDC_MAX_GAS_FLOW_M3H": "0"}, "max_gas_flow_m3h must be > 0"),
     ({"EMDC_MAX_WATER_FLOW_LPM": "nan"}, "max_water_flow_lpm must be > 0"),
+    ({"EMDC_GAS_CALORIFIC_KWH_M3": "-1"}, "gas_calorific_kwh_m3 must be 0 .off. or a value in kWh/m³"),
+    ({"EMDC_GAS_CALORIFIC_KWH_M3": "nan"}, "gas_calorific_kwh_m3 must be 0"),
+    ({"EMDC_GAS_CORRECTION_FACTOR": "0"}, "gas_correction_factor must be > 0"),
 ])
 def test_kind_settings_that_cannot_work_are_refused_at_start(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(env=env)
+
+
+# -- gas energy: the bill's kWh from the gas volume ---------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**15), st.integers(0, 10**9), st.sampled_from([8.9, 10.0, 11.2, 11.5613]),
+       st.sampled_from([1.0, 0.9523, 0.9642]))
+def test_gas_energy_grows_with_the_volume_and_is_never_above_the_billed_energy(volume: int, more: int,
+                                                                               calorific: float,
+                                                                               correction: float) -> None:
+    energy = GasEnergy(calorific, correction)
+    billed = Decimal(volume) * Decimal(str(calorific)) * Decimal(str(correction)) * 1000  # µm³ → µWh
+    assert billed - 1 < energy.uwh(volume) <= billed
+    assert energy.uwh(volume + more) >= energy.uwh(volume)
+
+
+def test_a_calorific_value_adds_a_gas_energy_sensor_with_its_zero_point(tmp_path: Path) -> None:
+    from backend.memory_transport import MemorySink
+    from backend.writer import EnergyWriter
+
+    config = load_config(env={"EMDC_STATE_DIR": str(tmp_path), "EMDC_GAS_CALORIFIC_KWH_M3": "11.2",
+                              "EMDC_GAS_CORRECTION_FACTOR": "0.9523"})
+    sink = RecordingSink()
+    writer = EnergyWriter.open(config, sink=sink, clock=lambda: T0 + 3600 * S)
+    batch = [Pulse("main", "gas", "e1", seq, T0 + seq * 36 * S, 0.01) for seq in (1, 2, 3)]
+    assert writer.handle_batch(deliveries(*batch)) == []
+    # 0.03 m³ × 11.2 kWh/m³ × 0.9523 = 0.3199728 kWh, after a 0 for Home Assistant's zero point.
+    assert [p for t, p in sink.log if t == "home/energy/gas_energy"] == ["0", "0.3199728"]
+    sensor = json.loads(sink.retained["homeassistant/device/emdc_main/config"])["components"]["gas_energy"]
+    assert (sensor["device_class"], sensor["unit_of_measurement"], sensor["state_class"], sensor["state_topic"]) == (
+        "energy", "kWh", "total_increasing", "home/energy/gas_energy")
+    without = EnergyWriter.open(load_config(env={"EMDC_STATE_DIR": str(tmp_path)}), sink=(plain := MemorySink()),
+                                clock=lambda: T0 + 3600 * S)
+    without.publish_all()
+    assert "home/energy/gas_energy" not in plain.retained
+    assert "gas_energy" not in json.loads(plain.retained["homeassistant/device/emdc_main/config"])["components"]
 
 
 # -- control messages carry each unit exactly -------------------------------------------------
