@@ -281,7 +281,9 @@ class EnergyWriter:
         for channel in CHANNELS:
             for key in (self._started, self._live, self._held):
                 key.discard((meter, channel))
-            for topic in (state_topic(self.topic_prefix, meter, channel, q) for q in (*QUANTITIES, ENERGY_KWH)):
+            # The gas total in kWh has a topic of its own; for other channels it names their total.
+            for topic in dict.fromkeys(state_topic(self.topic_prefix, meter, channel, q)
+                                       for q in (*QUANTITIES, ENERGY_KWH)):
                 if self._published.pop(topic, None) is not None:
                     self.sink.publish(topic, "")  # an empty retained message clears the value
         if not self.discovery:
