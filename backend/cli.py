@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from common.channels import CHANNELS
+from common.channels import CHANNELS, channel_spec
 from common.command import CommandContext, setting_flags, state_dir, stop_on_signals
 from common.config import Config
 from common.message import ControlCommand
@@ -25,8 +25,10 @@ from common.topology import control_routing_key
 DB_EXTRA = "install the database extra, pip install 'emdc[db]'"
 
 
-def exact_decimal(_ctx: click.Context, _param: click.Parameter, value: str) -> Decimal:
-    """An exact decimal number (a meter reading), rejected with a usage error if malformed."""
+def exact_decimal(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Decimal | None:
+    """An exact decimal number (a meter reading), rejected with a usage error if malformed (None if not given)."""
+    if value is None:
+        return None
     try:
         number = Decimal(value)
     except InvalidOperation:
@@ -165,34 +167,46 @@ def send_command(config: Config, command: ControlCommand) -> None:
 @state.command("set-total")
 @click.option("--meter", required=True, help="Meter id, e.g. main.")
 @click.option("--channel", required=True, type=click.Choice(CHANNELS))
-@click.option("--kwh", required=True, metavar="DECIMAL", callback=exact_decimal,
-              help="The physical meter's reading (kWh or kvarh).")
+@click.option("--kwh", metavar="DECIMAL", callback=exact_decimal,
+              help="The physical meter's reading in kWh (kvarh): active, export or reactive.")
+@click.option("--m3", metavar="DECIMAL", callback=exact_decimal, help="The gas meter's reading in m³.")
+@click.option("--litres", metavar="DECIMAL", callback=exact_decimal, help="The water meter's reading in litres.")
 @click.option("--new-meter", is_flag=True, help="The meter has no total yet: admit and calibrate it anyway (a typo "
               "would otherwise create a meter, and a Home Assistant device).")
 @setting_flags("state_dir")
 @click.pass_obj
-def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal, new_meter: bool,
-                    **overrides: Any) -> None:
+def state_set_total(obj: CommandContext, /, meter: str, channel: str, kwh: Decimal | None, m3: Decimal | None,
+                    litres: Decimal | None, new_meter: bool, **overrides: Any) -> None:
     """Set a total to the physical meter reading, through the broker.
 
     The command is queued with the pulses, so the running writer applies it in
     order, without racing its state file, and logs the old and new value. Run it
     where the writer's state dir is (the meters it knows are read from there).
     A new meter calibrated with --new-meter is admitted: the writer counts it.
+    The reading is given in the channel's unit: --kwh for active, export and
+    reactive, --m3 for gas, --litres for water.
     """
-    from common.message import SetTotal
+    from common.message import SetTotal, total_key
 
+    given = {key: value for key, value in (("kwh", kwh), ("m3", m3), ("litres", litres)) if value is not None}
+    fits = total_key(channel)
+    if list(given) != [fits]:
+        unit = channel_spec(channel).total_unit
+        raise click.UsageError(f"channel {channel} is read in {unit}: give its reading as --{fits} (and no other)")
+    reading = given[fits]
     cfg = obj.config(overrides)
     if not new_meter:
         require_known(cfg, meter, "; to calibrate a new meter on purpose, add --new-meter")
-    send_command(cfg, SetTotal(meter, channel, kwh, time.time_ns(), secrets.token_hex(8)))
-    click.echo(f"sent: set {meter}/{channel} to {kwh}; the writer applies it in order with the pulses")
+    send_command(cfg, SetTotal(meter, channel, reading, time.time_ns(), secrets.token_hex(8)))
+    click.echo(f"sent: set {meter}/{channel} to {reading} {channel_spec(channel).total_unit}; the writer applies it "
+               "in order with the pulses")
 
 
 @state.command("set-pulse-energy")
 @click.option("--meter", required=True, help="Meter id, e.g. main.")
 @click.option("--channel", required=True, type=click.Choice(CHANNELS))
-@click.option("--wh", required=True, type=float, help="Energy per pulse in Wh or varh (1000 imp/kWh = 1).")
+@click.option("--wh", required=True, type=float, help="Quantity per pulse in the channel's pulse unit: Wh or varh "
+              "(1000 imp/kWh = 1), m³ for gas, L for water.")
 @setting_flags("state_dir")
 @click.pass_obj
 def state_set_pulse_energy(obj: CommandContext, /, meter: str, channel: str, wh: float, **overrides: Any) -> None:
@@ -379,7 +393,7 @@ def db_writer(obj: CommandContext, /, check: bool, max_age: float, **overrides: 
 @click.pass_obj
 def report(obj: CommandContext, /, by: str, from_: str | None, to: str | None, tz_name: str | None, utc: bool,
            as_csv: bool, plot: Path | None, gap_minutes: float, **overrides: Any) -> None:
-    """Energy per hour, day or month from the db-writer's database, active and reactive.
+    """Energy per hour, day or month from the db-writer's database: every kind of channel, each in its unit.
 
     Periods without any pulse and pulses whose timing was lost are flagged, not
     hidden. Example, one week by day in Berlin time with a chart:

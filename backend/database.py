@@ -8,8 +8,9 @@ creates the schema on first start and applies :data:`MIGRATIONS` later.
 
 Columns: ``ts_ns`` is the pulse's time in UTC nanoseconds (exact; in SQL,
 ``FROM_UNIXTIME(ts_ns DIV 1000000000)`` on MariaDB or
-``datetime(ts_ns / 1e9, 'unixepoch')`` on SQLite show it), ``wh`` its energy
-in Wh (varh for reactive).
+``datetime(ts_ns / 1e9, 'unixepoch')`` on SQLite show it), ``wh`` its quantity
+in the channel's pulse unit (Wh for active and export, varh for reactive, m³
+for gas, L for water).
 
 Example::
 

@@ -2,7 +2,8 @@
 
 :class:`DbWriter` is transport-agnostic, like :class:`~backend.writer.EnergyWriter`:
 a transport (:class:`~backend.amqp_consumer.BatchConsumer` in production) hands it
-a batch, it decodes each pulse with the shared message code, lets the shared
+a batch of pulses of any channel kind (:mod:`common.channels`), it decodes
+each pulse with the shared message code, lets the shared
 :class:`~backend.ledger.Ledger` refuse what the MQTT writer would refuse
 (implausible counter jumps, time running backwards), stores the rest in one
 transaction and returns the dead letters. Only then is the batch acknowledged;
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy.exc import OperationalError
 
@@ -28,7 +29,7 @@ from backend.amqp_consumer import BatchConsumer
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
-from backend.ledger import Cursor, Implausible, Ledger
+from backend.ledger import Cursor, Implausible, Ledger, rate_limits
 from common.config import Config
 from common.message import MessageError, Pulse
 from common.topology import DB_WRITER_BINDINGS
@@ -47,15 +48,17 @@ class StoreUnavailable(OSError):
 class DbWriter:
     """Stores batches of pulse deliveries; returns the ones to dead-letter."""
 
-    def __init__(self, store: PulseStore, max_power_w: float, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, store: PulseStore, max_power_w: float, clock: Callable[[], int] = time.time_ns, *,
+                 max_rates: Mapping[str, float] | None = None) -> None:
         self.store = store
         self.max_power_w = max_power_w
+        self.max_rates = max_rates
         self.clock = clock
         self._forget()
 
     def _forget(self) -> None:
         """Drop what the ledger knows; it is seeded again from the database as pulses arrive."""
-        self.ledger = Ledger(self.max_power_w)
+        self.ledger = Ledger(self.max_power_w, max_rates=self.max_rates)
         self._resumed: set[tuple[str, ...]] = set()
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
@@ -105,7 +108,7 @@ def run_db_writer(config: Config, stop: threading.Event) -> None:
     """Run until ``stop`` is set; raises SchemaError or OperationalError if the database is unusable at start."""
     store = PulseStore.open(database_url(config))
     log.info("storing pulses from %s in %s", config.db_queue, store.describe())
-    writer = DbWriter(store, config.max_power_w)
+    writer = DbWriter(store, config.max_power_w, max_rates=rate_limits(config))
     consumer = BatchConsumer(config, config.db_queue, DB_WRITER_BINDINGS, writer.handle_batch,
                              heartbeat=Heartbeat.of(config, DB_WRITER), name="emdc-db-writer")
     try:

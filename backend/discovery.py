@@ -1,11 +1,14 @@
-"""Home Assistant MQTT discovery: one device per meter with its four sensors.
+"""Home Assistant MQTT discovery: one device per meter with two sensors per channel, its total and its rate.
 
 Device-based discovery (one retained message on
 ``<prefix>/device/emdc_<meter>/config``, Home Assistant ≥ 2024.11) is the
 default; per-entity discovery (``<prefix>/sensor/emdc_<meter>/<name>/config``)
 serves older installations. Sensors read the plain state topics, so
-hand-made sensors keep working beside them. The reactive sensors are
-announced only for meters that have a reactive input.
+hand-made sensors keep working beside them. Each total is a
+``total_increasing`` sensor with the device class and unit of its channel
+(energy in kWh, gas in m³, water in L), which the Energy dashboard accepts;
+each rate a ``measurement``. The writer announces only the channels a meter
+has (see :meth:`backend.writer.EnergyWriter`).
 
 Home Assistant refuses a config for a sensor it already knows from the other
 style ("conflicting MQTT discovery message"). So announcing takes the configs
@@ -35,7 +38,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.topics import availability_topic, state_topic
+from backend.topics import ENERGY_KWH, availability_topic, state_topic, value_name
 from common import __version__
 from common.channels import CHANNELS, channel_spec
 
@@ -55,30 +58,50 @@ class SensorSpec:
     precision: int
 
 
-def sensor_specs(legacy_units: bool) -> list[SensorSpec]:
-    """The four sensors; ``legacy_units`` drops the reactive device classes HA < 2025.6 lacks."""
-    reactive_energy_class = None if legacy_units else "reactive_energy"
-    reactive_power_class = None if legacy_units else "reactive_power"
-    active, reactive = channel_spec("active"), channel_spec("reactive")
-    return [
-        SensorSpec("active", "energy", "Active energy", "energy", active.total_unit, "total_increasing", 3),
-        SensorSpec("active", "power", "Active power", "power", active.rate_unit, "measurement", 3),
-        SensorSpec("reactive", "energy", "Reactive energy", reactive_energy_class, reactive.total_unit,
-                   "total_increasing", 3),
-        SensorSpec("reactive", "power", "Reactive power", reactive_power_class, reactive.rate_unit,
-                   "measurement", 3),
-    ]
+    @property
+    def component(self) -> str:
+        """Its key in a device config, and the last level of its state topic: ``active_energy``, ``gas_flow``."""
+        return value_name(self.channel, self.quantity)
+
+
+# Device classes Home Assistant before 2025.6 does not know (``ha_legacy_units`` leaves them out).
+LEGACY_CLASSES = ("reactive_energy", "reactive_power")
+
+
+def sensor_specs(legacy_units: bool, gas_energy: bool = False) -> list[SensorSpec]:
+    """The total and rate sensor of every channel; ``legacy_units`` drops the reactive device classes HA < 2025.6
+    lacks, ``gas_energy`` adds the gas total in kWh (a calorific value is set).
+
+    >>> gas = [s for s in sensor_specs(False) if s.channel == "gas"]
+    >>> [(s.component, s.device_class, s.unit, s.state_class) for s in gas]
+    [('gas_volume', 'gas', 'm³', 'total_increasing'), ('gas_flow', 'volume_flow_rate', 'm³/h', 'measurement')]
+    """
+    specs = []
+    for channel in CHANNELS:
+        spec = channel_spec(channel)
+        for quantity, device_class, unit, state_class, precision in (
+                ("energy", spec.total_device_class, spec.total_unit, "total_increasing", spec.total_decimals),
+                ("power", spec.rate_device_class, spec.rate_unit, "measurement", spec.rate_decimals)):
+            name = value_name(channel, quantity).replace("_", " ").capitalize()
+            shown_class = None if legacy_units and device_class in LEGACY_CLASSES else device_class
+            specs.append(SensorSpec(channel, quantity, name, shown_class, unit, state_class, precision))
+    if gas_energy:
+        energy = channel_spec("active")
+        specs.append(SensorSpec("gas", ENERGY_KWH, "Gas energy", energy.total_device_class, energy.total_unit,
+                                "total_increasing", energy.total_decimals))
+    return specs
 
 
 class Discovery:
     """Builds the retained discovery messages (topic, JSON payload) for a meter."""
 
     def __init__(self, discovery_prefix: str, topic_prefix: str, style: str = "device",
-                 legacy_units: bool = False) -> None:
+                 legacy_units: bool = False, gas_energy: bool = False) -> None:
         self.discovery_prefix = discovery_prefix
         self.topic_prefix = topic_prefix
         self.style = style
         self.legacy_units = legacy_units
+        self.gas_energy = gas_energy
 
     @staticmethod
     def device_id(meter: str) -> str:
@@ -91,7 +114,7 @@ class Discovery:
     def _sensor(self, meter: str, spec: SensorSpec) -> dict[str, Any]:
         config: dict[str, Any] = {
             "name": spec.name,
-            "unique_id": f"{self.device_id(meter)}_{spec.channel}_{spec.quantity}",
+            "unique_id": f"{self.device_id(meter)}_{spec.component}",
             "state_topic": state_topic(self.topic_prefix, meter, spec.channel, spec.quantity),
             "unit_of_measurement": spec.unit,
             "state_class": spec.state_class,
@@ -114,7 +137,7 @@ class Discovery:
             try:
                 return set(json.loads(payload)["components"])
             except (ValueError, KeyError, TypeError):  # e.g. a handover interrupted half way: assume all
-                return {f"{s.channel}_{s.quantity}" for s in sensor_specs(False)}
+                return {s.component for s in sensor_specs(False, gas_energy=True)}
         if len(levels) == 4 and levels[:2] == ["sensor", node] and levels[3] == "config":
             return {levels[2]}
         return None
@@ -159,19 +182,19 @@ class Discovery:
         """Discovery messages for ``meter`` with the sensors of ``channels``, in the configured style (none if
         ``off``)."""
         availability = availability_topic(self.topic_prefix)
-        specs = [s for s in sensor_specs(self.legacy_units) if s.channel in channels]
+        specs = [s for s in sensor_specs(self.legacy_units, self.gas_energy) if s.channel in channels]
         if self.style == "device":
             payload = {
                 "device": self._device(meter),
                 "origin": ORIGIN,
-                "components": {f"{s.channel}_{s.quantity}": {"platform": "sensor", **self._sensor(meter, s)}
+                "components": {s.component: {"platform": "sensor", **self._sensor(meter, s)}
                                for s in specs},
                 "availability_topic": availability,
                 "qos": 1,
             }
             return [(f"{self.discovery_prefix}/device/{self.device_id(meter)}/config", json.dumps(payload))]
         if self.style == "entity":
-            return [(f"{self.discovery_prefix}/sensor/{self.device_id(meter)}/{s.channel}_{s.quantity}/config",
+            return [(f"{self.discovery_prefix}/sensor/{self.device_id(meter)}/{s.component}/config",
                      json.dumps({**self._sensor(meter, s), "device": self._device(meter), "origin": ORIGIN,
                                  "availability_topic": availability, "qos": 1}))
                     for s in specs]

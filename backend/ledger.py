@@ -42,8 +42,14 @@ A calibration sets a total to a meter reading taken at some time; pulses up
 to that time that arrive afterwards (a Pi's backlog) are already part of the
 reading, so they advance the counters without adding energy.
 
-Energy is kept as an integer number of microwatt-hours, so sums are exact.
-Power comes only from two consecutive trusted pulses of one epoch. No I/O;
+Every kind of channel (:mod:`common.channels`) is counted the same way: a
+pulse is a fixed quantity of its pulse unit (the message's ``wh``: Wh, varh,
+m³ or L), kept as an integer number of micro-units (µWh, µvarh, µm³, µL), so
+sums are exact; the names below say energy and power for all of them, power
+being in pulse units per hour (W, var, m³/h, L/h). The physical limit of a
+jump is ``max_power_w`` for electricity and the channel's own limit from
+``max_rates`` (gas flow, water flow). Power comes only from two consecutive
+trusted pulses of one epoch. No I/O;
 the writer's clock is passed in (``now_ns``).
 
 Example::
@@ -59,17 +65,23 @@ Example::
     2
     >>> ledger.channel("main", "active").total_uwh
     3000000
+    >>> ledger.apply(Pulse("main", "gas", "e1", 2, 1_000_000_000_000, 0.01))  # 0.01 m³ per pulse
+    2
+    >>> ledger.channel("main", "gas").total_uwh  # in µm³
+    20000
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend.amounts import per_rate_unit
 from backend.trust import jump_doubt, timestamp_doubt
 from common.channels import CHANNELS
+from common.config import Config
 from common.message import MAX_WH, MIN_WH, MessageError, Pulse, validate_meter_id
 
 UWH_PER_WH = 1_000_000
@@ -87,6 +99,7 @@ class Interleaved(Implausible):
 
 
 def wh_to_uwh(wh: float) -> int:
+    """Micro-units of a quantity in pulse units (µWh of Wh, µm³ of m³)."""
     return round(wh * UWH_PER_WH)
 
 
@@ -124,7 +137,8 @@ class Cursor:
 
 @dataclass
 class ChannelState:
-    """Totals and timing of one (meter, channel)."""
+    """Totals and timing of one (meter, channel): ``total_uwh`` and ``wh`` are in (micro) pulse units of its
+    ``kind`` (µWh and Wh for active, µm³ and m³ for gas)."""
 
     total_uwh: int = 0
     epochs: dict[str, Cursor] = field(default_factory=dict)
@@ -147,9 +161,11 @@ class ChannelState:
     # (a redelivered command must not reset the total a second time).
     calibrated_at_ns: int = 0
     calibrations: list[str] = field(default_factory=list)
+    # The channel this is the state of: it decides the units (not saved: the state file's key says it).
+    kind: str = "active"
 
     def power_w(self) -> float | None:
-        """Mean power over the remembered intervals, or None if unknown."""
+        """Mean power over the remembered intervals in pulse units per hour (W, m³/h, L/h), or None if unknown."""
         if not self.intervals_ns:
             return None
         return len(self.intervals_ns) * self.wh * 3600 * NS_PER_S / sum(self.intervals_ns)
@@ -163,7 +179,7 @@ class ChannelState:
                 "held_back_reason": self.held_back_reason}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ChannelState:
+    def from_json(cls, doc: dict[str, Any], kind: str = "active") -> ChannelState:
         """The saved form; older versions kept no ``wh_fixed`` but took ``wh`` from trusted pulses, so a
         channel that had one has a ``wh`` to hold to."""
         last_ts_ns = _optional_int(doc["last_ts_ns"])
@@ -175,10 +191,17 @@ class ChannelState:
                     calibrated_at_ns=_int(doc.get("calibrated_at_ns", 0)),
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
                     received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
-                    held_back=_int(doc.get("held_back", 0)), held_back_reason=str(doc.get("held_back_reason", "")))
+                    held_back=_int(doc.get("held_back", 0)), held_back_reason=str(doc.get("held_back_reason", "")),
+                    kind=kind)
         if state.total_uwh < 0 or not 0 < state.wh <= 1000:
             raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
         return state
+
+
+def rate_limits(config: Config) -> dict[str, float]:
+    """The configured limits of the channels that are no electricity, in pulse units per hour (m³/h, L/h)."""
+    return {"gas": config.max_gas_flow_m3h * per_rate_unit("gas"),
+            "water": config.max_water_flow_lpm * per_rate_unit("water")}
 
 
 @dataclass(frozen=True)
@@ -220,11 +243,14 @@ class Ledger:
     clock): a meter's new channel is judged from that time. ``fixed_wh``
     holds each channel to its energy per pulse; a ledger that does not see
     the commands changing it (the database writer's) counts each pulse's own.
+    ``max_rates`` holds the limits, in pulse units per hour, of channels not
+    bounded by ``max_power_w`` (gas and water: :func:`rate_limits`).
     """
 
     def __init__(self, max_power_w: float, smoothing_pulses: int = 1, max_ahead_s: float = 600.0, *,
-                 fixed_wh: bool = False) -> None:
+                 fixed_wh: bool = False, max_rates: Mapping[str, float] | None = None) -> None:
         self.max_power_w = max_power_w
+        self.max_rates = dict(max_rates or {})
         self.smoothing_pulses = smoothing_pulses
         self.max_ahead_s = max_ahead_s
         self.fixed_wh = fixed_wh
@@ -239,7 +265,10 @@ class Ledger:
         key = (meter, channel)
         if self._before is not None and key not in self._before[0]:
             self._before[0][key] = copy.deepcopy(self._channels.get(key))
-        return self._channels.setdefault(key, ChannelState())
+        state = self._channels.get(key)
+        if state is None:
+            state = self._channels[key] = ChannelState(kind=channel)
+        return state
 
     def begin(self) -> None:
         """Remember, from now on, each channel and meter as it was before it is first touched (a batch starts).
@@ -400,7 +429,9 @@ class Ledger:
             edge_elapsed_ns=None if doubt or edge_from is None or edge_from >= pulse.ts_ns
             else pulse.ts_ns - edge_from,
             received_elapsed_ns=None if now_ns is None or received_from is None else now_ns - received_from,
-            max_power_w=self.max_power_w)
+            # A channel without a limit of its own is judged, and described, by max_power_w (in kW).
+            max_power_w=self.max_rates.get(pulse.channel, self.max_power_w),
+            channel=pulse.channel if pulse.channel in self.max_rates else "active")
         if not jump:
             return
         if cursor is not None:
@@ -447,9 +478,10 @@ class Ledger:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], max_power_w: float, smoothing_pulses: int = 1,
-                  max_ahead_s: float = 600.0, *, fixed_wh: bool = False) -> Ledger:
+                  max_ahead_s: float = 600.0, *, fixed_wh: bool = False,
+                  max_rates: Mapping[str, float] | None = None) -> Ledger:
         """Build a ledger from :meth:`to_json` output; raises KeyError/TypeError/ValueError if malformed."""
-        ledger = cls(max_power_w, smoothing_pulses, max_ahead_s, fixed_wh=fixed_wh)
+        ledger = cls(max_power_w, smoothing_pulses, max_ahead_s, fixed_wh=fixed_wh, max_rates=max_rates)
         ledger.load_json(doc)
         return ledger
 
@@ -467,7 +499,7 @@ class Ledger:
                 for channel, state in by_channel.items():
                     if channel not in CHANNELS:
                         raise ValueError(f"unknown channel {channel!r}")
-                    channels[(meter, channel)] = ChannelState.from_json(state)
+                    channels[(meter, channel)] = ChannelState.from_json(state, channel)
             for meter, admitted_ns in doc.get("admitted", {}).items():
                 admitted[validate_meter_id(meter)] = _optional_int(admitted_ns)
         except AttributeError as exc:  # a list or number where an object belongs

@@ -1,9 +1,13 @@
-"""What power to show right now: honest at low and falling load.
+"""What power (or flow) to show right now: honest at low and falling load.
 
 With 1 Wh per pulse a 100 W load pulses every 36 s, so the last measured power
 can be stale for a long time. While a channel is idle, the power cannot be
 higher than one pulse over the time since the last one, ``wh·3600/idle``; we
 show that bound once it is below the measurement, and 0 after a timeout.
+The same holds for every kind of channel: rates are reckoned in pulse units
+per hour (W for Wh pulses, m³/h for gas, L/h for water), and the bound is
+rounded down to the channel's display precision in its rate unit (a whole W,
+0.001 m³/h, 0.01 L/min), so the published value never exceeds it.
 After a pulse whose timestamp the writer could not trust, power is unknown:
 nothing is shown until two trusted pulses measure it again, or 0 once the
 writer itself has received nothing for the timeout.
@@ -23,13 +27,22 @@ Example (1 Wh pulses 1.2 s apart = 3 kW, then silence)::
     0.0
     >>> settled(s, now_ns=36_000_000_000, timeout_s=300), settled(s, now_ns=300_000_000_000, timeout_s=300)
     (False, True)
+
+One litre of water 7 s after the last (at most 8.57 L/min) shows 8.57 L/min, as 514.2 L/h::
+
+    >>> water = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[1_000_000_000], kind="water")
+    >>> displayed_power_w(water, now_ns=7_000_000_000, timeout_s=300)
+    514.2
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
+from backend.amounts import per_hour_to_rate
 from backend.ledger import NS_PER_S, ChannelState
+from common.channels import channel_spec
 
 # A channel's power is published at most once per this interval: a display that
 # follows the load, not a stream of messages.
@@ -37,7 +50,8 @@ MIN_PUBLISH_INTERVAL_S = 1.0
 
 
 def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> float | None:
-    """Power to publish at ``now_ns`` in W, or None when nothing honest can be said."""
+    """Power to publish at ``now_ns`` in pulse units per hour (W for Wh pulses), or None when nothing honest
+    can be said."""
     if state.ts_doubt:
         quiet = state.received_ns is not None and now_ns - state.received_ns >= timeout_s * NS_PER_S
         return 0.0 if quiet else None
@@ -49,13 +63,20 @@ def displayed_power_w(state: ChannelState, now_ns: int, timeout_s: float) -> flo
     measured = state.power_w()
     if measured is None or idle_ns <= 0:
         return measured
-    # Whole watts, rounded down: the display precision (kW with three decimals), so that
-    # rounding the published value never lifts it above the bound.
-    return min(measured, float(math.floor(physical_bound_w(state, now_ns))))
+    return min(measured, rounded_down(state.kind, physical_bound_w(state, now_ns)))
+
+
+def rounded_down(channel: str, per_hour: float) -> float:
+    """``per_hour`` rounded down to the display precision of ``channel``'s rate unit (whole watts for kW with
+    three decimals), exactly, so that rounding the published value never lifts it above the bound."""
+    spec = channel_spec(channel)
+    quantum = per_hour_to_rate(spec) * 10**spec.rate_decimals  # display steps per pulse unit per hour
+    return float(Fraction(math.floor(Fraction(per_hour) * quantum)) / quantum)
 
 
 def physical_bound_w(state: ChannelState, now_ns: int) -> float:
-    """The most a channel can draw on average since its last pulse: one pulse over the idle time (inf at 0)."""
+    """The most a channel can draw on average since its last pulse, per hour: one pulse over the idle time (inf
+    at 0)."""
     if state.last_ts_ns is None or now_ns <= state.last_ts_ns:
         return math.inf
     return state.wh * 3600 * NS_PER_S / (now_ns - state.last_ts_ns)

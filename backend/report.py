@@ -1,5 +1,9 @@
 """Energy reports: stored pulses summed per hour, day or month, with the gaps shown.
 
+Every kind of channel is summed in its own unit (kWh, kvarh, m³, L); the
+table and the chart show active energy always and each other kind that has
+pulses in the window.
+
 The database hands over *slots*, the pulses of one channel and counter epoch
 within a 15-minute UTC slot (count, energy, first and last ``seq`` and time),
 so a year of pulses is a few ten thousand rows, not millions. Every local
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from backend.amounts import format_kw, format_kwh_rounded
+from backend.amounts import format_kw, format_kwh_rounded, format_total_rounded, micro_per_total, per_rate_unit
 from backend.ledger import NS_PER_S, wh_to_uwh
 from common.channels import CHANNELS, channel_spec
 from common.message import Pulse
@@ -245,7 +249,8 @@ class Bucket:
     no_data_s: float = 0.0
 
     def avg_w(self, channel: str = "active") -> float | None:
-        """Mean power (W, or var) over the period; None for a period of no length."""
+        """Mean power over the period in pulse units per hour (W, var, m³/h, L/h); None for a period of no
+        length."""
         if self.seconds <= 0:
             return None
         return self.energy_uwh[channel] / 1e6 * 3600 / self.seconds
@@ -392,12 +397,21 @@ def _kw(watts: float | None) -> str:
     return "" if watts is None else format_kw(watts)
 
 
+def report_kinds(report: Report) -> list[str]:
+    """The channels a report shows: active always, the others where the window holds pulses of them."""
+    return [c for c in CHANNELS if c == "active" or c in report.channels]
+
+
+def _total(channel: str, uwh: int) -> str:
+    return format_total_rounded(channel, uwh, channel_spec(channel).total_decimals)
+
+
 def _note(bucket: Bucket, tz: tzinfo) -> str:
     notes = []
     if bucket.seconds > 0 and bucket.no_data_s >= bucket.seconds - 0.5:
         notes.append("no data")
     if bucket.untimed and bucket.untimed_since_ns is not None:
-        amounts = " + ".join(f"{format_kwh_rounded(uwh)} {channel_spec(c).total_unit}"
+        amounts = " + ".join(f"{_total(c, uwh)} {channel_spec(c).total_unit}"
                              for c, uwh in bucket.untimed_uwh.items() if uwh)
         since = datetime.fromtimestamp(bucket.untimed_since_ns // NS_PER_S, tz)
         notes.append(f"incl. {amounts} untimed, since {since:%a %d %b %H:%M}")
@@ -407,14 +421,18 @@ def _note(bucket: Bucket, tz: tzinfo) -> str:
 
 
 def render_table(report: Report) -> str:
-    """A plain-text table with a total row, then a legend for what the flags mean."""
-    reactive = "reactive" in report.channels
-    header = ["period", "active kWh", "avg kW", *(["reactive kvarh"] if reactive else []), "no data", "note"]
+    """A plain-text table with a total row, then a legend for what the flags mean.
+
+    Active energy and its average power come first, then the total of every
+    other kind of channel with pulses in the window, each in its own unit.
+    """
+    others = report_kinds(report)[1:]
+    header = ["period", "active kWh", "avg kW", *(f"{c} {channel_spec(c).total_unit}" for c in others), "no data",
+              "note"]
     rows = []
     for bucket in [*report.buckets, report.total]:
-        row = [bucket.label, format_kwh_rounded(bucket.energy_uwh["active"]), _kw(bucket.avg_w())]
-        if reactive:
-            row.append(format_kwh_rounded(bucket.energy_uwh["reactive"]))
+        row = [bucket.label, _total("active", bucket.energy_uwh["active"]), _kw(bucket.avg_w()),
+               *(_total(c, bucket.energy_uwh[c]) for c in others)]
         rows.append([*row, format_duration(bucket.no_data_s), "" if bucket is report.total else
                      _note(bucket, report.tz)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -440,42 +458,63 @@ def render_table(report: Report) -> str:
 
 CSV_COLUMNS = ("start", "end", "active_kwh", "avg_kw", "reactive_kvarh", "no_data_min", "untimed_kwh",
                "untimed_kvarh", "note")
+# Columns of the other kinds, before ``note``, in reports that hold pulses of them.
+CSV_KIND_COLUMNS = {"export": ("export_kwh", "untimed_export_kwh"), "gas": ("gas_m3", "untimed_gas_m3"),
+                    "water": ("water_l", "untimed_water_l")}
 
 
 def render_csv(report: Report) -> str:
-    """One row per period, ISO 8601 times with their UTC offset, numbers without units (no total row)."""
+    """One row per period, ISO 8601 times with their UTC offset, numbers without units (no total row).
+
+    Export, gas and water get their columns (total and untimed, in kWh, m³
+    and L) only in reports that hold pulses of them.
+    """
+    kinds = [c for c in CSV_KIND_COLUMNS if c in report.channels]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow([*CSV_COLUMNS[:-1], *(column for c in kinds for column in CSV_KIND_COLUMNS[c]), "note"])
     for b in report.buckets:
         kwh = format_kwh_rounded
         writer.writerow([b.start.isoformat(), b.end.isoformat(), kwh(b.energy_uwh["active"]), _kw(b.avg_w()),
                          kwh(b.energy_uwh["reactive"]), f"{b.no_data_s / 60:.1f}",
-                         kwh(b.untimed_uwh["active"]), kwh(b.untimed_uwh["reactive"]), _note(b, report.tz)])
+                         kwh(b.untimed_uwh["active"]), kwh(b.untimed_uwh["reactive"]),
+                         *(_total(c, amount[c]) for c in kinds for amount in (b.energy_uwh, b.untimed_uwh)),
+                         _note(b, report.tz)])
     return out.getvalue()
 
 
 def plot(report: Report, path: str | os.PathLike[str]) -> None:
-    """Draw active energy per period as bars, average power as a line, no-data spans shaded; write a PNG."""
+    """Draw one chart per kind of channel the report shows (:func:`report_kinds`), one above the other: its total
+    per period as bars, its average rate as a line, no-data spans shaded; write a PNG."""
     # The object API with the Agg canvas: no pyplot, no display, no global state.
-    from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, DayLocator, HourLocator
     from matplotlib.figure import Figure
+
+    kinds = report_kinds(report)
+    fig = Figure(figsize=(10, 4.6 * len(kinds)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, channel in enumerate(kinds):
+        _plot_kind(fig.add_subplot(len(kinds), 1, i + 1), report, channel)
+    fig.savefig(path, format="png")
+
+
+def _plot_kind(ax: Any, report: Report, channel: str) -> None:
+    """One kind's chart on ``ax`` (Any: matplotlib takes datetimes through its units registry, which its type hints
+    do not model)."""
+    from matplotlib.artist import Artist
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, DayLocator, HourLocator
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(10, 4.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    # Any: matplotlib takes datetimes through its units registry, which its type hints do not model.
-    ax: Any = fig.add_subplot()
+    spec = channel_spec(channel)
     buckets = report.buckets
     lefts = [b.start.astimezone(UTC).replace(tzinfo=None) for b in buckets]
     widths = [(b.end - b.start).total_seconds() / 86_400 * 0.85 for b in buckets]
-    kwh = [b.energy_uwh["active"] / 1e9 for b in buckets]
-    untimed = [b.untimed_uwh["active"] / 1e9 for b in buckets]
-    timed = [k - u for k, u in zip(kwh, untimed, strict=True)]
+    per_total = micro_per_total(channel)
+    amounts = [b.energy_uwh[channel] / per_total for b in buckets]
+    untimed = [b.untimed_uwh[channel] / per_total for b in buckets]
+    timed = [k - u for k, u in zip(amounts, untimed, strict=True)]
     ax.bar(lefts, timed, width=widths, align="edge", color="#2f6db3", zorder=2)
-    # Energy known only from the counter sits on top, in its own colour.
+    # Quantities known only from the counter sit on top, in their own colour.
     ax.bar(lefts, untimed, bottom=timed, width=widths, align="edge", color="#e08a1e", zorder=2)
     for span_start, span_end in report.no_data:
         # Over day and month bars, translucent, to show where in the period data is missing;
@@ -484,7 +523,7 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
                    datetime.fromtimestamp(span_end / NS_PER_S, UTC).replace(tzinfo=None),
                    facecolor=(0.85, 0.85, 0.85, 0.7), edgecolor="#8a8a8a", hatch="//", linewidth=0,
                    zorder=1 if report.by == "hour" else 2.5)
-    ax.set_ylabel(f"kWh per {report.by}")
+    ax.set_ylabel(f"{spec.total_unit} per {report.by}")
     ax.grid(axis="y", color="#e6e6e6", zorder=0)
     if report.by != "month" and report.end - report.start <= timedelta(days=16):
         # Weekday names centred under each day, thin lines between days.
@@ -500,30 +539,34 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
     ax.set_xlim(report.start.astimezone(UTC).replace(tzinfo=None),
                 report.buckets[-1].end.astimezone(UTC).replace(tzinfo=None) if buckets else None)
 
-    # Average power on its own axis, scaled so that for a full-length period the
+    # The average rate on its own axis, scaled so that for a full-length period the
     # line meets the top of its bar: the two axes then read the same data.
-    power = ax.twinx()
+    rate = ax.twinx()
     nominal_h = {"hour": 1, "day": 24, "month": 730.5}[report.by]
-    power.hlines([(b.avg_w() or 0) / 1000 for b in buckets], lefts,
-                 [b.end.astimezone(UTC).replace(tzinfo=None) for b in buckets], color="#1b2a41", linewidth=1.5)
-    mean_kw = (report.total.avg_w() or 0) / 1000
-    power.axhline(mean_kw, color="#c0392b", linestyle="--", linewidth=1.4)
-    top = max(kwh, default=0) * 1.08 or 1.0
+    unit = per_rate_unit(channel)
+    rate.hlines([(b.avg_w(channel) or 0) / unit for b in buckets], lefts,
+                [b.end.astimezone(UTC).replace(tzinfo=None) for b in buckets], color="#1b2a41", linewidth=1.5)
+    mean = (report.total.avg_w(channel) or 0) / unit
+    rate.axhline(mean, color="#c0392b", linestyle="--", linewidth=1.4)
+    top = max(amounts, default=0) * 1.08 or 1.0
     ax.set_ylim(0, top)
-    power.set_ylim(0, top / nominal_h)
-    power.set_ylabel("average kW")
+    rate.set_ylim(0, top * spec.total_divisor / nominal_h / unit)
+    rate.set_ylabel(f"average {spec.rate_unit}")
 
     total = report.total
-    subtitle = f"total {format_kwh_rounded(total.energy_uwh['active'])} kWh, average {mean_kw:.3f} kW"
+    decimals = spec.rate_decimals
+    subtitle = (f"total {_total(channel, total.energy_uwh[channel])} {spec.total_unit}, average "
+                f"{mean:.{decimals}f} {spec.rate_unit}")
     if total.no_data_s:
         subtitle += f", no data for {format_duration(total.no_data_s)}"
-    ax.set_title(f"Energy per {report.by}, meter {report.meter}, {report.start:%d %b} – "
+    ax.set_title(f"{spec.label} per {report.by}, meter {report.meter}, {report.start:%d %b} – "
                  f"{report.end:%d %b %Y} ({zone_name(report.tz)})\n{subtitle}", fontsize=11)
-    handles: list[Artist] = [Patch(color="#2f6db3", label="active energy"),
-               Patch(facecolor="#d9d9d9", edgecolor="#8a8a8a", hatch="//", label="no data")]
-    if total.untimed:
+    handles: list[Artist] = [Patch(color="#2f6db3", label=f"{spec.label.lower()} {spec.total_unit}"),
+                             Patch(facecolor="#d9d9d9", edgecolor="#8a8a8a", hatch="//", label="no data")]
+    if total.untimed_uwh[channel]:
         handles.insert(1, Patch(color="#e08a1e", label="untimed (counter only)"))
-    handles.append(power.plot([], [], color="#1b2a41", label="average power")[0])
-    handles.append(power.plot([], [], color="#c0392b", linestyle="--", label=f"mean {mean_kw:.2f} kW")[0])
-    fig.legend(handles=handles, loc="outside lower center", fontsize=9, ncols=len(handles), frameon=False)
-    fig.savefig(path, format="png")
+    handles.append(rate.plot([], [], color="#1b2a41", label=f"average {spec.rate_unit}")[0])
+    handles.append(rate.plot([], [], color="#c0392b", linestyle="--",
+                             label=f"mean {mean:.{decimals}f} {spec.rate_unit}")[0])
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, ncols=len(handles),
+              frameon=False)

@@ -1,19 +1,27 @@
-"""MQTT topic names for the four values of each meter.
+"""MQTT topic names for the two values of each channel of each meter: its total and its rate.
 
 Meter ``main`` keeps the original system's topics (``home/energy/active_energy``);
-any other meter gets a sub-level (``home/energy/garage/active_energy``)::
+any other meter gets a sub-level (``home/energy/garage/active_energy``). The
+quantity ``energy`` is a channel's total and ``power`` its rate, named as the
+channel table says (:mod:`common.channels`)::
 
     >>> state_topic("home/energy", "main", "active", "energy")
     'home/energy/active_energy'
     >>> state_topic("home/energy", "garage", "reactive", "power")
     'home/energy/garage/reactive_power'
+    >>> state_topic("home/energy", "main", "gas", "energy"), state_topic("home/energy", "main", "water", "power")
+    ('home/energy/gas_volume', 'home/energy/water_flow')
 
 Payloads are formatted by :mod:`backend.amounts`.
 """
 
 from __future__ import annotations
 
+from common.channels import channel_spec
+
 QUANTITIES = ("energy", "power")
+# The gas total converted to kWh (``gas_energy``), published when a calorific value is set.
+ENERGY_KWH = "energy_kwh"
 
 
 def meter_prefix(prefix: str, meter: str) -> str:
@@ -25,8 +33,17 @@ def echo_topic(prefix: str) -> str:
     return f"{prefix}/echo"
 
 
+def value_name(channel: str, quantity: str) -> str:
+    """The last topic level of a channel's total (``energy``) or rate (``power``): ``gas_volume``, ``gas_flow``;
+    of the total in kWh (:data:`ENERGY_KWH`): ``gas_energy``."""
+    spec = channel_spec(channel)
+    if quantity == ENERGY_KWH:
+        return f"{channel}_energy"
+    return spec.total_topic if quantity == "energy" else spec.rate_topic
+
+
 def state_topic(prefix: str, meter: str, channel: str, quantity: str) -> str:
-    return f"{meter_prefix(prefix, meter)}/{channel}_{quantity}"
+    return f"{meter_prefix(prefix, meter)}/{value_name(channel, quantity)}"
 
 
 def availability_topic(prefix: str) -> str:

@@ -29,6 +29,8 @@ refuse every backlog of an edge whose clock is not trusted). Example::
 
 from __future__ import annotations
 
+from backend.amounts import per_rate_unit
+from common.channels import channel_spec
 from common.topology import EDGE_USER_PREFIX
 
 NS_PER_S = 1_000_000_000
@@ -52,8 +54,12 @@ def timestamp_doubt(ts_ns: int, *, now_ns: int | None, previous_ns: int | None, 
 
 
 def jump_doubt(new: int, *, wh: float, edge_elapsed_ns: int | None, received_elapsed_ns: int | None,
-               max_power_w: float) -> str:
+               max_power_w: float, channel: str = "active") -> str:
     """Why counting ``new`` pulses of ``wh`` at once is implausible, or ``""`` if it is not.
+
+    ``wh`` is the quantity per pulse in the channel's pulse unit and
+    ``max_power_w`` the limit in pulse units per hour (W for Wh pulses, L/h
+    for litre pulses); the reason names both in the channel's rate unit.
 
     ``edge_elapsed_ns`` is the time since the reference pulse by trusted edge
     timestamps (None if either is untrusted), ``received_elapsed_ns`` by the
@@ -68,8 +74,9 @@ def jump_doubt(new: int, *, wh: float, edge_elapsed_ns: int | None, received_ela
     implied_w = new * wh * 3600 * NS_PER_S / elapsed if elapsed > 0 else float("inf")
     if implied_w <= max_power_w:
         return ""
-    return (f"a jump of {new} pulses in {elapsed / NS_PER_S:.3f} s implies {implied_w / 1000:.1f} kW, "
-            f"above the {max_power_w / 1000:g} kW limit")
+    unit, per_unit = channel_spec(channel).rate_unit, per_rate_unit(channel)
+    return (f"a jump of {new} pulses in {elapsed / NS_PER_S:.3f} s implies {implied_w / per_unit:.1f} {unit}, "
+            f"above the {max_power_w / per_unit:g} {unit} limit")
 
 
 def sender_doubt(user_id: str, meter: str) -> str:

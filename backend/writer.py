@@ -18,16 +18,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from backend.amounts import format_kw, format_kwh
+from backend.amounts import GasEnergy, format_kwh, format_rate, format_total
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
-from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger
+from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import LedgerStore, StateError, open_store
-from backend.topics import QUANTITIES, state_topic
+from backend.topics import ENERGY_KWH, QUANTITIES, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
@@ -115,7 +115,8 @@ class EnergyWriter:
     def __init__(self, ledger: Ledger, store: LedgerStore, sink: Sink, topic_prefix: str,
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
-                 reactive_meters: Iterable[str] = (), admit_new_meters: int = 0) -> None:
+                 channels: Mapping[str, Iterable[str]] | None = None, admit_new_meters: int = 0,
+                 gas_energy: GasEnergy | None = None) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -124,8 +125,10 @@ class EnergyWriter:
         self.clock = clock
         self.discovery = discovery
         self._meters = set(meters)
-        # Meters configured with a reactive input; others get reactive sensors once a reactive pulse is counted.
-        self._reactive = set(reactive_meters)
+        # Channels configured per meter beyond active; a meter's others get sensors once one of their pulses is seen.
+        self._configured = {meter: set(names) for meter, names in (channels or {}).items()}
+        # How gas volume becomes energy (kWh), if a calorific value is set.
+        self.gas_energy = gas_energy
         self._announced: dict[str, tuple[str, ...]] = {}  # meter -> the channels its discovery describes
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
@@ -156,18 +159,20 @@ class EnergyWriter:
         store, ledger = load_ledger(config)
         if ledger is None:
             ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s,
-                            fixed_wh=True)
+                            fixed_wh=True, max_rates=rate_limits(config))
             # Loud on purpose: a forgotten volume or a wrong state_dir also looks like this.
             log.warning("no saved state in %s: starting from zero (right for a first start; otherwise "
                         "check state_dir and restore the state dir's backup)", store.path)
         for (meter, channel), state in ledger:
-            log.info("loaded %s/%s total %s %s from %s", meter, channel, format_kwh(state.total_uwh),
+            log.info("loaded %s/%s total %s %s from %s", meter, channel, format_total(channel, state.total_uwh),
                      channel_spec(channel).total_unit, store.path)
+        gas_energy = (GasEnergy(config.gas_calorific_kwh_m3, config.gas_correction_factor)
+                      if config.gas_calorific_kwh_m3 else None)
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
-                              config.ha_legacy_units)
+                              config.ha_legacy_units, gas_energy=gas_energy is not None)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
                    meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
-                   reactive_meters=[config.meter_id] if config.reactive_pin != -1 else [])
+                   channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy)
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -253,8 +258,8 @@ class EnergyWriter:
             if old_wh is None:
                 log.info("command %s was applied before; ignoring the repeat", command.id)
             else:
-                log.warning("%s/%s: energy per pulse %g -> %g Wh; readmit the pulses held back for it", command.meter,
-                            command.channel, old_wh, command.wh)
+                log.warning("%s/%s: energy per pulse %g -> %g %s; readmit the pulses held back for it", command.meter,
+                            command.channel, old_wh, command.wh, channel_spec(command.channel).pulse_unit)
             return []
         if self.ledger.admit(command.meter, self.clock()):
             log.warning("admitted meter %s by calibration", command.meter)
@@ -265,7 +270,7 @@ class EnergyWriter:
                      command.meter, command.channel)
         else:
             log.warning("calibrated %s/%s: total %s -> %s (meter read at %s)", command.meter, command.channel,
-                        format_kwh(old), format_kwh(command.total_uwh),
+                        format_total(command.channel, old), format_total(command.channel, command.total_uwh),
                         dt.datetime.fromtimestamp(command.ts_ns / 1e9, dt.UTC).isoformat(timespec="seconds"))
         return [(command.meter, command.channel)]
 
@@ -291,7 +296,9 @@ class EnergyWriter:
         for channel in CHANNELS:
             for key in (self._started, self._live, self._held):
                 key.discard((meter, channel))
-            for topic in (state_topic(self.topic_prefix, meter, channel, q) for q in QUANTITIES):
+            # The gas total in kWh has a topic of its own; for other channels it names their total.
+            for topic in dict.fromkeys(state_topic(self.topic_prefix, meter, channel, q)
+                                       for q in (*QUANTITIES, ENERGY_KWH)):
                 if self._published.pop(topic, None) is not None:
                     self.sink.publish(topic, "")  # an empty retained message clears the value
         if not self.discovery:
@@ -332,9 +339,9 @@ class EnergyWriter:
         self._publish((key for key, _ in self.ledger), force=True)
 
     def _channels(self, meter: str) -> tuple[str, ...]:
-        """The channels ``meter`` has: active, and reactive if configured or ever counted."""
-        reactive = meter in self._reactive or self.ledger.get(meter, "reactive") is not None
-        return tuple(c for c in CHANNELS if c == "active" or reactive)
+        """The channels ``meter`` has: active, those configured, and those it has a state of (seen)."""
+        configured = self._configured.get(meter, set())
+        return tuple(c for c in CHANNELS if c == "active" or c in configured or self.ledger.get(meter, c) is not None)
 
     def _retained(self, meter: str, energy_topics: Sequence[str]) -> dict[str, str] | None:
         """What the broker retains of ``meter``'s discovery and of ``energy_topics``; None if it cannot tell."""
@@ -355,34 +362,47 @@ class EnergyWriter:
         unstarted = [key for key in states if key not in self._started]
         if self._announced.get(meter) == channels and not unstarted:
             return
-        energy = {key: state_topic(self.topic_prefix, *key, "energy") for key in unstarted}
-        retained = self._retained(meter, list(energy.values()))
+        energy = {key: list(self._totals(*key, states[key])) for key in unstarted}
+        retained = self._retained(meter, [topic for topics in energy.values() for topic in topics])
         if self._announced.get(meter) != channels:
             self._announced[meter] = channels
             for topic, payload in self.discovery.handover(meter, retained or {}, channels) if self.discovery else []:
                 self.sink.publish(topic, payload)
-        zero = format_kwh(0)
-        for key, topic in energy.items():
-            if states[key].calibrated_at_ns or (retained and retained.get(topic)):
-                self._started.add(key)  # its start is a meter reading, or Home Assistant has a value already
-            elif retained is not None and self.sink.publish(topic, zero) is not False:
+        for key, topics in energy.items():
+            if states[key].calibrated_at_ns:
+                self._started.add(key)  # its start is a meter reading
+                continue
+            if retained is None:
+                continue
+            # Home Assistant has a value already where the broker retains one.
+            fresh = [topic for topic in topics if not retained.get(topic)]
+            zero = format_total(key[1], 0)
+            if False in [self.sink.publish(topic, zero) for topic in fresh]:
+                continue
+            self._started.add(key)
+            for topic in fresh:
                 self._published[topic] = zero
-                self._started.add(key)
                 if isinstance(self.sink, BrokerSink):
                     self.sink.hold(topic)  # Home Assistant may be setting the sensor up right now
+
+    def _totals(self, meter: str, channel: str, state: ChannelState) -> dict[str, str]:
+        """The topics and payloads of a channel's total: in its unit, and for gas with a calorific value in kWh."""
+        totals = {state_topic(self.topic_prefix, meter, channel, "energy"): format_total(channel, state.total_uwh)}
+        if channel == "gas" and self.gas_energy:
+            totals[state_topic(self.topic_prefix, meter, channel, ENERGY_KWH)] = format_kwh(
+                self.gas_energy.uwh(state.total_uwh))
+        return totals
 
     def _publish(self, keys: Iterable[tuple[str, str]], *, force: bool, energy: bool = True) -> None:
         now = self.clock()
         for meter, channel in keys:
             self._announce(meter)
             state = self.ledger.channel(meter, channel)
-            values = {}
-            if energy:
-                values[state_topic(self.topic_prefix, meter, channel, "energy")] = format_kwh(state.total_uwh)
+            values = self._totals(meter, channel, state) if energy else {}
             power = displayed_power_w(state, now, self.power_timeout_s)
             power_topic = state_topic(self.topic_prefix, meter, channel, "power")
             if power is not None:
-                values[power_topic] = format_kw(power)
+                values[power_topic] = format_rate(channel, power)
             held_back = False
             for topic, payload in values.items():
                 if force or self._published.get(topic) != payload:
@@ -437,28 +457,40 @@ def load_ledger(config: Config) -> tuple[LedgerStore, Ledger | None]:
         return store, None
     try:
         return store, Ledger.from_json(doc, config.max_power_w, config.power_smoothing_pulses,
-                                       config.max_clock_ahead_s, fixed_wh=True)
+                                       config.max_clock_ahead_s, fixed_wh=True, max_rates=rate_limits(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"{store.path} does not hold a valid ledger ({exc!r}); refusing to start from "
                          "zero. Inspect it, or restore a backup of the state dir.") from None
 
 
 def saved_totals(config: Config) -> list[str]:
-    """``emdc state show``: one line per saved meter and channel, with its exact total."""
+    """``emdc state show``: one line per saved meter and channel, with its exact total in the channel's unit."""
     store, ledger = load_ledger(config)
     if ledger is None:
         return [f"no state saved in {store.path} yet"]
     lines = []
     for (meter, channel), st in ledger:
-        lines.append(f"{meter:<12} {channel:<9} {format_kwh(st.total_uwh):>16} {channel_spec(channel).total_unit:<5} "
+        spec = channel_spec(channel)
+        lines.append(f"{meter:<12} {channel:<9} {format_total(channel, st.total_uwh):>16} {spec.total_unit:<5} "
                      f"({len(st.epochs)} epoch(s), last seq {max((c.seq for c in st.epochs.values()), default=0)}"
-                     + (f", {st.wh:g} {channel_spec(channel).total_unit[1:]} per pulse)" if st.wh_fixed else ")"))
+                     + (f", {st.wh:g} {spec.pulse_unit} per pulse)" if st.wh_fixed else ")"))
         if st.ts_doubt:
             lines.append(f"    timestamps not trusted: {st.ts_doubt}")
         if st.held_back:
             lines.append(f"    {st.held_back} pulse message(s) held back so far, the last: {st.held_back_reason}; "
                          "see `emdc dead-letters list`")
     return lines
+
+
+def configured_channels(config: Config) -> set[str]:
+    """The channels the writer announces for ``meter_id`` before their first pulse: the ``channels`` setting,
+    and reactive if ``reactive_pin`` is set.
+
+    >>> from common.config import load_config
+    >>> sorted(configured_channels(load_config(env={"EMDC_CHANNELS": "export,gas", "EMDC_REACTIVE_PIN": "27"})))
+    ['export', 'gas', 'reactive']
+    """
+    return set(config.announced_channels()) | ({"reactive"} if config.reactive_pin != -1 else set())
 
 
 def known_meters(config: Config) -> tuple[str, ...]:

@@ -54,6 +54,8 @@ class Channel:
     default_per_pulse: float
     default_max_rate: float
     energy_section: str
+    # Decimals Home Assistant shows of the total (a Wh of a kWh, a litre of a m³).
+    total_decimals: int = 3
 
     def rate(self, quantity: float, seconds: float) -> float:
         """The rate, in the rate unit, of ``quantity`` pulse units over ``seconds``."""
@@ -72,7 +74,7 @@ _TABLE = (
             1, 3600.0, 3, 0.01, 16.0, "gas consumption"),
     # A household water meter (Q3 4 m³/h) passes at most about 100 L/min.
     Channel("water", "Water", "L", "L", "L/min", "water_volume", "water_flow", "water", "volume_flow_rate",
-            1, 60.0, 2, 1.0, 100.0, "water consumption"),
+            1, 60.0, 2, 1.0, 100.0, "water consumption", 1),
 )
 CHANNELS: tuple[str, ...] = tuple(c.name for c in _TABLE)
 _BY_NAME = {c.name: c for c in _TABLE}

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from common.channels import CHANNELS
+from common.channels import CHANNELS, channel_spec
 from common.inputs import INPUT_KEYS, INPUT_TYPES, Input
 from common.message import MAX_WH, MessageError, validate_meter_id
 from common.topology import QUEUE_TYPES
@@ -87,7 +87,19 @@ class Config:
                                "are dead-lettered")
     admit_new_meters: int = _setting(0, "Writer: count up to this many meters beyond `meters` as they appear "
                                         "(0: none, unknown meters are dead-lettered)")
-    max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered")
+    max_power_w: float = _setting(100_000.0, "A counter jump implying more than this is dead-lettered (active, "
+                                             "export and reactive, in W or var)")
+    max_gas_flow_m3h: float = _setting(channel_spec("gas").default_max_rate, "A gas counter jump implying more "
+                                       "than this flow in m³/h is dead-lettered")
+    max_water_flow_lpm: float = _setting(channel_spec("water").default_max_rate, "A water counter jump implying "
+                                         "more than this flow in L/min is dead-lettered")
+    gas_calorific_kwh_m3: float = _setting(0.0, "Writer: calorific value of the gas in kWh/m³, as the bill states "
+                                                "it (e.g. 11.2); above 0 a gas energy sensor in kWh is published too")
+    gas_correction_factor: float = _setting(1.0, "Writer: the gas bill's volume correction factor (e.g. 0.9523), "
+                                                 "applied with gas_calorific_kwh_m3")
+    channels: str = _setting("", "Writer: channels announced to Home Assistant for meter_id before their first "
+                                 "pulse, comma-separated (e.g. active,export,gas); active always is, others once "
+                                 "counted")
     max_clock_ahead_s: float = _setting(600.0, "Pulses stamped further than this in the future are dead-lettered")
     power_refresh_s: float = _setting(1.0, "How often a falling idle power bound is re-evaluated (published on change)")
     power_timeout_s: float = _setting(300.0, "With no pulse for this long, power is published as 0")
@@ -161,6 +173,14 @@ class Config:
             return self.sources.get("inputs", "[[inputs]]")
         given = [name for name in SINGLE_METER_SETTINGS if self.is_set(name)]
         return f"no [[inputs]]: from {', '.join(given) if given else 'the single-meter defaults'}"
+
+    def announced_channels(self) -> tuple[str, ...]:
+        """The ``channels`` setting as names.
+
+        >>> load_config(env={"EMDC_CHANNELS": "active, gas"}).announced_channels()
+        ('active', 'gas')
+        """
+        return tuple(channel.strip() for channel in self.channels.split(",") if channel.strip())
 
     def is_set(self, name: str) -> bool:
         """True if ``name`` was given explicitly rather than left at its default."""
@@ -413,7 +433,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
     if port == 0:
         raise ConfigError("amqp_url: port must be 1-65535")
-    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_clock_ahead_s", "power_refresh_s",
+    unknown = set(cfg.announced_channels()) - set(CHANNELS)
+    if unknown:
+        raise ConfigError(f"channels: {', '.join(sorted(unknown))} is no channel (one of {', '.join(CHANNELS)})")
+    if not 0 <= cfg.gas_calorific_kwh_m3 <= 100:  # also rejects NaN
+        raise ConfigError(f"gas_calorific_kwh_m3 must be 0 (off) or a value in kWh/m³ (about 10), got "
+                          f"{cfg.gas_calorific_kwh_m3}")
+    positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_gas_flow_m3h", "max_water_flow_lpm",
+                "gas_correction_factor", "max_clock_ahead_s", "power_refresh_s",
                 "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN

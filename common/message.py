@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from common.channels import CHANNELS
+from common.channels import CHANNELS, channel_spec
 from common.topology import control_routing_key, pulse_routing_key
 
 SCHEMA_VERSION = 1
@@ -47,7 +47,8 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Pulse:
-    """One meter pulse: ``wh`` watt-hours (varh for reactive) ended at ``ts_ns``.
+    """One meter pulse: ``wh`` is its quantity in the channel's pulse unit (Wh for active and export, varh for
+    reactive, m³ for gas, L for water: :mod:`common.channels`); the pulse ended at ``ts_ns``.
 
     ``epoch_ns`` (None: not stated) is when the edge began the epoch; it describes the epoch, not the
     pulse, so it takes no part in comparing pulses.
@@ -170,12 +171,18 @@ class SetTotal:
     applies it in order with the pulses, without racing its state file.
     ``ts_ns`` is when the meter was read: pulses up to then are part of the
     reading, even if they reach the writer later (a Pi's backlog). ``id``
-    makes a redelivered command harmless.
+    makes a redelivered command harmless. ``total`` is the reading in the
+    channel's total unit (kWh, kvarh, m³ or L), exact; the message names it
+    after that unit (:func:`total_key`)::
+
+        >>> command = SetTotal("main", "gas", Decimal("1234.56"), 1_700_000_000_000_000_000, "ab12")
+        >>> json.loads(encode_control(command))["m3"], command.total_uwh
+        ('1234.56', 1234560000)
     """
 
     meter: str
     channel: str
-    kwh: Decimal
+    total: Decimal
     ts_ns: int
     id: str
 
@@ -184,8 +191,14 @@ class SetTotal:
         return control_routing_key(self.meter)
 
     @property
+    def kwh(self) -> Decimal:
+        """The reading of an electricity channel in kWh (kvarh), as the message's ``kwh`` says."""
+        return self.total
+
+    @property
     def total_uwh(self) -> int:
-        return int(self.kwh * 10**9)
+        """The reading in micro pulse units (µWh, µvarh, µm³, µL), as the ledger counts."""
+        return int(self.total * 10**6 * channel_spec(self.channel).total_divisor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +239,19 @@ class ForgetMeter:
 ControlCommand = SetTotal | SetPulseEnergy | ForgetMeter
 
 
+# The key of a set_total message's reading, by the channel's total unit: also the unit's command-line flag.
+_TOTAL_KEYS = {"kWh": "kwh", "kvarh": "kwh", "m³": "m3", "L": "litres"}
+
+
+def total_key(channel: str) -> str:
+    """What a reading of ``channel`` is called in a set_total message: ``kwh``, ``m3`` or ``litres``.
+
+    >>> total_key("active"), total_key("reactive"), total_key("gas"), total_key("water")
+    ('kwh', 'kwh', 'm3', 'litres')
+    """
+    return _TOTAL_KEYS[channel_spec(channel).total_unit]
+
+
 def encode_set_total(command: SetTotal) -> bytes:
     return encode_control(command)
 
@@ -235,7 +261,8 @@ def encode_control(command: ControlCommand) -> bytes:
     _validate_control(command)
     doc: dict[str, Any] = {"v": SCHEMA_VERSION, "id": command.id, "meter": command.meter}
     if isinstance(command, SetTotal):
-        doc |= {"type": "set_total", "channel": command.channel, "kwh": str(command.kwh), "ts_ns": command.ts_ns}
+        doc |= {"type": "set_total", "channel": command.channel, total_key(command.channel): str(command.total),
+                "ts_ns": command.ts_ns}
     elif isinstance(command, SetPulseEnergy):
         doc |= {"type": "set_pulse_energy", "channel": command.channel, "wh": command.wh}
     else:
@@ -250,10 +277,12 @@ def decode_control(body: bytes) -> ControlCommand:
     doc = _parse_object(body)
     _check_version(doc)
     kind = doc.get("type")
+    # An unknown channel is refused below, by name.
+    key = total_key(doc["channel"]) if doc.get("channel") in CHANNELS else "kwh"
     try:
         command: ControlCommand
         if kind == "set_total":
-            command = SetTotal(doc["meter"], doc["channel"], Decimal(str(doc["kwh"])), doc["ts_ns"], doc["id"])
+            command = SetTotal(doc["meter"], doc["channel"], Decimal(str(doc[key])), doc["ts_ns"], doc["id"])
         elif kind == "set_pulse_energy":
             command = SetPulseEnergy(doc["meter"], doc["channel"], doc["wh"], doc["id"])
         elif kind == "forget_meter":
@@ -264,7 +293,7 @@ def decode_control(body: bytes) -> ControlCommand:
     except KeyError as exc:
         raise MessageError(f"control message lacks {exc}") from None
     except InvalidOperation:
-        raise MessageError(f"kwh must be a decimal number, got {doc['kwh']!r:.40}") from None
+        raise MessageError(f"{key} must be a decimal number, got {doc[key]!r:.40}") from None
     _validate_control(command)
     if isinstance(command, SetPulseEnergy):
         return SetPulseEnergy(command.meter, command.channel, float(command.wh), command.id)
@@ -283,7 +312,7 @@ def _validate_control(c: ControlCommand) -> None:
         if not isinstance(c.wh, int | float) or isinstance(c.wh, bool) or not MIN_WH <= c.wh <= MAX_WH:
             raise MessageError(f"wh must be a number from {MIN_WH:g} to {MAX_WH:g}, got {c.wh!r:.40}")
         return
-    if not c.kwh.is_finite() or c.kwh < 0 or c.kwh > Decimal(10) ** 9:
-        raise MessageError(f"kwh must be a number from 0 to 1e9, got {c.kwh}")
+    if not c.total.is_finite() or c.total < 0 or c.total > Decimal(10) ** 9:
+        raise MessageError(f"{total_key(c.channel)} must be a number from 0 to 1e9, got {c.total}")
     if not _is_int(c.ts_ns) or not 0 < c.ts_ns < 2**63:
         raise MessageError(f"ts_ns must be a positive 64-bit integer, got {c.ts_ns!r:.40}")

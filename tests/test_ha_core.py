@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from common import __version__
+from common.channels import CHANNELS
 from common.message import Pulse
 from tests.ha_core import HomeAssistant, image, missing_tools
 from tests.support import (
@@ -77,7 +78,7 @@ class Meter:
         self.spawn = spawn
         self.id = f"t{names.queue.removeprefix('test_')}"
         self.writers: list[EmdcProcess] = []
-        self.seq = {"active": 0, "reactive": 0}  # the pulse counter of each channel
+        self.seq = dict.fromkeys(CHANNELS, 0)  # the pulse counter of each channel
 
     def env(self, **extra: object) -> dict[str, str]:
         settings: dict[str, object] = {"EMDC_DISCOVERY": "device", "EMDC_DISCOVERY_PREFIX": "homeassistant",
@@ -94,13 +95,14 @@ class Meter:
             if writer.proc.poll() is None:
                 assert writer.stop() == 0, writer.log()
 
-    def count(self, pulses: int, channel: str = "active") -> None:
-        """``pulses`` 1 Wh (varh) pulses of this meter, one a second, ending now."""
+    def count(self, pulses: int, channel: str = "active", per_pulse: float = 1.0) -> None:
+        """``pulses`` pulses of this meter (1 Wh or varh, or ``per_pulse`` of the channel's unit), one a second,
+        ending now."""
         now = time.time_ns()
         first = self.seq[channel] + 1
         self.seq[channel] += pulses
-        publish(self.names.exchange, [Pulse(self.id, channel, "ab", seq, now - (self.seq[channel] - seq) * 10**9, 1.0)
-                                      for seq in range(first, self.seq[channel] + 1)])
+        publish(self.names.exchange, [Pulse(self.id, channel, "ab", seq, now - (self.seq[channel] - seq) * 10**9,
+                                            per_pulse) for seq in range(first, self.seq[channel] + 1)])
 
     def topic(self, sensor: str) -> str:
         return f"{self.names.prefix}/{self.id}/{sensor}"
@@ -138,12 +140,12 @@ class Meter:
         value: str = wait_until(reached, 30, f"{sensor} of meter {self.id} in Home Assistant to be {what}")
         return value
 
-    def wait_until_shown(self, watch: MqttWatcher, totals: dict[str, str]) -> None:
+    def wait_until_shown(self, watch: MqttWatcher, totals: dict[str, str], sensors: Iterable[str] = SENSORS) -> None:
         """Wait until the writer has published ``totals`` (energy sensor -> value) and Home Assistant shows, for
-        every sensor of ``SENSORS``, the value the writer published last."""
+        every one of ``sensors``, the value the writer published last."""
         for sensor, total in totals.items():
             watch.wait_for(self.topic(sensor), lambda v, t=total: v == t)
-        for sensor in SENSORS:
+        for sensor in sensors:
             topic = self.topic(sensor)
             self.wait_for_state(sensor, lambda s, t=topic: s == watch.values.get(t), "the value published last")
 
@@ -288,20 +290,19 @@ def test_ha_remove_removes_the_device_and_logs_no_warning(meter: Meter, ha: Home
     assert problems(ha, since, meter) == []
 
 
-def test_the_energy_dashboard_and_the_statistics_accept_every_energy_sensor(meter: Meter, ha: HomeAssistant,
-                                                                          watch: MqttWatcher) -> None:
-    # The recorder compiles statistics every 5 minutes (at :00, :05, ... and 10 s): count well inside a period,
-    # so that the first one holds the zero point and the counted total.
+def inside_a_statistics_period() -> None:
+    """The recorder compiles statistics every 5 minutes (at :00, :05, ... and 10 s): wait, if need be, to count
+    well inside a period, so that the first one holds the zero point and the counted total."""
     now = datetime.now(UTC)
     if (now.minute % 5) * 60 + now.second > 4 * 60 + 40:
         time.sleep(5 * 60 - (now.minute % 5) * 60 - now.second + 1)
-    meter.start_writer(EMDC_REACTIVE_PIN=27)
-    entities = meter.wait_for_entities(set(SENSORS))
-    ids = {sensor: entry["entity_id"] for sensor, entry in entities.items()}
-    meter.count(5)
-    meter.count(2, channel="reactive")
-    meter.wait_until_shown(watch, {"active_energy": "0.005", "reactive_energy": "0.002"})
 
+
+def compiled_statistics(ha: HomeAssistant, ids: dict[str, str], sensors: dict[str, tuple[str, str, str]],
+                        sums: dict[str, float]) -> None:
+    """Wait for the first statistics of the entities ``ids`` (by sensor), and check them: the first period holds
+    the zero point (the 0 before the first total) and the total, so each total's sum is all it counted (``sums``);
+    each statistic has the unit of its sensor, a sum if a total; the recorder's validation has no issue."""
     def compiled() -> list[dict[str, Any]] | None:
         start = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
         rows = ha.ws("recorder/statistics_during_period", start_time=start, statistic_ids=list(ids.values()),
@@ -309,17 +310,28 @@ def test_the_energy_dashboard_and_the_statistics_accept_every_energy_sensor(mete
         return rows if set(rows) == set(ids.values()) else None
 
     rows = wait_until(compiled, 6 * 60, "the recorder to compile the first statistics of the meter", interval=5)
-    # The first period holds the zero point (the 0 before the first total) and the total: all of it is counted.
-    assert rows[ids["active_energy"]][-1]["state"] == pytest.approx(0.005), json.dumps(rows)
-    assert rows[ids["active_energy"]][-1]["sum"] == pytest.approx(0.005), json.dumps(rows)
-    assert rows[ids["reactive_energy"]][-1]["sum"] == pytest.approx(0.002), json.dumps(rows)
+    for sensor, total in sums.items():
+        assert rows[ids[sensor]][-1]["state"] == pytest.approx(total), json.dumps(rows)
+        assert rows[ids[sensor]][-1]["sum"] == pytest.approx(total), json.dumps(rows)
     listed = {s["statistic_id"]: s for s in ha.ws("recorder/list_statistic_ids")}
-    for sensor, (_, unit, state_class) in SENSORS.items():
+    for sensor, (_, unit, state_class) in sensors.items():
         statistic = listed[ids[sensor]]
         assert statistic["statistics_unit_of_measurement"] == unit, sensor
         assert statistic["has_sum"] == (state_class == "total_increasing"), sensor
     issues = ha.ws("recorder/validate_statistics")
     assert {entity: issues[entity] for entity in ids.values() if entity in issues} == {}
+
+
+def test_the_energy_dashboard_and_the_statistics_accept_every_energy_sensor(meter: Meter, ha: HomeAssistant,
+                                                                          watch: MqttWatcher) -> None:
+    inside_a_statistics_period()
+    meter.start_writer(EMDC_REACTIVE_PIN=27)
+    entities = meter.wait_for_entities(set(SENSORS))
+    ids = {sensor: entry["entity_id"] for sensor, entry in entities.items()}
+    meter.count(5)
+    meter.count(2, channel="reactive")
+    meter.wait_until_shown(watch, {"active_energy": "0.005", "reactive_energy": "0.002"})
+    compiled_statistics(ha, ids, SENSORS, {"active_energy": 0.005, "reactive_energy": 0.002})
 
     ha.ws("energy/save_prefs", energy_sources=[
         {"type": "grid", "stat_energy_from": ids["active_energy"], "stat_rate": ids["active_power"],
@@ -327,6 +339,53 @@ def test_the_energy_dashboard_and_the_statistics_accept_every_energy_sensor(mete
         device_consumption=[{"stat_consumption": ids["active_energy"], "stat_rate": ids["active_power"]}])
     # The dashboard's validation, as its configuration page shows it: no issue for any source or device.
     assert ha.ws("energy/validate") == {"energy_sources": [[]], "device_consumption": [[]],
+                                        "device_consumption_water": []}
+
+
+# A house's meter with import, export (solar), gas and water.
+HOUSE_SENSORS = {
+    "active_energy": ("energy", "kWh", "total_increasing"),
+    "active_power": ("power", "kW", "measurement"),
+    "export_energy": ("energy", "kWh", "total_increasing"),
+    "export_power": ("power", "kW", "measurement"),
+    "gas_volume": ("gas", "m³", "total_increasing"),
+    "gas_flow": ("volume_flow_rate", "m³/h", "measurement"),
+    "gas_energy": ("energy", "kWh", "total_increasing"),
+    "water_volume": ("water", "L", "total_increasing"),
+    "water_flow": ("volume_flow_rate", "L/min", "measurement"),
+}
+
+
+def test_the_energy_dashboard_takes_import_export_gas_and_water_of_one_meter(meter: Meter, ha: HomeAssistant,
+                                                                             watch: MqttWatcher) -> None:
+    inside_a_statistics_period()
+    meter.start_writer(EMDC_CHANNELS="export,gas,water", EMDC_GAS_CALORIFIC_KWH_M3=11.2,
+                       EMDC_GAS_CORRECTION_FACTOR=0.9523)
+    entities = meter.wait_for_entities(set(HOUSE_SENSORS))
+    ids = {sensor: entry["entity_id"] for sensor, entry in entities.items()}
+    for sensor, (device_class, unit, state_class) in HOUSE_SENSORS.items():
+        attributes = meter.state(sensor)["attributes"]
+        assert (attributes.get("device_class"), attributes["unit_of_measurement"], attributes["state_class"]) == (
+            device_class, unit, state_class), sensor
+    meter.count(5)
+    meter.count(3, channel="export")
+    meter.count(4, channel="gas", per_pulse=0.01)
+    meter.count(6, channel="water")
+    meter.wait_until_shown(watch, {"active_energy": "0.005", "export_energy": "0.003", "gas_volume": "0.04",
+                                   "gas_energy": "0.4266304", "water_volume": "6"}, HOUSE_SENSORS)
+    compiled_statistics(ha, ids, HOUSE_SENSORS, {"active_energy": 0.005, "export_energy": 0.003,
+                                                 "gas_volume": 0.04, "gas_energy": 0.4266304, "water_volume": 6})
+
+    # Home Assistant 2026.11's grid source: import and export of one connection, with its power; gas by volume
+    # and, as the bill reckons it, by energy.
+    ha.ws("energy/save_prefs", energy_sources=[
+        {"type": "grid", "stat_energy_from": ids["active_energy"], "stat_energy_to": ids["export_energy"],
+         "stat_rate": ids["active_power"], "cost_adjustment_day": 0},
+        {"type": "gas", "stat_energy_from": ids["gas_volume"], "stat_rate": ids["gas_flow"]},
+        {"type": "gas", "stat_energy_from": ids["gas_energy"]},
+        {"type": "water", "stat_energy_from": ids["water_volume"], "stat_rate": ids["water_flow"]}],
+        device_consumption=[])
+    assert ha.ws("energy/validate") == {"energy_sources": [[], [], [], []], "device_consumption": [],
                                         "device_consumption_water": []}
 
 

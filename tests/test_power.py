@@ -124,7 +124,7 @@ def test_displayed_power_is_never_above_the_physical_bound_even_as_published(sta
     if shown is not None:
         bound = physical_bound_w(state, now_ns)
         assert shown <= bound
-        assert float(backend.writer.format_kw(shown)) * 1000 <= bound, "rounding for display lifted it"
+        assert float(backend.writer.format_rate("active", shown)) * 1000 <= bound, "rounding for display lifted it"
 
 
 def test_the_bound_is_rounded_down_to_whole_watts():
