@@ -282,7 +282,7 @@ def test_purge_keeps_a_gpio_group_the_system_had(scratch_install, tmp_path):
 
 # ====================================================================== example configuration
 
-SETTING_LINE = re.compile(r"^(?P<comment>#\s?)?(?P<key>[a-z_]+) = (?P<value>.+)$")
+SETTING_LINE = re.compile(r"^(?P<comment>#\s?)?(?P<key>[a-z][a-z0-9_]*) = (?P<value>.+)$")
 
 
 def example_entries() -> list[tuple[str, bool, str, list[str]]]:
