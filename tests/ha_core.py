@@ -212,6 +212,10 @@ class HomeAssistant:
         if self.token is None:
             self.token = self._onboard()
         wait_until(self._running, 180, "Home Assistant to run")
+        # The http: section of configuration.yaml is only a trial until a user confirms it in the UI: Home
+        # Assistant reverts it and exits to be restarted (code 100) five minutes later otherwise.
+        if self.ws("http/config")["active_config_type"] == "pending":
+            self.ws("http/config/promote")
 
     def _running(self) -> bool:
         try:

@@ -397,3 +397,5 @@ def test_home_assistant_set_everything_up_and_talks_only_to_this_machine(ha: Hom
     remote = {c.raddr.ip for c in psutil.Process(ha.process.pid).net_connections("inet") if c.raddr}
     assert remote <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, remote
     assert [line for line in ha.log().splitlines() if "Setup failed for" in line] == []
+    # Its HTTP settings are confirmed: unconfirmed, Home Assistant reverts them and exits five minutes on.
+    assert ha.ws("http/config")["pending"] is None
