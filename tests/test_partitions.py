@@ -3,6 +3,7 @@ active and a standby writer on its own shared state, Home Assistant's availabili
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -75,14 +76,14 @@ def test_discovery_names_the_availability_topic_of_the_partition_that_counts_the
                                        EMDC_PARTITION=str(k)) == {f"home/energy/status/{k}"}
 
 
-@pytest.fixture
-def databases() -> Iterator[list[str]]:
-    """Two fresh databases of this test's own on the shared MariaDB server: one state per partition."""
+@contextlib.contextmanager
+def mariadb_databases(count: int) -> Iterator[list[str]]:
+    """URLs of ``count`` fresh databases of the caller's own on the shared MariaDB server, dropped afterwards."""
     url = sa.make_url(SERVERS["mariadb"])
     if not port_open(url.host or "127.0.0.1", url.port or 0):
         pytest.fail(f"mariadb not reachable at {url.host}:{url.port}; start it (see .ci/run)")
     server = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    created = [f"emdc_state_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    created = [f"emdc_state_{uuid.uuid4().hex[:10]}" for _ in range(count)]
     with server.connect() as conn:
         for name in created:
             conn.execute(sa.text(f"CREATE DATABASE {name}"))
@@ -93,6 +94,13 @@ def databases() -> Iterator[list[str]]:
             for name in created:
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
         server.dispose()
+
+
+@pytest.fixture
+def databases() -> Iterator[list[str]]:
+    """One state per partition."""
+    with mariadb_databases(2) as urls:
+        yield urls
 
 
 def wave(first: int, count: int, start_ns: int) -> list[Pulse]:
