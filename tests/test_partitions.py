@@ -3,17 +3,14 @@ active and a standby writer on its own shared state, Home Assistant's availabili
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pika
 import pytest
-import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,10 +18,11 @@ from backend.memory_transport import MemorySink
 from backend.service import writer_bindings
 from backend.shared_state import SharedStateStore
 from backend.writer import EnergyWriter
+from bench.brokers import mariadb_databases
 from common.config import ConfigError, load_config
 from common.message import Pulse
 from common.topology import dead_letter_queue, lease_queue, partition_of, partition_queue
-from tests.support import MqttWatcher, Names, port_open, publish, run_emdc, wait_until, writer_env
+from tests.support import MqttWatcher, Names, publish, run_emdc, wait_until, writer_env
 from tests.test_shared_state import SERVERS
 
 METERS = ["main", "garage", *(f"flat{i:03d}" for i in range(10))]
@@ -76,30 +74,10 @@ def test_discovery_names_the_availability_topic_of_the_partition_that_counts_the
                                        EMDC_PARTITION=str(k)) == {f"home/energy/status/{k}"}
 
 
-@contextlib.contextmanager
-def mariadb_databases(count: int) -> Iterator[list[str]]:
-    """URLs of ``count`` fresh databases of the caller's own on the shared MariaDB server, dropped afterwards."""
-    url = sa.make_url(SERVERS["mariadb"])
-    if not port_open(url.host or "127.0.0.1", url.port or 0):
-        pytest.fail(f"mariadb not reachable at {url.host}:{url.port}; start it (see .ci/run)")
-    server = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    created = [f"emdc_state_{uuid.uuid4().hex[:10]}" for _ in range(count)]
-    with server.connect() as conn:
-        for name in created:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield [url.set(database=name).render_as_string(hide_password=False) for name in created]
-    finally:
-        with server.connect() as conn:
-            for name in created:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
-        server.dispose()
-
-
 @pytest.fixture
 def databases() -> Iterator[list[str]]:
     """One state per partition."""
-    with mariadb_databases(2) as urls:
+    with mariadb_databases(2, SERVERS["mariadb"]) as urls:
         yield urls
 
 

@@ -22,11 +22,12 @@ import pika.exceptions
 import pytest
 
 from backend.shared_state import SharedStateStore
+from bench.brokers import mariadb_databases
 from common.message import Pulse, encode
 from common.topology import WRITER_BINDINGS, consumer_queue_steps, dead_letter_queue
 from tests.private_rabbitmq import PrivateRabbitMQ, RabbitCluster
 from tests.support import MqttWatcher, Names, saved_total_uwh, wait_until, writer_env
-from tests.test_partitions import mariadb_databases
+from tests.test_shared_state import SERVERS
 
 pytestmark = pytest.mark.brokers
 
@@ -79,7 +80,7 @@ def depth(node: PrivateRabbitMQ, queue: str) -> int:
 
 @pytest.fixture
 def state_url() -> Iterator[str]:
-    with mariadb_databases(1) as [url]:
+    with mariadb_databases(1, SERVERS["mariadb"]) as [url]:
         yield url
 
 
