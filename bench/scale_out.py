@@ -42,7 +42,8 @@ METERS = ("main", "garage")
 def feed(meter: str, first: int, count: int, end_ns: int, step_ns: int = 10**9) -> list[Pulse]:
     """1 Wh pulses ``first`` .. of ``meter``, ``step_ns`` apart, the last at ``end_ns``."""
     last = first + count - 1
-    return [Pulse(meter, "active", "be7c4", seq, end_ns - (last - seq) * step_ns, 1.0) for seq in range(first, last + 1)]
+    return [Pulse(meter, "active", "be7c4", seq, end_ns - (last - seq) * step_ns, 1.0)
+            for seq in range(first, last + 1)]
 
 
 def measure_failover(work: Path, broker: Broker, rounds: int) -> dict[str, Any]:

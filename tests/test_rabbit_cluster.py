@@ -78,6 +78,18 @@ def depth(node: PrivateRabbitMQ, queue: str) -> int:
         return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
 
 
+def queued_backlog(names: Names, declared_on: PrivateRabbitMQ, published_on: PrivateRabbitMQ) -> int:
+    """Declare the writer queue as a quorum queue through ``declared_on`` (its leader then) and queue pulses
+    1-30 of every meter through ``published_on``; the time the pulses count from."""
+    with pika.BlockingConnection(pika.URLParameters(declared_on.url())) as connection:
+        channel = connection.channel()
+        for _what, step in consumer_queue_steps(names.exchange, names.queue, WRITER_BINDINGS, "quorum"):
+            step(channel)
+    start_ns = time.time_ns() - 60 * 10**9
+    publish_through(published_on, names.exchange, wave(1, 30, start_ns))
+    return start_ns
+
+
 @pytest.fixture
 def state_url() -> Iterator[str]:
     with mariadb_databases(1, SERVERS["mariadb"]) as [url]:
@@ -88,12 +100,7 @@ def test_the_standby_on_another_node_takes_over_a_drain_from_a_killed_writer_exa
         cluster: RabbitCluster, names: Names, spawn, watch: MqttWatcher, state_url: str, tmp_path: Path,
         record_property) -> None:
     first, second, third = cluster.nodes
-    with pika.BlockingConnection(pika.URLParameters(third.url())) as connection:
-        channel = connection.channel()
-        for _what, step in consumer_queue_steps(names.exchange, names.queue, WRITER_BINDINGS, "quorum"):
-            step(channel)
-    start_ns = time.time_ns() - 60 * 10**9
-    publish_through(third, names.exchange, wave(1, 30, start_ns))
+    start_ns = queued_backlog(names, declared_on=third, published_on=third)
     env = writer_env(names, EMDC_QUEUE_TYPE="quorum", EMDC_METERS=",".join(METERS), EMDC_BATCH_SIZE=20,
                      EMDC_STATE_URL=state_url)
     active = spawn(["writer"], {**env, "EMDC_AMQP_URL": first.url()}, "writer-a")
@@ -127,12 +134,7 @@ def test_the_standby_on_another_node_takes_over_a_drain_from_a_killed_writer_exa
 def test_a_node_killed_during_a_100_meter_drain_loses_nothing(cluster: RabbitCluster, names: Names, spawn,
                                                              watch: MqttWatcher) -> None:
     consuming, publishing, leader = cluster.nodes
-    with pika.BlockingConnection(pika.URLParameters(leader.url())) as connection:
-        channel = connection.channel()
-        for _what, step in consumer_queue_steps(names.exchange, names.queue, WRITER_BINDINGS, "quorum"):
-            step(channel)
-    start_ns = time.time_ns() - 60 * 10**9
-    publish_through(publishing, names.exchange, wave(1, 30, start_ns))
+    start_ns = queued_backlog(names, declared_on=leader, published_on=publishing)
     env = writer_env(names, EMDC_AMQP_URL=consuming.url(), EMDC_QUEUE_TYPE="quorum",
                      EMDC_METERS=",".join(["main", *METERS]), EMDC_BATCH_SIZE=20)
     writer = spawn(["writer"], env, "writer")
