@@ -48,8 +48,9 @@ from common.topology import (
 )
 
 log = logging.getLogger("emdc.amqp")
-# How often a standby asks for the lease, and how long a refused takeover waits before it asks again.
-LEASE_RETRY_S = 2.0
+# How often a standby asks for the lease (the most a takeover waits for it once the active writer is gone), and
+# how long a refused takeover waits before it asks again.
+LEASE_RETRY_S = 1.0
 REFUSED_RETRY_S = 30.0
 
 def _ignore(*_: object) -> None:
@@ -243,7 +244,9 @@ class BatchConsumer:
                 else:
                     raise
             self._beat("")  # a standby is healthy: it is ready to take over
-            connection.process_data_events(time_limit=LEASE_RETRY_S)
+            # sleep, not process_data_events: after the refused channel that returns at once, and a standby
+            # would ask the broker for the lease thousands of times a second.
+            connection.sleep(LEASE_RETRY_S)
         return None
 
     def _beat(self, trouble: str | None = None) -> None:

@@ -288,7 +288,7 @@ def ha_remove(obj: CommandContext, /, meters: tuple[str, ...], **overrides: Any)
 
 
 def writer_queue(config: Config, writer_name: str) -> str:
-    return config.db_queue if writer_name == "db" else config.queue
+    return config.db_queue if writer_name == "db" else config.writer_queue()
 
 
 WRITER_CHOICE = click.option("--writer", "writer_name", type=click.Choice(["mqtt", "db"]), default="mqtt",

@@ -96,8 +96,10 @@ class Discovery:
     """Builds the retained discovery messages (topic, JSON payload) for a meter."""
 
     def __init__(self, discovery_prefix: str, topic_prefix: str, style: str = "device",
-                 legacy_units: bool = False, gas_energy: bool = False) -> None:
+                 legacy_units: bool = False, gas_energy: bool = False, availability: str = "") -> None:
         self.discovery_prefix = discovery_prefix
+        # The availability topic of the writer that counts the meters: its partition's, if partitioned.
+        self.availability = availability or availability_topic(topic_prefix)
         self.topic_prefix = topic_prefix
         self.style = style
         self.legacy_units = legacy_units
@@ -181,7 +183,7 @@ class Discovery:
     def messages(self, meter: str, channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
         """Discovery messages for ``meter`` with the sensors of ``channels``, in the configured style (none if
         ``off``)."""
-        availability = availability_topic(self.topic_prefix)
+        availability = self.availability
         specs = [s for s in sensor_specs(self.legacy_units, self.gas_energy) if s.channel in channels]
         if self.style == "device":
             payload = {

@@ -165,7 +165,7 @@ class Mqtt:
 
 def writer_checks(config: Config, rabbit: RabbitMQ, mqtt: Mqtt) -> list[CheckFunction]:
     """The MQTT writer's checks, in the order they are shown."""
-    checks: list[CheckFunction] = [partial(queue_consume, config, rabbit, config.queue, "queue"), mqtt.login,
+    checks: list[CheckFunction] = [partial(queue_consume, config, rabbit, config.writer_queue(), "queue"), mqtt.login,
                                    partial(mqtt.echo, "topic_prefix", config.topic_prefix)]
     if config.discovery != "off":
         checks.append(partial(mqtt.echo, "discovery_prefix", config.discovery_prefix))

@@ -130,7 +130,7 @@ class MqttPublisher:
 
     def __init__(self, config: Config, client_name: str = "emdc-writer") -> None:
         self.config = config
-        self.availability = availability_topic(config.topic_prefix)
+        self.availability = availability_topic(config.topic_prefix, config.partition_label())
         self.connected = threading.Event()
         self._republish_at: float | None = None
         self._lock = threading.Lock()

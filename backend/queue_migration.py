@@ -94,7 +94,7 @@ def _topic_dead_letter_exchange(connection: pika.BlockingConnection, config: Con
     channel = connection.channel()
     channel.exchange_delete(dlx)
     channel.exchange_declare(dlx, "topic", durable=True)
-    for queue in (config.queue, config.db_queue):
+    for queue in (config.writer_queue(), config.db_queue):
         if _exists(connection, dead_letter_queue(queue)):  # else that writer never ran here
             channel.queue_bind(dead_letter_queue(queue), dlx, queue)
 

@@ -15,7 +15,7 @@ from backend.state_store import exclusive_state_dir
 from backend.takeover import claim
 from backend.writer import EnergyWriter
 from common.config import Config
-from common.topology import WRITER_BINDINGS
+from common.topology import WRITER_BINDINGS, meter_bindings
 
 log = logging.getLogger("emdc.writer")
 # How often a writer that could not ask MQTT whose totals it holds asks again (it counts meanwhile).
@@ -59,7 +59,8 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 writer.reload()
             check_claim()
             if not started.is_set():
-                log.info("active: counting %s into state %s in %s", config.queue, identity, writer.store.path)
+                log.info("active: counting %s into state %s in %s", config.writer_queue(), identity,
+                         writer.store.path)
                 mqtt.start()
                 started.set()
             else:  # active again after losing the lease: another writer may have published meanwhile
@@ -71,7 +72,7 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
             if unchecked.is_set() and time.monotonic() >= next_check[0] and check_claim():
                 mqtt.request_republish()
 
-        consumer = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
+        consumer = BatchConsumer(config, config.writer_queue(), writer_bindings(config), writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
                                  on_idle=idle_handler(writer, mqtt, config.power_refresh_s, on_pass=on_pass),
                                  trouble=mqtt.trouble, on_active=on_active)
@@ -94,6 +95,18 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                             "to be counted at the next start", writer.store.path)
             else:
                 log.info("writer stopped; state saved in %s", writer.store.path)
+
+
+def writer_bindings(config: Config) -> tuple[str, ...]:
+    """What the writer's queue is bound to: everything, or with partitions its own meters' messages alone.
+
+    >>> from common.config import load_config
+    >>> writer_bindings(load_config(env={"EMDC_METERS": "main,garage", "EMDC_PARTITIONS": "2"}))[:2]
+    ('pulse.main.#', 'control.main.#')
+    """
+    if config.partitions == 1:
+        return WRITER_BINDINGS
+    return meter_bindings(WRITER_BINDINGS, config.counted_meters())
 
 
 class GatedSink:

@@ -45,7 +45,7 @@ def takeover_refusal(own: str, *, published: str | None, forced: bool) -> str:
 def claim(config: Config, own: str, *, forced: bool) -> str | None:
     """Read the published state identity, and publish ``own`` unless refused: the refusal, ``""`` when the
     takeover may go ahead, or None when the MQTT broker cannot be asked (ask again before publishing)."""
-    topic = writer_state_topic(config.topic_prefix)
+    topic = writer_state_topic(config.topic_prefix, config.partition_label())
     refusal = ""
 
     def decide(retained: dict[str, str]) -> list[tuple[str, str]]:

@@ -46,10 +46,17 @@ def state_topic(prefix: str, meter: str, channel: str, quantity: str) -> str:
     return f"{meter_prefix(prefix, meter)}/{value_name(channel, quantity)}"
 
 
-def availability_topic(prefix: str) -> str:
-    return f"{prefix}/status"
+def availability_topic(prefix: str, partition: str = "") -> str:
+    """Retained ``online``/``offline`` of the writer, with its last will; a partition's writers have their own,
+    so that one partition's writer going away marks only its meters unavailable.
+
+    >>> availability_topic("home/energy"), availability_topic("home/energy", "1")
+    ('home/energy/status', 'home/energy/status/1')
+    """
+    return f"{prefix}/status/{partition}" if partition else f"{prefix}/status"
 
 
-def writer_state_topic(prefix: str) -> str:
-    """Retained: the identity of the state the active writer counts in (see :mod:`backend.takeover`)."""
-    return f"{prefix}/writer_state"
+def writer_state_topic(prefix: str, partition: str = "") -> str:
+    """Retained: the identity of the state the active writer counts in (see :mod:`backend.takeover`); one per
+    partition, each of which counts in a state of its own."""
+    return f"{prefix}/writer_state/{partition}" if partition else f"{prefix}/writer_state"

@@ -27,7 +27,7 @@ from backend.discovery import Discovery
 from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import LedgerStore, StateError, open_store
-from backend.topics import ENERGY_KWH, QUANTITIES, state_topic
+from backend.topics import ENERGY_KWH, QUANTITIES, availability_topic, state_topic
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
@@ -169,7 +169,8 @@ class EnergyWriter:
         gas_energy = (GasEnergy(config.gas_calorific_kwh_m3, config.gas_correction_factor)
                       if config.gas_calorific_kwh_m3 else None)
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
-                              config.ha_legacy_units, gas_energy=gas_energy is not None)
+                              config.ha_legacy_units, gas_energy=gas_energy is not None,
+                              availability=availability_topic(config.topic_prefix, config.partition_label()))
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
                    meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
                    channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy)

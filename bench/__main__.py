@@ -33,6 +33,7 @@ from bench.harness import OVERRIDES, WORK_PARENT, Broker, pyspy
 from bench.million import measure_million
 from bench.power_truth import measure_power_truth
 from bench.report import cpu_model, fsync_ms, git_revision, print_table, summarize_profile, targets
+from bench.scale_out import measure_failover, measure_partitions
 from bench.state_scaling import measure_state_scaling
 from bench.writer import measure_edge_latency, measure_live_latency, measure_naive, measure_writer_drain
 
@@ -52,16 +53,20 @@ class Sizes:
     state_meters: tuple[int, ...]  # meters in the writer's state for the state-scaling phase
     state_batches: int  # one-pulse batches timed per state size
     state_drain: int  # pulses drained per state size
+    failover_rounds: int  # kills of the active writer of an active/standby pair
+    partition_pulses: int  # backlog drained by one writer, then by two partitions
 
 
 PRESETS = {
     "full": Sizes(pulses=30_000, naive=1_000, latency=200, edge_replay=30_000, edge_live_s=30.0, warmup_s=2.0,
                   repeat=3, power_days=7.0, state_meters=(1, 1_000, 10_000, 100_000), state_batches=300,
-                  state_drain=20_000),
+                  state_drain=20_000, failover_rounds=5, partition_pulses=30_000),
     "small": Sizes(pulses=2_000, naive=60, latency=30, edge_replay=2_000, edge_live_s=3.0, warmup_s=1.0, repeat=1,
-                   power_days=1.0, state_meters=(1, 1_000, 10_000), state_batches=50, state_drain=2_000),
+                   power_days=1.0, state_meters=(1, 1_000, 10_000), state_batches=50, state_drain=2_000,
+                   failover_rounds=2, partition_pulses=2_000),
 }
-PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge", "power_truth", "state_scaling")
+PHASES = ("ceiling", "writer_drain", "naive_baseline", "live_latency", "edge", "power_truth", "state_scaling",
+          "scale_out")
 WITHOUT_BROKERS = {"power_truth", "state_scaling"}
 
 
@@ -187,6 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "state_scaling" in phases:
             results["state_scaling"] = phase("state scaling", lambda: measure_state_scaling(
                 work, sizes.state_meters, sizes.state_batches, sizes.state_drain))
+        if "scale_out" in phases:
+            results["scale_out"] = {
+                "failover": phase("failover", lambda: measure_failover(work, broker, sizes.failover_rounds)),
+                "partitions": phase("partitions", lambda: measure_partitions(work, broker, sizes.partition_pulses)),
+            }
         if args.million:
             results["million"] = phase("million", lambda: measure_million(work, broker, args.million))
         if args.profile:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("EMDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 MQTT_HOST = os.environ.get("EMDC_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("EMDC_TEST_MQTT_PORT", "1883"))
+MARIADB_URL = os.environ.get("EMDC_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 EMDC_MODULE = "emdc"  # `python -m emdc` is the `emdc` command
 EMDC = [sys.executable, "-m", EMDC_MODULE]
 
@@ -63,6 +64,29 @@ def unreachable_brokers() -> list[str]:
     return [f"{name} at {host}:{port}"
             for name, host, port in (("RabbitMQ", amqp.host, amqp.port), ("Mosquitto", MQTT_HOST, MQTT_PORT))
             if not port_open(host, port)]
+
+
+@contextlib.contextmanager
+def mariadb_databases(count: int, server_url: str = MARIADB_URL) -> Iterator[list[str]]:
+    """URLs of ``count`` fresh databases of the caller's own on the MariaDB server (a writer's shared state, see
+    ``state_url``), dropped afterwards."""
+    import sqlalchemy as sa
+
+    url = sa.make_url(server_url)
+    if not port_open(url.host or "127.0.0.1", url.port or 0):
+        raise ConnectionError(f"MariaDB not reachable at {url.host}:{url.port}; start it (see .ci/run)")
+    server = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    created = [f"emdc_state_{uuid.uuid4().hex[:10]}" for _ in range(count)]
+    with server.connect() as conn:
+        for name in created:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield [url.set(database=name).render_as_string(hide_password=False) for name in created]
+    finally:
+        with server.connect() as conn:
+            for name in created:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        server.dispose()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -100,7 +124,7 @@ class Names:
 
     def writer_env(self, **extra: object) -> dict[str, str]:
         """:meth:`env` of an ``emdc writer`` (or db-writer) keeping its state in :attr:`writer_dir`."""
-        return self.env(EMDC_STATE_DIR=self.writer_dir, **extra)
+        return self.env(**{"EMDC_STATE_DIR": self.writer_dir, **extra})
 
     def edge_env(self, **extra: object) -> dict[str, str]:
         """:meth:`env` of an ``emdc edge`` command keeping its outbox in :attr:`edge_dir`."""

@@ -25,6 +25,7 @@ POWER_MSGS_PER_S_TARGET = 1
 STATE_BATCH_RATIO_TARGET = 2.0  # a one-pulse batch with 10,000 meters in the state / with 1
 STATE_DRAIN_RATIO_TARGET = 0.8  # the drain rate with 10,000 meters in the state / with 1
 STATE_TARGET_METERS = 10_000
+FAILOVER_TARGET_S = 10.0  # SIGKILL of the active writer -> the standby's first counted pulse on MQTT
 
 EDGE_LIVE_RUNS = (("live", "edge simulate"), ("live_production", "edge production chain"),
                   ("live_production_household", "edge production chain"))
@@ -78,6 +79,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"<= {STATE_BATCH_RATIO_TARGET:g}", run["batch_ratio"] <= STATE_BATCH_RATIO_TARGET)
         add(f"state: drain rate with {STATE_TARGET_METERS:,} meters / 1 meter", run["drain_ratio"],
             f">= {STATE_DRAIN_RATIO_TARGET:g}", run["drain_ratio"] >= STATE_DRAIN_RATIO_TARGET)
+    failover = results.get("scale_out", {}).get("failover")
+    if failover:
+        add("failover: kill -9 of the active writer -> standby's first counted pulse (s, max)", failover["max_s"],
+            f"< {FAILOVER_TARGET_S:g}", failover["max_s"] < FAILOVER_TARGET_S)
     million = results.get("million", {})
     for side in ("writer", "edge"):
         growth = million.get(side, {}).get("growth_mb_per_100k")
@@ -91,6 +96,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("million: writer state file growth (bytes)", sizes["max"] - sizes["min"], "< 64",
             sizes["max"] - sizes["min"] < 64)
     return out
+
+
+def scale_out_rows(scale_out: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    failover = scale_out.get("failover")
+    if failover:
+        rows.append((f"failover to the standby, {failover['rounds']} round(s)", f"{failover['median_s']:.2f} s",
+                     f"median; max {failover['max_s']:.2f} s; exact total: {failover['exact_total']}"))
+    partitions = scale_out.get("partitions")
+    if partitions:
+        one, two = partitions["one"], partitions["two"]
+        rows.append((f"drain by 2 partitions, {two['pulses']:,} pulses", f"{fmt_rate(two['rate_per_s'])}/s",
+                     f"x{partitions['ratio']:.2f} of one writer ({fmt_rate(one['rate_per_s'])}/s)"))
+    return rows
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -150,6 +169,7 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append((f"state of {run['meters']:,} meter(s): one-pulse batch", f"{run['batch_ms']:.3f} ms",
                      f"x{run['batch_ratio']:.2f} of 1 meter; drain {fmt_rate(run['drain_per_s'])}/s "
                      f"(x{run['drain_ratio']:.2f})"))
+    rows += scale_out_rows(results.get("scale_out", {}))
     million = results.get("million")
     if million:
         rows.append((f"million: edge -> writer, {million['pulses']:,} pulses", f"{fmt_rate(million['rate_per_s'])}/s",

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 from common.channels import CHANNELS, channel_spec
 from common.inputs import INPUT_KEYS, INPUT_TYPES, Input
 from common.message import MAX_WH, MessageError, validate_meter_id
-from common.topology import QUEUE_TYPES
+from common.topology import QUEUE_TYPES, partition_of, partition_queue
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 # The GPIOs of a Raspberry Pi's 40-pin header, by BCM number.
@@ -64,6 +64,9 @@ class Config:
     db_queue: str = _setting("queue_db_writer", "Queue the database writer consumes")
     declare_topology: bool = _setting(True, "Declare exchange/queues at start (false if a definitions file does)")
     queue_type: str = _setting("classic", "Writer queues: classic, or quorum (replicated over a RabbitMQ cluster)")
+    partitions: int = _setting(1, "Writer queues split by meter over this many partitions, each with its own "
+                                  "writers and state (1: one queue, see the scaling guide)")
+    partition: int = _setting(0, "With partitions > 1: the partition this writer counts, 0 .. partitions-1")
     delivery_limit: int = _setting(20, "Quorum queues: a message delivered this often without an ack is "
                                        "dead-lettered")
     amqp_ca_file: str = _setting("", "CA bundle for amqps:// (empty: system CAs)")
@@ -136,13 +139,32 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def counted_meters(self) -> tuple[str, ...]:
-        """The meters the writer counts: ``meters``, or ``meter_id`` if that is empty.
+        """The meters the writer counts: ``meters``, or ``meter_id`` if that is empty; with partitions, those of
+        them in this writer's partition (every partition's writers may share one ``meters`` list).
 
         >>> load_config(env={"EMDC_METERS": "main, garage"}).counted_meters()
         ('main', 'garage')
+        >>> load_config(env={"EMDC_METERS": "main, garage", "EMDC_PARTITIONS": "2"}).counted_meters()
+        ('main',)
         """
-        listed = tuple(meter.strip() for meter in self.meters.split(",") if meter.strip())
-        return listed or (self.meter_id,)
+        return tuple(meter for meter in self.listed_meters() if partition_of(meter, self.partitions) == self.partition)
+
+    def listed_meters(self) -> tuple[str, ...]:
+        """``meters``, or ``meter_id`` if that is empty: every partition's."""
+        return tuple(meter.strip() for meter in self.meters.split(",") if meter.strip()) or (self.meter_id,)
+
+    def writer_queue(self) -> str:
+        """The queue the MQTT writer consumes: ``queue``, or its partition's (see ``partitions``).
+
+        >>> load_config(env={"EMDC_PARTITIONS": "2", "EMDC_PARTITION": "1"}).writer_queue()
+        'queue_mqtt_writer.1'
+        """
+        return partition_queue(self.queue, self.partition, self.partitions)
+
+    def partition_label(self) -> str:
+        """What tells this partition's MQTT topics (availability, state identity) from the others': "" without
+        partitions, which keeps the single writer's topics."""
+        return str(self.partition) if self.partitions > 1 else ""
 
     def inputs(self) -> tuple[Input, ...]:
         """The pulse inputs the edge reads: the ``[[inputs]]`` tables, or those the single-meter settings describe.
@@ -414,7 +436,7 @@ def _check(cfg: Config) -> None:
         validate_meter_id(cfg.meter_id)
     except MessageError as exc:
         raise ConfigError(f"meter_id: {exc}") from None
-    for meter in cfg.counted_meters():
+    for meter in cfg.listed_meters():
         try:
             validate_meter_id(meter)
         except MessageError as exc:
@@ -423,6 +445,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"admit_new_meters must be 0 (off) or a positive cap, got {cfg.admit_new_meters}")
     if cfg.queue_type not in QUEUE_TYPES:
         raise ConfigError(f"queue_type must be {' or '.join(QUEUE_TYPES)}, got {cfg.queue_type!r}")
+    if not 1 <= cfg.partitions <= 1000 or not 0 <= cfg.partition < cfg.partitions:
+        raise ConfigError(f"partition must be 0 .. partitions-1 and partitions 1 .. 1000, got partition "
+                          f"{cfg.partition} of partitions {cfg.partitions}")
+    if cfg.partitions > 1 and cfg.admit_new_meters:
+        raise ConfigError("admit_new_meters works only without partitions: a partition's queue receives the "
+                          "pulses of the meters listed in `meters` only; list every meter there")
     if not 1 <= cfg.delivery_limit <= 1000:
         raise ConfigError(f"delivery_limit must be between 1 and 1000, got {cfg.delivery_limit}")
     try:

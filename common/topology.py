@@ -8,7 +8,8 @@ a test keeps the two in step. Example (a pika ``BlockingChannel``)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 PULSE_PREFIX = "pulse"
@@ -119,6 +120,41 @@ def dead_letter_queue_arguments(queue_type: str = "classic") -> dict[str, Any]:
     ({'x-queue-type': 'quorum'}, {})
     """
     return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+
+
+def partition_of(meter: str, partitions: int) -> int:
+    """The partition that counts ``meter`` among ``partitions``: CRC-32 of its id, modulo their number.
+
+    A pure function of the id, the same in every process and version (unlike
+    Python's ``hash``), so every writer of a deployment agrees on it without
+    asking anyone, and the Pis need not know partitions exist.
+
+    >>> partition_of("garage", 1), partition_of("garage", 2), partition_of("main", 2)
+    (0, 1, 0)
+    """
+    return zlib.crc32(meter.encode()) % partitions
+
+
+def partition_queue(queue: str, partition: int, partitions: int) -> str:
+    """The queue of ``partition``: ``queue`` itself without partitions, else ``<queue>.<partition>`` (with its
+    own lease ``<queue>.<partition>.active`` and dead-letter queue ``<queue>.<partition>.dead``).
+
+    >>> partition_queue("queue_mqtt_writer", 0, 1), partition_queue("queue_mqtt_writer", 1, 2)
+    ('queue_mqtt_writer', 'queue_mqtt_writer.1')
+    """
+    return queue if partitions == 1 else f"{queue}.{partition}"
+
+
+def meter_bindings(bindings: Iterable[str], meters: Iterable[str]) -> tuple[str, ...]:
+    """``bindings`` narrowed to ``meters``: each ``<kind>.#`` becomes ``<kind>.<meter>.#`` for every meter, so a
+    partition's queue receives the pulses and control messages of its meters only (``#`` also matches none,
+    so ``control.<meter>.#`` takes ``control.<meter>``).
+
+    >>> meter_bindings(("pulse.#", "control.#"), ("a", "b"))
+    ('pulse.a.#', 'pulse.b.#', 'control.a.#', 'control.b.#')
+    """
+    meters = tuple(meters)
+    return tuple(f"{binding.split('.', 1)[0]}.{meter}.#" for binding in bindings for meter in meters)
 
 
 def declare_exchange(channel: Any, exchange: str, **kwargs: Any) -> None:

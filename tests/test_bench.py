@@ -15,6 +15,8 @@ from tests.support import ROOT
 
 SMALLEST = ["--size", "small", "--pulses", "1000", "--naive-pulses", "20", "--latency-pulses", "10",
             "--edge-pulses", "500", "--edge-live-s", "2", "--power-days", "0.25"]
+# scale_out has a smoke test of its own (it needs MariaDB too).
+SINGLE_WRITER = ["--only", "ceiling,writer_drain,naive_baseline,live_latency,edge,power_truth,state_scaling"]
 
 EXPECTED = {
     "meta": {"date", "revision", "python", "cpu", "cpus", "rabbitmq", "fsync_ms", "calibration_s", "sizes"},
@@ -35,8 +37,8 @@ EDGE_LIVE = {"pulses_per_s", "cpu_s_per_1000_pulses", "peak_rss_mb", "pi_zero"}
 
 def test_bench_runs_end_to_end_and_writes_well_formed_json(tmp_path: Path, brokers: None) -> None:
     output = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "-m", "bench", *SMALLEST, "--output", str(output)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=170)
+    result = subprocess.run([sys.executable, "-m", "bench", *SMALLEST, *SINGLE_WRITER, "--output", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
     assert "writer drain" in result.stdout and "targets" in result.stdout
 
@@ -79,3 +81,18 @@ def test_power_truth_runs_without_brokers_and_scores_every_rule_on_held_out_hous
     assert power["drops"] > 0
     # Not a timing: the writer never publishes a channel's power twice within a second.
     assert power["power_msgs_max_per_s"] <= 1
+
+
+def test_scale_out_measures_a_failover_and_a_partitioned_drain_exactly(tmp_path: Path, brokers: None) -> None:
+    output = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "--size", "small", "--only", "scale_out", "--output",
+                             str(output)], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
+    assert "failover to the standby" in result.stdout and "drain by 2 partitions" in result.stdout
+    scale_out = json.loads(output.read_text())["scale_out"]
+    failover, partitions = scale_out["failover"], scale_out["partitions"]
+    assert failover.keys() >= {"rounds", "seconds", "median_s", "max_s", "exact_total"}
+    assert failover["rounds"] == len(failover["seconds"]) == 2 and failover["exact_total"] is True
+    assert partitions.keys() >= {"one", "two", "ratio"}
+    assert [partitions[k]["partitions"] for k in ("one", "two")] == [1, 2]
+    assert partitions["one"]["pulses"] == partitions["two"]["pulses"] == 2_000

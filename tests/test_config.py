@@ -396,7 +396,8 @@ def _load(**env: Any) -> Config:
 def test_every_setting_can_come_from_its_environment_variable():
     samples = {str: "x", int: "7", float: "2.5", bool: "false"}
     special = {"amqp_url": "amqps://h/", "meter_id": "m1", "discovery": "off", "log_level": "ERROR",
-               "clock_sync": "unknown", "topic_prefix": "t/p", "queue_type": "quorum", "channels": "gas"}
+               "clock_sync": "unknown", "topic_prefix": "t/p", "queue_type": "quorum", "channels": "gas",
+               "partition": "0"}
     for name, variable, default, _ in settings_table():
         value = special.get(name, samples[type(default)])
         cfg = _load(**{variable: value})

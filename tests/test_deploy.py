@@ -461,9 +461,78 @@ def test_compose_references_resolve(name):
                 assert key in settings, f"{svc_name}: {key} is not an EMDC setting"
 
 
+SCALING_OVERLAYS = ("docker-compose.standby.yml", "docker-compose.cluster.yml")
+
+
+@pytest.mark.parametrize("name", SCALING_OVERLAYS)
+def test_scaling_overlays_resolve_and_harden_their_services(name, tmp_path):
+    """What the standby and cluster files add: mounts that exist, declared volumes and secrets that init makes,
+    real settings, a memory limit and a profile of the host that runs it, and secrets as files only."""
+    doc, base = compose_doc(name), compose_doc()
+    compose_dir = scratch_compose(tmp_path)
+    settings = {env for _n, env, _d, _h in settings_table()} | {f"EMDC_{s.upper()}_FILE" for s in SECRET_SETTINGS}
+    volumes, secrets = {**base["volumes"], **(doc.get("volumes") or {})}, {**base["secrets"], **doc["secrets"]}
+    for secret in doc["secrets"].values():
+        assert (compose_dir / secret["file"]).is_file(), f"init does not make {secret['file']}"
+    for svc_name, svc in doc["services"].items():
+        full = {**base["services"].get(svc_name, {}), **svc}
+        assert re.fullmatch(r"\d+[mg]", str(full.get("mem_limit", ""))), f"{svc_name} has no memory limit"
+        assert set(full.get("profiles", [])) in ({"rabbitmq"}, {"mqtt"}), svc_name
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            assert (COMPOSE / source).exists() if source.startswith(".") else source in volumes, f"{svc_name}: {source}"
+            assert target.startswith("/")
+        assert set(svc.get("secrets", [])) <= set(secrets), svc_name
+        env = svc.get("environment", {})
+        assert not SECRET_VARIABLES & set(env), f"{svc_name}: a secret in the environment"
+        assert {k for k in env if k.startswith("EMDC_")} <= settings, svc_name
+
+
+def test_the_standby_writer_shares_the_active_ones_state_in_mariadb():
+    base, doc = compose_doc()["services"], compose_doc("docker-compose.standby.yml")["services"]
+    active, standby = {**base["writer"], **doc["writer"]}, doc["writer-standby"]
+    for svc in (doc["writer"], standby):
+        assert svc["environment"]["EMDC_STATE_URL_FILE"] == "/run/secrets/writer_state_url"
+        assert svc["depends_on"]["mariadb"] == {"condition": "service_healthy"}
+        assert svc["image"] == base["db-writer"]["image"], "an image with the MariaDB driver"
+    assert standby["command"] == active["command"]
+    assert {k: v for k, v in standby["environment"].items() if k != "EMDC_STATE_URL_FILE"} == base["writer"][
+        "environment"], "the same writer settings as the active one"
+    assert standby["volumes"] != active["volumes"], "a state dir of its own (lock, heartbeat)"
+    assert set(base["writer"]["secrets"]) <= set(standby["secrets"])
+
+
+def test_the_cluster_variant_runs_three_nodes_that_find_each_other_with_one_cookie():
+    base, doc = compose_doc()["services"], compose_doc("docker-compose.cluster.yml")["services"]
+    nodes = {name: {**base.get(name, {}), **svc} for name, svc in doc.items() if name.startswith("rabbitmq")
+             and name != "rabbitmq-cookie"}
+    assert sorted(nodes) == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    conf = (COMPOSE / "rabbitmq/40-cluster.conf").read_text()
+    listed = set(re.findall(r"classic_config\.nodes\.\d+ = rabbit@([\w-]+)", conf))
+    assert listed == {svc["hostname"] for svc in nodes.values()}, "the nodes the config lists are the services"
+    for name, svc in nodes.items():
+        mounts = [*base.get(name, {}).get("volumes", []), *svc["volumes"]]
+        assert "rabbitmq-cookie:/var/lib/rabbitmq-cookie:ro" in mounts and svc["environment"]["HOME"] == \
+            "/var/lib/rabbitmq-cookie", f"{name} reads the shared cookie"
+        assert "./rabbitmq/40-cluster.conf:/etc/rabbitmq/conf.d/40-cluster.conf:ro" in mounts
+        assert any(m.endswith(":/var/lib/rabbitmq") for m in mounts), f"{name} keeps its data in a volume"
+        assert svc["depends_on"]["rabbitmq-cookie"] == {"condition": "service_completed_successfully"}
+        assert "rabbitmq-any" in svc["networks"]["default"]["aliases"]
+    assert doc["rabbitmq-cookie"]["secrets"] == ["erlang_cookie"]
+
+
+def test_the_erlang_cookie_is_installed_readable_by_rabbitmq_only(tmp_path):
+    compose_dir = scratch_compose(tmp_path)
+    out = tmp_path / "cookie"
+    source = compose_dir / "secrets/erlang/cookie"
+    assert render_secrets.main(["erlang-cookie", str(source), str(out)], compose_dir=compose_dir) == 0
+    assert (out / ".erlang.cookie").read_text() == source.read_text().strip()
+    assert (out / ".erlang.cookie").stat().st_mode & 0o777 == 0o400
+
+
 def test_compose_variables_are_all_in_env_example():
     used = {"RABBITMQ_HOST"}  # read by render_secrets.py init for the writers' URL files
-    for name in ("docker-compose.yml", "docker-compose.tls.yml"):
+    for name in ("docker-compose.yml", "docker-compose.tls.yml", *SCALING_OVERLAYS):
         used |= set(VARIABLE.findall((COMPOSE / name).read_text()))
     documented = set(env_example())
     assert used - documented == set(), "add these to .env.example"
@@ -542,7 +611,11 @@ def secret_values(compose_dir: Path) -> list[str]:
     return [p.read_text().strip() for p in render_secrets.all_password_files(compose_dir / "secrets")]
 
 
-@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"]])
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"],
+                                   ["docker-compose.yml", "docker-compose.standby.yml"],
+                                   ["docker-compose.yml", "docker-compose.cluster.yml"],
+                                   ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.standby.yml",
+                                    "docker-compose.cluster.yml"]])
 def test_compose_files_validate_and_show_no_secret(tmp_path, files, capsys):
     compose_dir = scratch_compose(tmp_path)
     capsys.readouterr()  # add-edge printed that Pi's URL
@@ -553,7 +626,7 @@ def test_compose_files_validate_and_show_no_secret(tmp_path, files, capsys):
     assert result.returncode == 0, result.stderr
     shown = result.stdout + result.stderr
     passwords = secret_values(compose_dir)
-    assert len(passwords) == 7 and not [p for p in passwords if p in shown], "a secret in `compose config`"
+    assert len(passwords) == 8 and not [p for p in passwords if p in shown], "a secret in `compose config`"
     assert "/run/secrets/writer_amqp" in shown
 
 

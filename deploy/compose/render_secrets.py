@@ -3,7 +3,7 @@
 
 Every password lives in its own file under ``secrets/`` (mode 0600, git-ignored):
 ``rabbitmq/<user>``, ``rabbitmq/edges/<meter>`` (one RabbitMQ user per Pi),
-``mosquitto/<user>``, ``mariadb/emdc``. The writers get files holding their
+``mosquitto/<user>``, ``mariadb/emdc``, ``erlang/cookie`` (a RabbitMQ cluster's). The writers get files holding their
 whole URLs (``writer/amqp_url`` ...), which compose mounts as Docker secrets
 for the ``EMDC_*_FILE`` settings. The brokers want password *hashes*: the
 one-shot init containers run this script before each broker starts.
@@ -13,6 +13,7 @@ one-shot init containers run this script before each broker starts.
     render_secrets.py remove-edge METER         drop a Pi's user
     render_secrets.py rabbitmq TEMPLATE OUT --secrets DIR   definitions with RabbitMQ hashes
     render_secrets.py mosquitto ACL OUT_DIR USER... --secrets DIR   password file + ACL copy
+    render_secrets.py erlang-cookie FILE OUT_DIR   the cluster's cookie as RabbitMQ reads it
 
 A password must be URL-safe, strong (about 64 bits by a conservative
 estimate) and used by one account only; a missing one is an error, so no
@@ -52,7 +53,7 @@ MOSQUITTO_ITERATIONS = 101
 WRITER_UID = 10001
 # Password files ``init`` makes, relative to secrets/.
 PASSWORDS = ("rabbitmq/emdc-admin", "rabbitmq/emdc-writer", "rabbitmq/emdc-db-writer",
-             "mosquitto/emdc-writer", "mosquitto/homeassistant", "mariadb/emdc")
+             "mosquitto/emdc-writer", "mosquitto/homeassistant", "mariadb/emdc", "erlang/cookie")
 # The .env variables of earlier releases, moved into files by ``init``. The shared edge user
 # emdc-edge is kept only while its file exists (docs/security.md, "Upgrade").
 LEGACY_VARIABLES = {"RABBITMQ_ADMIN_PASSWORD": "rabbitmq/emdc-admin", "RABBITMQ_EDGE_PASSWORD": "rabbitmq/emdc-edge",
@@ -243,7 +244,9 @@ def client_files(secrets_dir: Path, rabbitmq_host: str) -> dict[str, str]:
             "writer/mqtt_password": password("mosquitto/emdc-writer"),
             "db-writer/amqp_url": amqp("emdc-db-writer", "amqp", 5672),
             "db-writer/amqps_url": amqp("emdc-db-writer", "amqps", 5671),
-            "db-writer/db_url": f"mysql+pymysql://emdc:{password('mariadb/emdc')}@mariadb/emdc"}
+            "db-writer/db_url": f"mysql+pymysql://emdc:{password('mariadb/emdc')}@mariadb/emdc",
+            # The state an active/standby pair of MQTT writers shares (docker-compose.standby.yml).
+            "writer/state_url": f"mysql+pymysql://emdc:{password('mariadb/emdc')}@mariadb/emdc"}
 
 
 def all_password_files(secrets_dir: Path) -> list[Path]:
@@ -328,6 +331,10 @@ def main(argv: list[str] | None = None, compose_dir: Path = HERE) -> int:
     mqtt.add_argument("users", nargs="+", metavar="USER")
     mqtt.add_argument("--secrets", type=Path, required=True, help="directory of the Mosquitto password files")
     mqtt.add_argument("--owner", help="uid[:gid] owning the output (Mosquitto's image: 1883)")
+    cookie = sub.add_parser("erlang-cookie", help="install the cluster's Erlang cookie for the RabbitMQ nodes")
+    cookie.add_argument("source", type=Path)
+    cookie.add_argument("out_dir", type=Path)
+    cookie.add_argument("--owner", help="uid[:gid] owning the output (RabbitMQ's image: 999)")
     args = parser.parse_args(argv)
     secrets_dir = compose_dir / "secrets"
     try:
@@ -350,6 +357,10 @@ def main(argv: list[str] | None = None, compose_dir: Path = HERE) -> int:
             if any(u["name"] == SHARED_EDGE for u in definitions["users"]):
                 print(f"the shared user {SHARED_EDGE} may publish any meter's pulses: give each Pi its own "
                       "(add-edge) and remove it (docs/security.md, Upgrade)")
+        elif args.command == "erlang-cookie":
+            # Erlang refuses a cookie file that anyone but its owner may read.
+            write_private(args.out_dir / ".erlang.cookie", read_password(args.source), _owner(args.owner), 0o400)
+            print(f"wrote {args.out_dir}/.erlang.cookie")
         else:
             write_private(args.out_dir / "passwd", render_mosquitto_passwd(args.users, args.secrets),
                           _owner(args.owner))
