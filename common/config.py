@@ -126,6 +126,10 @@ class Config:
     commit_interval_ms: float = _setting(100.0, "Edge: at most one disk commit (fsync) per interval; closer pulses "
                                                 "share it, a pulse after a pause is committed at once (0: never wait)")
     publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
+    status_interval_s: float = _setting(30.0, "Edge: send a status (counters, outbox, link, clock) this often, "
+                                              "and on each change of the link or the clock")
+    edge_timeout_s: float = _setting(0.0, "Writer: an edge that sent a status once is offline after this long "
+                                          "without any message (0: 3 x status_interval_s)")
     clock_sync: str = _setting("kernel", "Edge: tell the writer whether the clock is synchronised as the kernel "
                                          "says (kernel), or claim nothing (unknown)")
     # The file's [[inputs]] tables, resolved; empty: the single-meter settings describe the inputs.
@@ -173,6 +177,15 @@ class Config:
             return self.sources.get("inputs", "[[inputs]]")
         given = [name for name in SINGLE_METER_SETTINGS if self.is_set(name)]
         return f"no [[inputs]]: from {', '.join(given) if given else 'the single-meter defaults'}"
+
+    def edge_timeout(self) -> float:
+        """Seconds of silence after which the writer calls an edge offline: ``edge_timeout_s``, or three status
+        intervals.
+
+        >>> load_config(env={"EMDC_STATUS_INTERVAL_S": "10"}).edge_timeout()
+        30.0
+        """
+        return self.edge_timeout_s or 3 * self.status_interval_s
 
     def announced_channels(self) -> tuple[str, ...]:
         """The ``channels`` setting as names.
@@ -441,10 +454,13 @@ def _check(cfg: Config) -> None:
                           f"{cfg.gas_calorific_kwh_m3}")
     positive = ("mqtt_port", "mqtt_keepalive", "batch_size", "max_power_w", "max_gas_flow_m3h", "max_water_flow_lpm",
                 "gas_correction_factor", "max_clock_ahead_s", "power_refresh_s",
-                "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window")
+                "power_timeout_s", "power_smoothing_pulses", "wh_per_pulse", "outbox_max", "publish_window",
+                "status_interval_s")
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not cfg.edge_timeout_s >= 0:  # also rejects NaN
+        raise ConfigError(f"edge_timeout_s must be 0 (3 x status_interval_s) or more, got {cfg.edge_timeout_s}")
     if not (cfg.commit_interval_ms == 0 or 1 <= cfg.commit_interval_ms <= 1000):  # also rejects NaN
         raise ConfigError(f"commit_interval_ms must be 0 or between 1 and 1000, got {cfg.commit_interval_ms}")
     limits = {"mqtt_port": 65535, "batch_size": 65535, "publish_window": 65535, "wh_per_pulse": MAX_WH}
