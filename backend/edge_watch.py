@@ -138,7 +138,7 @@ class EdgeWatch:
         self.liveness = EdgeLiveness(timeout_s)
         self._publish = publish
         self._cursor = cursor
-        self._latest: dict[str, Status] = {}
+        self._latest: dict[str, Diagnostics] = {}
         self._fresh: set[str] = set()  # meters with a status whose diagnostics are not published yet
 
     def take(self, delivery: Delivery, now_ns: int, counted: Iterable[str]) -> str:
@@ -152,7 +152,9 @@ class EdgeWatch:
             raise MessageError(f"status of meter {status.meter!r}, which this writer does not count")
         new = not self.liveness.judged(status.meter)
         self.liveness.heard(status.meter, now_ns, status=True)
-        self._latest[status.meter] = status
+        # Compared with the writer's count as the status arrives: a status overtakes the backlog it describes.
+        self._latest[status.meter] = Diagnostics.of(status, lambda channel, epoch: self._cursor(status.meter, channel,
+                                                                                                 epoch))
         self._fresh.add(status.meter)
         return status.meter if new else ""
 
@@ -185,9 +187,7 @@ class EdgeWatch:
             self._publish_diagnostics(meter)
 
     def _publish_diagnostics(self, meter: str) -> None:
-        status = self._latest[meter]
-        diagnostics = Diagnostics.of(status, lambda channel, epoch: self._cursor(meter, channel, epoch))
-        self._publish(edge_status_topic(self.topic_prefix, meter), diagnostics.payload())
+        self._publish(edge_status_topic(self.topic_prefix, meter), self._latest[meter].payload())
 
     def forget(self, meter: str) -> None:
         self.liveness.forget(meter)

@@ -342,6 +342,7 @@ class EnergyWriter:
         are, as between refreshes it usually is)."""
         if self._held:
             self._publish(sorted(self._held), force=False, energy=False)
+        self.edges.publish(self.clock())
 
     def publish_all(self) -> None:
         """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""

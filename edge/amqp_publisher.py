@@ -81,7 +81,6 @@ class AmqpPublisher:
         self._facts = facts
         self._schedule = StatusSchedule(config.status_interval_s)
         self._status_channel: pika.channel.Channel | None = None
-        self._status_opening = False
         self._backoff = Backoff()
         self._connection: pika.SelectConnection | None = None
         self._channel: pika.channel.Channel | None = None
@@ -201,6 +200,10 @@ class AmqpPublisher:
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
+        if self._facts is not None:
+            # Opened beside the pulses' channel, which needs more round trips: the first status tells the outbox
+            # as the outage left it, before the backlog is sent.
+            connection.channel(on_open_callback=self._on_status_channel_open)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self._set_state(f"cannot reach RabbitMQ at {describe(self.config)} ({reason(error)}); "
@@ -210,7 +213,6 @@ class AmqpPublisher:
     def _on_closed(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self._window.reset()  # what was in flight is sent again from the outbox next session
         self._channel = self._status_channel = None
-        self._status_opening = False
         if not self._stop.is_set():
             self._set_state(f"lost RabbitMQ at {describe(self.config)} ({reason(error)}); "
                             "spooling pulses in the outbox", logging.WARNING)
@@ -234,15 +236,10 @@ class AmqpPublisher:
         self._backoff.reset()
         self._set_state(self._publishing)
         self._pump()
-        if self._facts is not None and self._status_channel is None and not self._status_opening:
-            assert self._connection is not None
-            self._status_opening = True
-            self._connection.channel(on_open_callback=self._on_status_channel_open)
 
     # -- status --------------------------------------------------------------
 
     def _on_status_channel_open(self, channel: pika.channel.Channel) -> None:
-        self._status_opening = False
         self._status_channel = channel
         channel.add_on_close_callback(self._on_status_channel_closed)
         self._schedule.link_up()
