@@ -75,7 +75,7 @@ class EdgeService:
             from edge.amqp_publisher import AmqpPublisher
 
             def publisher_factory(open_reader: Callable[[], OutboxReader]) -> Publisher:
-                return AmqpPublisher(config, open_reader, facts=self.facts)
+                return AmqpPublisher(config, open_reader, facts=self.facts if config.status_interval_s else None)
 
         self.config = config
         self._started_ns = time.time_ns()
