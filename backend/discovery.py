@@ -190,6 +190,11 @@ class Discovery:
                 held[topic] = components
         return held
 
+    def announced_edge(self, meter: str, retained: Mapping[str, str]) -> bool:
+        """True if ``retained`` (a scan of :meth:`scan_filters`) announces ``meter`` with its edge's diagnostics."""
+        edge = {d.component for d in DIAGNOSTICS}
+        return any(held & edge for held in self._held(meter, retained).values())
+
     def handover(self, meter: str, retained: Mapping[str, str],
                  channels: Collection[str] = CHANNELS, edge: bool = False) -> list[tuple[str, str]]:
         """What to publish, in this order, to announce ``meter`` while ``retained`` (topic → payload, a scan of

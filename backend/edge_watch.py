@@ -158,6 +158,11 @@ class EdgeWatch:
         self._fresh.add(status.meter)
         return status.meter if new else ""
 
+    def adopt(self, meter: str, now_ns: int) -> None:
+        """Judge ``meter``'s edge from ``now_ns`` on, as if it had sent a status then: it did so before this writer
+        started (Home Assistant holds its edge entities), and a writer restart must not hide that it fell silent."""
+        self.liveness.heard(meter, now_ns, status=True)
+
     def heard_pulse(self, meter: str, now_ns: int) -> None:
         self.liveness.heard(meter, now_ns, status=False)
 

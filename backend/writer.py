@@ -386,6 +386,10 @@ class EnergyWriter:
             return
         energy = {key: list(self._totals(*key, states[key])) for key in unstarted}
         retained = self._retained(meter, [topic for topics in energy.values() for topic in topics])
+        if not channels[1] and retained and self.discovery and self.discovery.announced_edge(meter, retained):
+            # Announced with its edge before this writer started: judged from now, not first after its next status.
+            self.edges.adopt(meter, self.clock())
+            channels = (channels[0], True)
         if self._announced.get(meter) != channels:
             self._announced[meter] = channels
             for topic, payload in (self.discovery.handover(meter, retained or {}, *channels) if self.discovery

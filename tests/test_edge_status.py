@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -186,3 +188,32 @@ def test_with_an_edge_the_rates_need_it_online_and_the_totals_only_the_writer(st
     assert components["edge_cpu_temperature"]["device_class"] == "temperature"
     assert all(components[d.component]["entity_category"] == "diagnostic" for d in DIAGNOSTICS)
     assert all(c["availability_mode"] == "all" for c in components.values())
+
+
+class RetainingSink(MemorySink):
+    """A broker that retains what is published and tells it on a scan, as Mosquitto does."""
+
+    def scan_retained(self, filters: Sequence[str]) -> dict[str, str]:
+        return {topic: payload for topic, payload in self.retained.items()
+                if any(mqtt.topic_matches_sub(f, topic) for f in filters)}
+
+    def hold(self, topic: str) -> None:
+        pass
+
+
+def test_a_restarted_writer_judges_an_edge_announced_before_even_if_it_stays_silent(tmp_path: Path) -> None:
+    now, sink = [T0], RetainingSink()
+    config = load_config(env={"EMDC_STATE_DIR": str(tmp_path), "EMDC_DISCOVERY": "device", "EMDC_EDGE_TIMEOUT_S": "90"})
+    first = EnergyWriter.open(config, sink=sink, clock=lambda: now[0])
+    first.handle_batch([*deliveries(pulse(1, 0)), status_delivery(2, 1)])
+    first.store.close()
+    assert sink.retained["home/energy/edge"] == "online"
+
+    now[0] += 600 * S  # the Pi died while no writer ran
+    second = EnergyWriter.open(config, sink=sink, clock=lambda: now[0])
+    second.publish_all()
+    config_doc = json.loads(sink.retained["homeassistant/device/emdc_main/config"])
+    assert "edge_connectivity" in config_doc["components"]  # its entities stay
+    now[0] += 91 * S
+    second.refresh_power()
+    assert sink.retained["home/energy/edge"] == "offline"
