@@ -10,9 +10,10 @@ Assistant shows them unavailable. The totals stay available with their last
 exact value (a gap in a ``total_increasing`` sensor is not a reset); once the
 edge is back its backlog is counted exactly and the rates return.
 
-Only meters whose edge has sent a status since the writer started are
-judged: an older edge, or an ESP32 publishing pulses only, sends pulses only
-when the meter turns, and judging it would flap offline between pulses.
+Only meters whose edge has sent a status are judged (since the writer
+started, or before it, as its retained discovery shows: :meth:`EdgeWatch.adopt`):
+an older edge, or an ESP32 publishing pulses only, sends pulses only when the
+meter turns, and judging it would flap offline between pulses.
 """
 
 from __future__ import annotations
