@@ -371,6 +371,7 @@ def test_emdc_doctor_tells_what_each_account_may_do(clean: PrivateRabbitMQ, name
     status, lines = doctor(env("emdc-edge-garage"), "--edge")
     assert status == 0, lines
     assert "✓ publish pulse.garage.active: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
+    assert "✓ publish status.garage: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
     assert depth(clean, "queue_mqtt_writer") == 0
 
     status, lines = doctor(env("emdc-edge-shed"), "--edge")
