@@ -18,6 +18,14 @@ the old topic cleared, then the new config: a real Home Assistant reads a
 clear after the new config as a conflict), which keeps the entities and
 their history. Only topics that hold a config are touched.
 
+A meter whose edge sends statuses (``edge=True``) also gets diagnostic
+entities (:data:`DIAGNOSTICS`), and its rate sensors are available only while
+both the writer and the edge say ``online`` (``availability_mode: all``): a
+silent edge makes its rates unavailable, while its totals keep their last
+value. Every entity then names its own availability, since Home Assistant
+refuses an entity that has both the shared ``availability_topic`` and an
+``availability`` list.
+
 Example::
 
     >>> d = Discovery("homeassistant", "home/energy", style="device")
@@ -38,7 +46,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.topics import ENERGY_KWH, availability_topic, state_topic, value_name
+from backend.topics import ENERGY_KWH, availability_topic, edge_status_topic, edge_topic, state_topic, value_name
 from common import __version__
 from common.channels import CHANNELS, channel_spec
 
@@ -92,6 +100,36 @@ def sensor_specs(legacy_units: bool, gas_energy: bool = False) -> list[SensorSpe
     return specs
 
 
+@dataclass(frozen=True)
+class DiagnosticSpec:
+    """One diagnostic entity of a meter whose edge sends statuses: ``key`` names its value in the edge status
+    topic's JSON (None: the entity reads the edge topic itself)."""
+
+    component: str
+    name: str
+    platform: str
+    key: str | None
+    device_class: str | None = None
+    unit: str | None = None
+    state_class: str | None = None
+
+
+DIAGNOSTICS = (
+    DiagnosticSpec("edge_connectivity", "Edge connectivity", "binary_sensor", None, "connectivity"),
+    DiagnosticSpec("edge_pending", "Pulses pending", "sensor", "pending", None, "pulses", "measurement"),
+    DiagnosticSpec("edge_outbox", "Edge outbox", "sensor", "outbox", None, "pulses", "measurement"),
+    DiagnosticSpec("edge_last_pulse", "Last pulse", "sensor", "last_pulse", "timestamp"),
+    DiagnosticSpec("edge_rejected", "Rejected noise pulses", "sensor", "rejected", None, "pulses",
+                   "total_increasing"),
+    DiagnosticSpec("edge_clock_synced", "Clock synchronised", "binary_sensor", "synced"),
+    DiagnosticSpec("edge_version", "Edge software version", "sensor", "version"),
+    DiagnosticSpec("edge_cpu_temperature", "CPU temperature", "sensor", "cpu_c", "temperature", "°C", "measurement"),
+)
+
+
+PLATFORMS = ("sensor", "binary_sensor")
+
+
 class Discovery:
     """Builds the retained discovery messages (topic, JSON payload) for a meter."""
 
@@ -129,7 +167,8 @@ class Discovery:
     def scan_filters(self, meter: str) -> list[str]:
         """The topic filters of every discovery config of ``meter`` in either style: what to scan for retained ones."""
         node = self.device_id(meter)
-        return [f"{self.discovery_prefix}/device/{node}/config", f"{self.discovery_prefix}/sensor/{node}/+/config"]
+        return [f"{self.discovery_prefix}/device/{node}/config", f"{self.discovery_prefix}/sensor/{node}/+/config",
+                f"{self.discovery_prefix}/binary_sensor/{node}/+/config"]
 
     def _components(self, meter: str, topic: str, payload: str) -> set[str] | None:
         """The sensors (``active_energy``, ...) a retained config on ``topic`` describes; None if not one of ours."""
@@ -139,8 +178,8 @@ class Discovery:
             try:
                 return set(json.loads(payload)["components"])
             except (ValueError, KeyError, TypeError):  # e.g. a handover interrupted half way: assume all
-                return {s.component for s in sensor_specs(False, gas_energy=True)}
-        if len(levels) == 4 and levels[:2] == ["sensor", node] and levels[3] == "config":
+                return {s.component for s in sensor_specs(False, gas_energy=True)} | {d.component for d in DIAGNOSTICS}
+        if len(levels) == 4 and levels[0] in PLATFORMS and levels[1] == node and levels[3] == "config":
             return {levels[2]}
         return None
 
@@ -153,14 +192,19 @@ class Discovery:
                 held[topic] = components
         return held
 
+    def announced_edge(self, meter: str, retained: Mapping[str, str]) -> bool:
+        """True if ``retained`` (a scan of :meth:`scan_filters`) announces ``meter`` with its edge's diagnostics."""
+        edge = {d.component for d in DIAGNOSTICS}
+        return any(held & edge for held in self._held(meter, retained).values())
+
     def handover(self, meter: str, retained: Mapping[str, str],
-                 channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
+                 channels: Collection[str] = CHANNELS, edge: bool = False) -> list[tuple[str, str]]:
         """What to publish, in this order, to announce ``meter`` while ``retained`` (topic → payload, a scan of
         :meth:`scan_filters`) holds its configs: stale configs of sensors announced anew are handed over
         (``migrate_discovery``, then cleared, then the new config: the order a real Home Assistant accepts
         without a warning), those of sensors no longer announced are cleared. Nothing at all when discovery is
         ``off``."""
-        messages = self.messages(meter, channels)
+        messages = self.messages(meter, channels, edge)
         if not messages:
             return []
         announced = {topic for topic, _ in messages}
@@ -180,24 +224,54 @@ class Discovery:
             messages += sorted(((topic, "") for topic in held), key=lambda message: "/device/" in message[0])
         return messages
 
-    def messages(self, meter: str, channels: Collection[str] = CHANNELS) -> list[tuple[str, str]]:
-        """Discovery messages for ``meter`` with the sensors of ``channels``, in the configured style (none if
-        ``off``)."""
-        availability = self.availability
+    def _diagnostic(self, meter: str, spec: DiagnosticSpec) -> dict[str, Any]:
+        config: dict[str, Any] = {"name": spec.name, "unique_id": f"{self.device_id(meter)}_{spec.component}",
+                                  "entity_category": "diagnostic"}
+        if spec.key is None:
+            config |= {"state_topic": edge_topic(self.topic_prefix, meter), "payload_on": "online",
+                       "payload_off": "offline"}
+        else:
+            config |= {"state_topic": edge_status_topic(self.topic_prefix, meter),
+                       "value_template": f"{{{{ value_json.{spec.key} }}}}"}
+        for key, value in (("device_class", spec.device_class), ("unit_of_measurement", spec.unit),
+                           ("state_class", spec.state_class)):
+            if value:
+                config[key] = value
+        return config
+
+    def _availability(self, meter: str, rate: bool) -> dict[str, Any]:
+        """The availability of an entity of a meter whose edge sends statuses: the writer's, and for a rate also
+        the edge's."""
+        topics = [self.availability, *([edge_topic(self.topic_prefix, meter)] if rate else [])]
+        return {"availability": [{"topic": topic} for topic in topics], "availability_mode": "all"}
+
+    def _entities(self, meter: str, channels: Collection[str], edge: bool) -> list[tuple[str, str, dict[str, Any]]]:
+        """(platform, component, config) of every entity of ``meter``; with ``edge``, each with its availability."""
         specs = [s for s in sensor_specs(self.legacy_units, self.gas_energy) if s.channel in channels]
+        entities = [("sensor", s.component, self._sensor(meter, s)
+                     | (self._availability(meter, s.quantity == "power") if edge else {})) for s in specs]
+        if edge:
+            entities += [(d.platform, d.component, self._diagnostic(meter, d) | self._availability(meter, False))
+                         for d in DIAGNOSTICS]
+        return entities
+
+    def messages(self, meter: str, channels: Collection[str] = CHANNELS, edge: bool = False) -> list[tuple[str, str]]:
+        """Discovery messages for ``meter`` with the sensors of ``channels`` (and, with ``edge``, its diagnostics
+        and the edge's availability on its rates), in the configured style (none if ``off``)."""
+        entities = self._entities(meter, channels, edge)
+        shared = {} if edge else {"availability_topic": self.availability}
         if self.style == "device":
             payload = {
                 "device": self._device(meter),
                 "origin": ORIGIN,
-                "components": {s.component: {"platform": "sensor", **self._sensor(meter, s)}
-                               for s in specs},
-                "availability_topic": availability,
+                "components": {component: {"platform": platform, **config}
+                               for platform, component, config in entities},
+                **shared,
                 "qos": 1,
             }
             return [(f"{self.discovery_prefix}/device/{self.device_id(meter)}/config", json.dumps(payload))]
         if self.style == "entity":
-            return [(f"{self.discovery_prefix}/sensor/{self.device_id(meter)}/{s.component}/config",
-                     json.dumps({**self._sensor(meter, s), "device": self._device(meter), "origin": ORIGIN,
-                                 "availability_topic": availability, "qos": 1}))
-                    for s in specs]
+            return [(f"{self.discovery_prefix}/{platform}/{self.device_id(meter)}/{component}/config",
+                     json.dumps({**config, "device": self._device(meter), "origin": ORIGIN, **shared, "qos": 1}))
+                    for platform, component, config in entities]
         return []

@@ -60,3 +60,18 @@ def writer_state_topic(prefix: str, partition: str = "") -> str:
     """Retained: the identity of the state the active writer counts in (see :mod:`backend.takeover`); one per
     partition, each of which counts in a state of its own."""
     return f"{prefix}/writer_state/{partition}" if partition else f"{prefix}/writer_state"
+
+
+def edge_topic(prefix: str, meter: str) -> str:
+    """Retained ``online`` or ``offline``: whether ``meter``'s edge is heard from (only for edges that send a
+    status). Rate sensors are available only while it and the writer both say ``online``.
+
+    >>> edge_topic("home/energy", "main"), edge_topic("home/energy", "garage")
+    ('home/energy/edge', 'home/energy/garage/edge')
+    """
+    return f"{meter_prefix(prefix, meter)}/edge"
+
+
+def edge_status_topic(prefix: str, meter: str) -> str:
+    """Retained JSON: the diagnostics of ``meter``'s edge, published once per status it sends."""
+    return f"{meter_prefix(prefix, meter)}/edge_status"

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 from backend.amounts import GasEnergy, format_kwh, format_rate, format_total
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
+from backend.edge_watch import EdgeWatch
 from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import LedgerStore, StateError, open_store
@@ -31,7 +32,7 @@ from backend.topics import ENERGY_KWH, QUANTITIES, availability_topic, state_top
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
-from common.topology import is_control
+from common.topology import is_control, is_status
 
 log = logging.getLogger("emdc.writer")
 # Unknown meters reported with a log line of their own; a flood of new ids beyond this is not listed each.
@@ -116,7 +117,7 @@ class EnergyWriter:
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
                  channels: Mapping[str, Iterable[str]] | None = None, admit_new_meters: int = 0,
-                 gas_energy: GasEnergy | None = None) -> None:
+                 gas_energy: GasEnergy | None = None, edge_timeout_s: float = 90.0) -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -129,7 +130,9 @@ class EnergyWriter:
         self._configured = {meter: set(names) for meter, names in (channels or {}).items()}
         # How gas volume becomes energy (kWh), if a calorific value is set.
         self.gas_energy = gas_energy
-        self._announced: dict[str, tuple[str, ...]] = {}  # meter -> the channels its discovery describes
+        # meter -> the channels its discovery describes, and whether it includes its edge's diagnostics
+        self._announced: dict[str, tuple[tuple[str, ...], bool]] = {}
+        self.edges = EdgeWatch(topic_prefix, edge_timeout_s, sink.publish, self._cursor)
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
         self.admission = Admission(sorted(self._meters), admit_new_meters)
@@ -173,7 +176,8 @@ class EnergyWriter:
                               availability=availability_topic(config.topic_prefix, config.partition_label()))
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
                    meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
-                   channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy)
+                   channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy,
+                   edge_timeout_s=config.edge_timeout())
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -181,8 +185,12 @@ class EnergyWriter:
         touched: set[tuple[str, str]] = set()
         dirty = bool(self._unsaved)
         self.ledger.begin()  # remembers only the channels and meters this batch touches
+        reporting: set[str] = set()  # meters whose edge sent its first status
         for delivery in deliveries:
             try:
+                if is_status(delivery.routing_key):  # never touches the ledger
+                    reporting.add(self.edges.take(delivery, self.clock(), self._meters | set(self.ledger.meters())))
+                    continue
                 if is_control(delivery.routing_key):
                     touched.update(self._apply_control(delivery.body))
                     # A forgotten meter must not be published again (which would bring it back).
@@ -199,6 +207,7 @@ class EnergyWriter:
                 dead.append(DeadLetter(delivery, refusal))
                 continue
             dirty = dirty or not known
+            self.edges.heard_pulse(pulse.meter, self.clock())
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
             try:
@@ -229,6 +238,9 @@ class EnergyWriter:
             self.save_failed = False
             self._unsaved = Changed()
         self.ledger.commit()
+        self.edges.publish(self.clock())  # the edge topic first: the rates' new availability includes it
+        for meter in sorted(reporting - {""}):
+            self._announce(meter)
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead
@@ -294,6 +306,7 @@ class EnergyWriter:
         """Clear what was published for ``meter``: its retained values and its discovery."""
         self._meters.discard(meter)
         self._announced.pop(meter, None)
+        self.edges.forget(meter)
         for channel in CHANNELS:
             for key in (self._started, self._live, self._held):
                 key.discard((meter, channel))
@@ -307,7 +320,7 @@ class EnergyWriter:
         if isinstance(self.sink, BrokerSink):
             retained = self.sink.scan_retained(self.discovery.scan_filters(meter))
         else:  # a sink without a memory of its own holds what this writer announced
-            retained = dict(self.discovery.messages(meter))
+            retained = dict(self.discovery.messages(meter, edge=True))
         sent = [self.sink.publish(topic, payload) for topic, payload in
                 self.discovery.removal_messages([meter], retained or {})]
         if retained is None or False in sent:
@@ -323,21 +336,30 @@ class EnergyWriter:
         :data:`~backend.power.MIN_PUBLISH_INTERVAL_S` per channel.
         """
         self._publish(sorted(self._live), force=False, energy=False)
+        self.edges.publish(self.clock())
 
     def release_held_power(self) -> None:
         """Publish the power values held back by the once-a-second limit, as soon as it allows (cheap when none
         are, as between refreshes it usually is)."""
         if self._held:
             self._publish(sorted(self._held), force=False, energy=False)
+        self.edges.publish(self.clock())
 
     def publish_all(self) -> None:
         """Publish discovery and every value, e.g. after (re)connecting to MQTT or HA's birth message."""
         for meter in sorted(self._withdrawing):
             self._withdraw(meter)
         self._announced.clear()
+        self.edges.publish_all()
         for meter in sorted(self._meters | {meter for (meter, _), _ in self.ledger}):
             self._announce(meter)
         self._publish((key for key, _ in self.ledger), force=True)
+
+    def _cursor(self, meter: str, channel: str, epoch: str) -> int:
+        """The writer's count of ``epoch`` of a channel (0 if it has none): what an edge's status is compared to."""
+        state = self.ledger.get(meter, channel)
+        cursor = state.epochs.get(epoch) if state else None
+        return cursor.seq if cursor else 0
 
     def _channels(self, meter: str) -> tuple[str, ...]:
         """The channels ``meter`` has: active, those configured, and those it has a state of (seen)."""
@@ -358,16 +380,21 @@ class EnergyWriter:
         it has just discovered). Never over a retained value, nor for a calibrated channel (the reading is its
         start), nor before a channel has a total (a calibration may come first)."""
         self._meters.add(meter)
-        channels = self._channels(meter)
-        states = {(meter, c): state for c in channels if (state := self.ledger.get(meter, c)) is not None}
+        channels = (self._channels(meter), self.edges.reports(meter))
+        states = {(meter, c): state for c in channels[0] if (state := self.ledger.get(meter, c)) is not None}
         unstarted = [key for key in states if key not in self._started]
         if self._announced.get(meter) == channels and not unstarted:
             return
         energy = {key: list(self._totals(*key, states[key])) for key in unstarted}
         retained = self._retained(meter, [topic for topics in energy.values() for topic in topics])
+        if not channels[1] and retained and self.discovery and self.discovery.announced_edge(meter, retained):
+            # Announced with its edge before this writer started: judged from now, not first after its next status.
+            self.edges.adopt(meter, self.clock())
+            channels = (channels[0], True)
         if self._announced.get(meter) != channels:
             self._announced[meter] = channels
-            for topic, payload in self.discovery.handover(meter, retained or {}, channels) if self.discovery else []:
+            for topic, payload in (self.discovery.handover(meter, retained or {}, *channels) if self.discovery
+                                   else []):
                 self.sink.publish(topic, payload)
         for key, topics in energy.items():
             if states[key].calibrated_at_ns:

@@ -232,7 +232,7 @@ def replay_writer(pulses_ns: Sequence[int], end_s: float, refresh_s: float, wh: 
 
     ledger = Ledger(config.max_power_w, config.power_smoothing_pulses, config.max_clock_ahead_s)
     writer = EnergyWriter(ledger, _MemoryStore(), Sink(), config.topic_prefix, config.power_timeout_s,
-                          clock=lambda: ORIGIN_NS + now[0])
+                          clock=lambda: ORIGIN_NS + now[0], meters=config.counted_meters())
     on_idle = idle_handler(writer, None, refresh_s, monotonic=lambda: now[0] / NS_PER_S)
     key = f"pulse.{config.meter_id}.active"
     end_ns, poll_ns, idle_ns = round(end_s * NS_PER_S), round(POLL_S * NS_PER_S), round(IDLE_INTERVAL_S * NS_PER_S)

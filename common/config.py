@@ -41,6 +41,8 @@ from common.topology import QUEUE_TYPES, partition_of, partition_queue
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 # The GPIOs of a Raspberry Pi's 40-pin header, by BCM number.
 GPIO_PINS = range(28)
+# How often an edge reports on itself unless told otherwise: the writer waits three of these before calling it offline.
+DEFAULT_STATUS_INTERVAL_S = 30.0
 # The settings of a single meter's one or two inputs, used only when the file has no [[inputs]].
 SINGLE_METER_SETTINGS = ("active_pin", "reactive_pin", "wh_per_pulse", "pull_up", "min_pulse_ms", "min_interval_ms")
 
@@ -129,6 +131,10 @@ class Config:
     commit_interval_ms: float = _setting(100.0, "Edge: at most one disk commit (fsync) per interval; closer pulses "
                                                 "share it, a pulse after a pause is committed at once (0: never wait)")
     publish_window: int = _setting(512, "Edge: messages in flight awaiting broker confirms")
+    status_interval_s: float = _setting(DEFAULT_STATUS_INTERVAL_S, "Edge: send a status (counters, outbox, link, "
+                                        "clock) this often, and on each change of the link or the clock (0: none)")
+    edge_timeout_s: float = _setting(0.0, "Writer: an edge that sent a status once is offline after this long "
+                                          "without any message (0: 3 x status_interval_s)")
     clock_sync: str = _setting("kernel", "Edge: tell the writer whether the clock is synchronised as the kernel "
                                          "says (kernel), or claim nothing (unknown)")
     # The file's [[inputs]] tables, resolved; empty: the single-meter settings describe the inputs.
@@ -195,6 +201,15 @@ class Config:
             return self.sources.get("inputs", "[[inputs]]")
         given = [name for name in SINGLE_METER_SETTINGS if self.is_set(name)]
         return f"no [[inputs]]: from {', '.join(given) if given else 'the single-meter defaults'}"
+
+    def edge_timeout(self) -> float:
+        """Seconds of silence after which the writer calls an edge offline: ``edge_timeout_s``, or three status
+        intervals.
+
+        >>> load_config(env={"EMDC_STATUS_INTERVAL_S": "10"}).edge_timeout()
+        30.0
+        """
+        return self.edge_timeout_s or 3 * (self.status_interval_s or DEFAULT_STATUS_INTERVAL_S)
 
     def announced_channels(self) -> tuple[str, ...]:
         """The ``channels`` setting as names.
@@ -473,6 +488,10 @@ def _check(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not cfg.status_interval_s >= 0:  # also rejects NaN
+        raise ConfigError(f"status_interval_s must be 0 (no status) or more, got {cfg.status_interval_s}")
+    if not cfg.edge_timeout_s >= 0:  # also rejects NaN
+        raise ConfigError(f"edge_timeout_s must be 0 (3 x status_interval_s) or more, got {cfg.edge_timeout_s}")
     if not (cfg.commit_interval_ms == 0 or 1 <= cfg.commit_interval_ms <= 1000):  # also rejects NaN
         raise ConfigError(f"commit_interval_ms must be 0 or between 1 and 1000, got {cfg.commit_interval_ms}")
     limits = {"mqtt_port": 65535, "batch_size": 65535, "publish_window": 65535, "wh_per_pulse": MAX_WH}

@@ -27,7 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from common.channels import CHANNELS, channel_spec
-from common.topology import control_routing_key, pulse_routing_key
+from common.topology import control_routing_key, pulse_routing_key, status_routing_key
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -316,3 +316,134 @@ def _validate_control(c: ControlCommand) -> None:
         raise MessageError(f"{total_key(c.channel)} must be a number from 0 to 1e9, got {c.total}")
     if not _is_int(c.ts_ns) or not 0 < c.ts_ns < 2**63:
         raise MessageError(f"ts_ns must be a positive 64-bit integer, got {c.ts_ns!r:.40}")
+
+
+LINK_STATES = ("up", "down")
+MAX_VERSION_CHARS = 40
+_STATUS_FIELDS = {"v", "type", "meter", "ts_ns", "uptime_s", "version", "link", "outbox", "channels"}
+_STATUS_OPTIONAL = {"synced", "last_confirm_ns", "last_pulse_ns", "cpu_c"}
+_COUNTER_FIELDS = {"epoch", "seq", "rejected"}
+_VERSION_RE = re.compile(r"[A-Za-z0-9.+_-]{1,40}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatus:
+    """What an edge has counted on one channel: its counter (``epoch``, ``seq``; ``seq`` 0 before the first pulse)
+    and the pulses its filter refused as noise since it started."""
+
+    epoch: str
+    seq: int
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """An edge's report on itself (routing key ``status.<meter>``), sent every ``status_interval_s`` and when
+    its link or clock changes. Replaceable: only the newest matters, and it never changes a total; the writer
+    learns from it that the edge lives, and what it still holds. ``ts_ns`` is when it was made (by the edge's
+    clock), ``last_confirm_ns`` the broker's last confirm of a pulse, ``last_pulse_ns`` the last recorded pulse
+    (0 or None: never), ``cpu_c`` the processor's temperature in °C (None: the kernel does not say). Example::
+
+        >>> s = Status("main", 1_700_000_000_000_000_000, 3600, "1.2.0", "up", 0,
+        ...            {"active": ChannelStatus("ab12", 42, 1)}, synced=True, cpu_c=48.3)
+        >>> decode_status(encode_status(s)) == s, s.routing_key
+        (True, 'status.main')
+    """
+
+    meter: str
+    ts_ns: int
+    uptime_s: int
+    version: str
+    link: str
+    outbox: int
+    channels: dict[str, ChannelStatus]
+    synced: bool | None = None
+    last_confirm_ns: int | None = None
+    last_pulse_ns: int | None = None
+    cpu_c: float | None = None
+
+    @property
+    def routing_key(self) -> str:
+        return status_routing_key(self.meter)
+
+
+def encode_status(status: Status) -> bytes:
+    """Serialise a status to its JSON body (validating it first); optional fields that are None are left out."""
+    _validate_status(status)
+    doc: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "status", "meter": status.meter, "ts_ns": status.ts_ns,
+                           "uptime_s": status.uptime_s, "version": status.version, "link": status.link,
+                           "outbox": status.outbox,
+                           "channels": {name: {"epoch": c.epoch, "seq": c.seq, "rejected": c.rejected}
+                                        for name, c in status.channels.items()}}
+    for key in sorted(_STATUS_OPTIONAL):
+        if (value := getattr(status, key)) is not None:
+            doc[key] = value
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_status(body: bytes) -> Status:
+    """Parse and validate a status body; raise :class:`MessageError` if it is not one (unknown fields too)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(f"body is {len(body)} bytes, limit is {MAX_BODY_BYTES}")
+    doc = _parse_object(body)
+    _check_version(doc)
+    if doc.get("type") != "status":
+        raise MessageError(f"type must be 'status', got {doc.get('type')!r:.40}")
+    missing, unknown = _STATUS_FIELDS - doc.keys(), doc.keys() - _STATUS_FIELDS - _STATUS_OPTIONAL
+    if missing or unknown:
+        raise MessageError(f"status: missing field(s) {', '.join(sorted(missing)) or 'none'}, unknown field(s) "
+                           f"{', '.join(sorted(unknown))[:80] or 'none'}")
+    channels = doc["channels"]
+    if not isinstance(channels, dict) or len(channels) > len(CHANNELS):
+        raise MessageError(f"channels must be an object of at most {len(CHANNELS)} channels")
+    counters = {}
+    for name, counter in channels.items():
+        if not isinstance(counter, dict) or counter.keys() != _COUNTER_FIELDS:
+            raise MessageError(f"channels.{name:.40} must hold exactly epoch, seq and rejected")
+        counters[name] = ChannelStatus(counter["epoch"], counter["seq"], counter["rejected"])
+    status = Status(doc["meter"], doc["ts_ns"], doc["uptime_s"], doc["version"], doc["link"], doc["outbox"],
+                    counters, doc.get("synced"), doc.get("last_confirm_ns"), doc.get("last_pulse_ns"),
+                    doc.get("cpu_c"))
+    _validate_status(status)
+    return status
+
+
+def decode_status_routed(body: bytes, routing_key: str) -> Status:
+    """:func:`decode_status` a status that arrived under ``routing_key``, which must name its meter (as a
+    pulse's must, :func:`decode_routed`)."""
+    status = decode_status(body)
+    if status.routing_key != routing_key:
+        raise MessageError(f"routing key {routing_key!r:.80} does not match the body's meter ({status.routing_key})")
+    return status
+
+
+def _is_count(value: object, limit: int = 2**63) -> bool:
+    return _is_int(value) and 0 <= value < limit  # type: ignore[operator]
+
+
+def _validate_status(s: Status) -> None:
+    validate_meter_id(s.meter)
+    for name in ("ts_ns", "uptime_s", "outbox"):
+        if not _is_count(getattr(s, name)):
+            raise MessageError(f"{name} must be an integer from 0 to 2^63-1, got {getattr(s, name)!r:.40}")
+    for name in ("last_confirm_ns", "last_pulse_ns"):
+        if getattr(s, name) is not None and not _is_count(getattr(s, name)):
+            raise MessageError(f"{name} must be an integer from 0 to 2^63-1 when present, got "
+                               f"{getattr(s, name)!r:.40}")
+    if not isinstance(s.version, str) or not _VERSION_RE.fullmatch(s.version):
+        raise MessageError(f"version must be 1-{MAX_VERSION_CHARS} characters of A-Z a-z 0-9 . + _ -, "
+                           f"got {s.version!r:.60}")
+    if s.link not in LINK_STATES:
+        raise MessageError(f"link must be one of {', '.join(LINK_STATES)}, got {s.link!r:.40}")
+    if s.synced is not None and not isinstance(s.synced, bool):
+        raise MessageError(f"synced must be true or false when present, got {s.synced!r:.40}")
+    if s.cpu_c is not None and (not isinstance(s.cpu_c, int | float) or isinstance(s.cpu_c, bool)
+                                or not -100 <= s.cpu_c <= 200):
+        raise MessageError(f"cpu_c must be a number from -100 to 200 when present, got {s.cpu_c!r:.40}")
+    for name, c in s.channels.items():
+        if name not in CHANNELS:
+            raise MessageError(f"channel must be one of {', '.join(CHANNELS)}, got {name!r:.40}")
+        if not isinstance(c.epoch, str) or not _EPOCH_RE.fullmatch(c.epoch):
+            raise MessageError(f"channels.{name}.epoch must be 1-64 lowercase hex digits, got {c.epoch!r:.80}")
+        if not _is_count(c.seq) or not _is_count(c.rejected):
+            raise MessageError(f"channels.{name}: seq and rejected must be integers from 0 to 2^63-1")

@@ -14,9 +14,12 @@ from typing import Any
 
 PULSE_PREFIX = "pulse"
 CONTROL_PREFIX = "control"
+# An edge's status (``status.<meter>``): only the MQTT writer reads it, to tell a silent edge from a quiet meter.
+STATUS_PREFIX = "status"
 PULSE_BINDING = f"{PULSE_PREFIX}.#"
 CONTROL_BINDING = f"{CONTROL_PREFIX}.#"
-WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING)
+STATUS_BINDING = f"{STATUS_PREFIX}.*"
+WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING, STATUS_BINDING)
 DB_WRITER_BINDINGS = (PULSE_BINDING,)
 # Headers of a dead letter: why it was refused, and the routing key it came with.
 ERROR_HEADER = "x-emdc-error"
@@ -56,6 +59,20 @@ def pulse_routing_key(meter: str, channel: str) -> str:
 def control_routing_key(meter: str) -> str:
     """The routing key of a control message (calibration) for ``meter``: it queues with the pulses."""
     return f"{CONTROL_PREFIX}.{meter}"
+
+
+def status_routing_key(meter: str) -> str:
+    """The routing key of an edge's status message.
+
+    >>> status_routing_key("garage"), is_status(status_routing_key("garage")), is_status("pulse.garage.active")
+    ('status.garage', True, False)
+    """
+    return f"{STATUS_PREFIX}.{meter}"
+
+
+def is_status(routing_key: str) -> bool:
+    """True for the routing key of an edge's status message."""
+    return routing_key.startswith(f"{STATUS_PREFIX}.")
 
 
 def is_control(routing_key: str) -> bool:

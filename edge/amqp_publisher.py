@@ -19,6 +19,11 @@ them once the disk takes them, with a capped backoff
 confirmed but not yet deleted are not sent again meanwhile. One log line marks
 each change, none each attempt, so no storage fault ends the thread.
 
+Beside the pulses, a second channel carries the edge's status
+(:mod:`edge.status_report`) every ``status_interval_s`` and at once when the
+link comes up or the clock's synchronisation changes: unconfirmed, transient
+and with a time to live, so it never waits for nor delays a pulse.
+
 The rules for all of this live in :class:`~edge.publish_window.PublishWindow`,
 which holds no connection; AmqpPublisher only feeds it pika's callbacks and
 carries out its answers (publish these rows, delete those, resend later).
@@ -42,10 +47,11 @@ import pika.spec
 from common.amqp import connection_parameters, describe, reason
 from common.backoff import Backoff
 from common.config import Config
-from common.message import CONTENT_TYPE, Pulse, encode
+from common.message import CONTENT_TYPE, Pulse, encode, encode_status
 from common.topology import declare_exchange
 from edge.outbox import OutboxReader, StoreError
 from edge.publish_window import PublishWindow, Step
+from edge.status_report import EdgeFacts, StatusSchedule, cpu_temperature, make_status
 from edge.store_retry import StoreRetry
 
 log = logging.getLogger("emdc.publisher")
@@ -67,9 +73,14 @@ class AmqpPublisher:
         publisher.wake()     # after recording new pulses
     """
 
-    def __init__(self, config: Config, open_reader: Callable[[], OutboxReader]) -> None:
+    def __init__(self, config: Config, open_reader: Callable[[], OutboxReader],
+                 facts: Callable[[], EdgeFacts] | None = None) -> None:
         self.config = config
         self._open_reader = open_reader
+        # What the recorder side knows for a status (None: send none).
+        self._facts = facts
+        self._schedule = StatusSchedule(config.status_interval_s)
+        self._status_channel: pika.channel.Channel | None = None
         self._backoff = Backoff()
         self._connection: pika.SelectConnection | None = None
         self._channel: pika.channel.Channel | None = None
@@ -167,6 +178,7 @@ class AmqpPublisher:
         if self._stop.is_set():
             return
         self._delete_confirmed()
+        self._send_status()
         if time.monotonic() >= self._status_due and self.last_confirm_ns:
             self._status_due = time.monotonic() + STATUS_EVERY_S
             self._save_status(last_confirm_ns=str(self.last_confirm_ns))
@@ -188,6 +200,10 @@ class AmqpPublisher:
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
+        if self._facts is not None:
+            # Opened beside the pulses' channel, which needs more round trips: the first status tells the outbox
+            # as the outage left it, before the backlog is sent.
+            connection.channel(on_open_callback=self._on_status_channel_open)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self._set_state(f"cannot reach RabbitMQ at {describe(self.config)} ({reason(error)}); "
@@ -196,7 +212,7 @@ class AmqpPublisher:
 
     def _on_closed(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self._window.reset()  # what was in flight is sent again from the outbox next session
-        self._channel = None
+        self._channel = self._status_channel = None
         if not self._stop.is_set():
             self._set_state(f"lost RabbitMQ at {describe(self.config)} ({reason(error)}); "
                             "spooling pulses in the outbox", logging.WARNING)
@@ -220,6 +236,42 @@ class AmqpPublisher:
         self._backoff.reset()
         self._set_state(self._publishing)
         self._pump()
+
+    # -- status --------------------------------------------------------------
+
+    def _on_status_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._status_channel = channel
+        channel.add_on_close_callback(self._on_status_channel_closed)
+        self._schedule.link_up()
+        self._send_status()
+
+    def _on_status_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
+        self._status_channel = None
+        if not self._stop.is_set() and isinstance(error, pika.exceptions.ChannelClosedByBroker):
+            log.warning("RabbitMQ closed the status channel (%s): pulses go on, the writer cannot tell this edge "
+                        "alive while the meter is quiet; statuses are tried again at the next connection",
+                        reason(error))
+
+    def _send_status(self) -> None:
+        """Publish a status if one is due and its channel is open; a status the outbox cannot describe now is
+        skipped (the next replaces it)."""
+        channel, facts_of = self._status_channel, self._facts
+        if channel is None or facts_of is None or not channel.is_open:
+            return
+        facts, now = facts_of(), time.monotonic()
+        if not self._schedule.due(now, facts.synced):
+            return
+        try:
+            status = make_status(self.config.meter_id, self._reader, facts, now_ns=time.time_ns(),
+                                 last_confirm_ns=self.last_confirm_ns, cpu_c=cpu_temperature())
+        except StoreError:
+            return
+        self._schedule.sent(now, facts.synced)
+        # A status older than the writer's timeout says nothing true any more: the broker drops it.
+        ttl_ms = int(self.config.edge_timeout() * 1000)
+        properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1, user_id=self._user_id,
+                                          expiration=str(ttl_ms))
+        channel.basic_publish(self.config.exchange, status.routing_key, encode_status(status), properties)
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, error: BaseException) -> None:
         # e.g. NOT_FOUND (exchange missing) or ACCESS_REFUSED: retry the whole connection later. A channel that

@@ -1,5 +1,5 @@
-"""``emdc doctor``'s checks for the Pi: may the account publish the meter's pulses, is the clock synchronised,
-do the configured pins open.
+"""``emdc doctor``'s checks for the Pi: may the account publish the meter's pulses and status, is the clock
+synchronised, do the configured pins open.
 
 The publish check sends nothing anyone could count. It publishes to the
 exchange with the meter's real routing key (``pulse.<meter>.<channel>``)
@@ -23,16 +23,16 @@ from functools import partial
 from common.config import Config
 from common.doctor import Check, CheckFunction, RabbitMQ, bad, good
 from common.inputs import Input
-from common.topology import pulse_routing_key
+from common.topology import pulse_routing_key, status_routing_key
 
 
-def pulse_publish(config: Config, rabbit: RabbitMQ, channel: str) -> Check | None:
-    """May this account publish ``channel``'s pulses? A publish in a transaction that is rolled back."""
+def publish_probe(config: Config, rabbit: RabbitMQ, key: str) -> Check | None:
+    """May this account publish under ``key`` (a pulse's, the status's)? A publish in a transaction that is
+    rolled back."""
     import pika.exceptions
 
     if rabbit.connection is None:
         return None
-    key = pulse_routing_key(config.meter_id, channel)
     name = f"publish {key}"
     amqp = rabbit.connection.channel()
     try:
@@ -93,5 +93,7 @@ def checks(config: Config, rabbit: RabbitMQ) -> list[CheckFunction]:
     except ImportError as exc:
         return [partial(bad, "GPIO", str(exc), "install the edge's packages: pip install 'emdc[edge]'")]
     inputs = config.inputs()
-    return [*(partial(pulse_publish, config, rabbit, one.channel) for one in inputs), partial(clock, config),
+    keys = [pulse_routing_key(config.meter_id, one.channel) for one in inputs]
+    keys += [status_routing_key(config.meter_id)] if config.status_interval_s else []
+    return [*(partial(publish_probe, config, rabbit, key) for key in keys), partial(clock, config),
             *(partial(pin, one) for one in inputs)]

@@ -27,6 +27,7 @@ from edge.clock_sync import describe_sync, kernel_clock_synced
 from edge.outbox import FILENAME, Outbox, OutboxReader
 from edge.pulse_filter import PulseFilter
 from edge.reader import Edge, PulseInput, PulseRecorder, pause
+from edge.status_report import EdgeFacts
 from edge.tick_clock import TickClock
 
 log = logging.getLogger("emdc.edge")
@@ -74,9 +75,10 @@ class EdgeService:
             from edge.amqp_publisher import AmqpPublisher
 
             def publisher_factory(open_reader: Callable[[], OutboxReader]) -> Publisher:
-                return AmqpPublisher(config, open_reader)
+                return AmqpPublisher(config, open_reader, facts=self.facts if config.status_interval_s else None)
 
         self.config = config
+        self._started_ns = time.time_ns()
         self.outbox = Outbox(Path(config.state_dir) / FILENAME, config.meter_id, config.outbox_max)
         self.publisher = publisher_factory(self.outbox.reader)
         self._stop_publisher = threading.Event()
@@ -122,6 +124,12 @@ class EdgeService:
         log.log(logging.WARNING if self.recorder.synced is False else logging.INFO,
                 "the clock is %s; pulses say so, and the writer trusts only times it can check",
                 describe_sync(self.recorder.synced))
+
+    def facts(self) -> EdgeFacts:
+        """What the recorder side knows for a status message (read from the publisher's thread)."""
+        recorder = self.recorder
+        return EdgeFacts(recorder.synced, {channel: f.rejected for channel, f in recorder.filters.items()},
+                         self.outbox.last_ts_ns, self._started_ns)
 
     def start(self) -> None:
         self.recorder.start()

@@ -132,9 +132,7 @@ def test_each_account_publishes_only_what_it_may(clean: PrivateRabbitMQ, account
     with clean.connect(account) as conn:
         for exchange, key in PUBLISH_TRIES:
             allowed = (exchange, key) in MAY_PUBLISH[account]
-            # No queue is bound for status keys yet: not mandatory, the permission alone decides.
-            routed = not key.startswith("status.")
-            refused_now = refused(lambda e=exchange, k=key, m=routed and allowed: publish(conn, e, k, mandatory=m))
+            refused_now = refused(lambda e=exchange, k=key, m=allowed: publish(conn, e, k, mandatory=m))
             verb = "may not" if allowed else "may"
             assert refused_now != allowed, f"{account} {verb} publish {key!r} to {exchange!r}"
 
@@ -167,7 +165,11 @@ def test_each_pi_publishes_only_its_own_meter(clean: PrivateRabbitMQ):
         with clean.connect(f"emdc-edge-{meter}") as conn:
             publish(conn, "EMDC", f"pulse.{meter}.active")
             assert publish_refused(conn, "EMDC", f"pulse.{other}.active")
-    assert [key for key, _ in take(clean, "queue_mqtt_writer")] == ["pulse.garage.active", "pulse.shed.active"]
+            publish(conn, "EMDC", f"status.{meter}")
+            assert publish_refused(conn, "EMDC", f"status.{other}")
+    # Statuses reach the MQTT writer, which judges the edges' liveness; the database writer counts pulses only.
+    assert [key for key, _ in take(clean, "queue_mqtt_writer")] == ["pulse.garage.active", "status.garage",
+                                                                    "pulse.shed.active", "status.shed"]
     assert len(take(clean, "queue_db_writer")) == 2
     # One Pi's password is no other account's.
     for user in ("emdc-edge-shed", "emdc-writer", "emdc-admin"):
@@ -369,6 +371,7 @@ def test_emdc_doctor_tells_what_each_account_may_do(clean: PrivateRabbitMQ, name
     status, lines = doctor(env("emdc-edge-garage"), "--edge")
     assert status == 0, lines
     assert "✓ publish pulse.garage.active: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
+    assert "✓ publish status.garage: permitted on exchange EMDC (probe rolled back, nothing delivered)" in lines
     assert depth(clean, "queue_mqtt_writer") == 0
 
     status, lines = doctor(env("emdc-edge-shed"), "--edge")

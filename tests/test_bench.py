@@ -79,6 +79,7 @@ def test_power_truth_runs_without_brokers_and_scores_every_rule_on_held_out_hous
     for scope in ("mae_day_w", "mae_after_drops_w"):
         assert power[scope].keys() == RULES and all(v > 0 for v in power[scope].values())
     assert power["drops"] > 0
+    assert power["power_msgs_per_hour"] > 0  # the replayed writer counts the household's meter and publishes
     # Not a timing: the writer never publishes a channel's power twice within a second.
     assert power["power_msgs_max_per_s"] <= 1
 

@@ -41,8 +41,8 @@ def test_a_good_configuration_passes_every_check_and_delivers_nothing(names: Nam
     assert status == 0, lines
     assert [line.split(":")[0] for line in lines] == [
         "✓ configuration", "✓ state_dir", "✓ RabbitMQ", "✓ publish pulse.main.active", "✓ publish pulse.main.reactive",
-        "✓ clock", "✓ GPIO17", "✓ GPIO27", f"✓ consume {names.queue}", "✓ MQTT", "✓ MQTT topic_prefix",
-        "✓ MQTT discovery_prefix"]
+        "✓ publish status.main", "✓ clock", "✓ GPIO17", "✓ GPIO27", f"✓ consume {names.queue}", "✓ MQTT",
+        "✓ MQTT topic_prefix", "✓ MQTT discovery_prefix"]
     assert queue_depth(names.queue) == 0  # the publish probes were rolled back
 
 

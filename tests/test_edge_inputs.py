@@ -14,6 +14,7 @@ from gpiozero import DigitalInputDevice
 
 from common.config import load_config
 from common.message import decode
+from common.topology import DB_WRITER_BINDINGS
 from edge.service import EdgeService, GpioUnavailable
 from edge.simulator import VirtualClockFactory
 from edge.tick_clock import TickClock
@@ -58,7 +59,7 @@ def drive(factory: VirtualClockFactory, pin: int, closed: bool, at_s: float, pul
 
 def test_one_pi_reads_import_export_gas_and_water_each_on_its_own_channel(names: Names, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    declare_queue(names)
+    declare_queue(names, DB_WRITER_BINDINGS)  # pulses alone: the edge's statuses would add to the depth
     path = tmp_path / "emdc.toml"
     path.write_text(HOUSE)
     config = load_config(path, env=names.env(EMDC_STATE_DIR=names.edge_dir))

@@ -9,13 +9,17 @@ from gpiozero.pins.mock import MockFactory
 
 from common.config import load_config
 from common.message import decode
+from common.topology import DB_WRITER_BINDINGS
 from edge.outbox import FILENAME, Outbox, OutboxReader
 from edge.service import EdgeService
 from tests.support import AMQP_URL, Names, declare_queue, queue_depth, wait_until
 
+# A queue of pulses alone, as the database writer's: the edge's statuses would add to the depths counted here.
+PULSES = DB_WRITER_BINDINGS
+
 
 def test_a_stop_right_after_delivery_leaves_no_confirmed_row_behind(names: Names, factory: MockFactory) -> None:
-    declare_queue(names)
+    declare_queue(names, PULSES)
     config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir))
     service = EdgeService(config, pin_factory=factory)
     service.start()
@@ -35,7 +39,7 @@ def test_a_stop_right_after_delivery_leaves_no_confirmed_row_behind(names: Names
 
 
 def test_a_backlog_many_windows_long_arrives_complete_and_in_order(names: Names, factory: MockFactory) -> None:
-    declare_queue(names)
+    declare_queue(names, PULSES)
     config = load_config(env=names.env(EMDC_STATE_DIR=names.edge_dir, EMDC_PUBLISH_WINDOW="4"))
     backlog = Outbox(names.edge_dir / FILENAME, config.meter_id, config.outbox_max)
     backlog.record([("active", time.time_ns() - (25 - i) * 10**9, 1.0) for i in range(25)])  # as after an outage
@@ -67,7 +71,7 @@ def test_unroutable_pulses_stay_in_the_outbox_until_a_queue_is_bound(names: Name
         wait_until(lambda: reader.status().get("link_state", "").startswith("unroutable"), 10,
                    "the broker to return the pulses")
         assert reader.depth() == 3
-        declare_queue(names)  # the next resend (backoff 0.5, 1, 2 ... s) is routed
+        declare_queue(names, PULSES)  # the next resend (backoff 0.5, 1, 2 ... s) is routed
         wait_until(lambda: reader.depth() == 0, 15, "the outbox to empty")
         assert reader.status()["link_state"].startswith("publishing")
     finally:

@@ -399,3 +399,51 @@ def test_home_assistant_set_everything_up_and_talks_only_to_this_machine(ha: Hom
     assert [line for line in ha.log().splitlines() if "Setup failed for" in line] == []
     # Its HTTP settings are confirmed: unconfirmed, Home Assistant reverts them and exits five minutes on.
     assert ha.ws("http/config")["pending"] is None
+
+
+def test_a_silent_edge_makes_the_rates_unavailable_while_the_totals_keep_their_value(meter: Meter,
+                                                                                       ha: HomeAssistant) -> None:
+    import threading
+
+    from common.message import ChannelStatus, Status, encode_status
+
+    def status(seq: int) -> None:
+        """What an edge sends about itself (a hand-made one: the contract is public)."""
+        body = Status(meter.id, time.time_ns(), 60, __version__, "up", 0, {"active": ChannelStatus("ab", seq, 1)},
+                      synced=True, last_pulse_ns=time.time_ns())
+        publish(meter.names.exchange, [(f"status.{meter.id}", encode_status(body))])
+
+    def edge_alive(silent: threading.Event) -> None:
+        while not silent.wait(1):
+            status(3)
+
+    since = ha.log_size()
+    meter.start_writer(EMDC_EDGE_TIMEOUT_S=3)
+    meter.wait_for_entities({"active_energy", "active_power"})
+    meter.count(3)
+    status(3)
+    silent = threading.Event()
+    alive = threading.Thread(target=edge_alive, args=(silent,), daemon=True)
+    alive.start()
+    diagnostics = {"edge_connectivity", "edge_pending", "edge_outbox", "edge_last_pulse", "edge_rejected",
+                   "edge_clock_synced", "edge_version", "edge_cpu_temperature"}
+    entities = meter.wait_for_entities({"active_energy", "active_power"} | diagnostics)
+    assert all(entities[name]["entity_category"] == "diagnostic" for name in diagnostics)
+    meter.wait_for_state("active_energy", lambda s: s == "0.003", "0.003")
+    meter.wait_for_state("active_power", lambda s: s not in ("unavailable", "unknown"), "a power")
+    meter.wait_for_state("edge_connectivity", lambda s: s == "on", "connected")
+    meter.wait_for_state("edge_version", lambda s: s == __version__, "the edge's version")
+    meter.wait_for_state("edge_rejected", lambda s: s == "1", "1")
+
+    # The edge falls silent: after the timeout its rates are unavailable, its total keeps its exact value.
+    silent.set()
+    alive.join()
+    meter.wait_for_state("active_power", lambda s: s == "unavailable", "unavailable")
+    meter.wait_for_state("edge_connectivity", lambda s: s == "off", "disconnected")
+    assert meter.state("active_energy")["state"] == "0.003"
+
+    meter.count(2)  # back, with its backlog
+    status(5)
+    meter.wait_for_state("active_energy", lambda s: s == "0.005", "0.005")
+    meter.wait_for_state("active_power", lambda s: s != "unavailable", "available again")
+    assert problems(ha, since, meter) == []

@@ -50,7 +50,9 @@ def test_restarting_writer_and_edge_never_loses_or_repeats_a_pulse(names: Names,
     assert writer.stop() == 0
 
     # The edge runs again while the writer is down: pulses wait in the (durable) queue.
-    run_emdc(["edge", "simulate", "--power", "3000", "--count", "150", "--speed", "max"], names.edge_env())
+    # Without statuses, so that the queue holds the pulses alone.
+    run_emdc(["edge", "simulate", "--power", "3000", "--count", "150", "--speed", "max"],
+             names.edge_env(EMDC_STATUS_INTERVAL_S=0))
     assert queue_depth(names.queue) == 150
 
     writer = start_writer(spawn, names, writer_env(names))

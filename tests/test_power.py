@@ -50,19 +50,29 @@ def test_measured_power_right_at_the_pulse_and_before_it():
 
 
 def test_bound_takes_over_once_below_the_measurement():
-    # One 1 Wh pulse in 36 s is at most 100 W.
-    assert displayed_power_w(three_kw(), now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(100.0)
-    assert displayed_power_w(three_kw(), now_ns=72 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
+    # 360 W: a pulse every 10 s. 11 s after the last, one 1 Wh pulse in 11 s is at most 327 W, shown as is.
+    state = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[10 * S])
+    assert displayed_power_w(state, now_ns=11 * S, timeout_s=TIMEOUT_S) == 327.0
+
+
+def test_half_the_bound_once_the_pulse_is_overdue():
+    # 12.5 s after the last pulse of a 10 s interval, the load fell: at most 288 W, shown as half of it.
+    state = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[10 * S])
+    assert displayed_power_w(state, now_ns=12 * S, timeout_s=TIMEOUT_S) == 300.0  # 20 % late, not more
+    assert displayed_power_w(state, now_ns=12_500_000_000, timeout_s=TIMEOUT_S) == 144.0
+    # One 1 Wh pulse in 36 s is at most 100 W: 50 W shows.
+    assert displayed_power_w(three_kw(), now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
+    assert displayed_power_w(three_kw(), now_ns=72 * S, timeout_s=TIMEOUT_S) == pytest.approx(25.0)
 
 
 def test_bound_uses_the_channel_wh():
     state = ChannelState(last_ts_ns=0, wh=0.5, intervals_ns=[600_000_000])  # 3 kW with 0.5 Wh pulses
-    assert displayed_power_w(state, now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
+    assert displayed_power_w(state, now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(25.0)
 
 
 def test_bound_is_relative_to_the_last_pulse_time():
     state = ChannelState(last_ts_ns=1_000 * S, wh=1.0, intervals_ns=[1_200_000_000])
-    assert displayed_power_w(state, now_ns=1_036 * S, timeout_s=TIMEOUT_S) == pytest.approx(100.0)
+    assert displayed_power_w(state, now_ns=1_036 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
 
 
 def test_zero_at_and_after_the_timeout():
@@ -73,7 +83,7 @@ def test_zero_at_and_after_the_timeout():
 
 def test_timeout_is_configurable():
     assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10) == 0.0
-    assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10.5) == pytest.approx(360.0)
+    assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10.5) == pytest.approx(180.0)
 
 
 def test_smoothed_measurement_is_the_mean_over_intervals():
@@ -128,8 +138,8 @@ def test_displayed_power_is_never_above_the_physical_bound_even_as_published(sta
 
 
 def test_the_bound_is_rounded_down_to_whole_watts():
-    # 1 Wh in 36.2 s is at most 99.45 W: 99 W, never the 0.099 kW... rounded up to "0.100".
-    assert displayed_power_w(three_kw(), now_ns=36_200_000_000, timeout_s=TIMEOUT_S) == 99.0
+    # 1 Wh in 18.1 s is at most 198.9 W; half of it, 99.45 W, shows as 99 W, never 0.099 kW... rounded up to "0.100".
+    assert displayed_power_w(three_kw(), now_ns=18_100_000_000, timeout_s=TIMEOUT_S) == 99.0
 
 
 def test_settled_once_nothing_but_a_pulse_can_change_the_value():

@@ -14,6 +14,7 @@ import pika
 from backend.writer import load_ledger
 from common.config import load_config
 from common.message import decode
+from common.topology import DB_WRITER_BINDINGS
 from tests.support import AMQP_URL, Names, declare_queue, queue_depth, run_emdc, wait_until
 
 
@@ -39,7 +40,7 @@ def sent(stdout: str) -> dict[str, str]:
 
 
 def test_edge_simulate_drives_export_gas_and_water_through_the_broker_on_their_channels(names: Names) -> None:
-    declare_queue(names)
+    declare_queue(names, DB_WRITER_BINDINGS)  # pulses alone: the edge's statuses would add to the depth
     result = run_emdc(["edge", "simulate", "--power", "500", "--export-power", "3600", "--gas-flow", "3.6",
                        "--water-flow", "60", "--duration", "95", "--speed", "max"], names.edge_env())
     # 500 W: 1 Wh every 7.2 s; 3600 W: 1 Wh a second; 3.6 m³/h: 0.01 m³ every 10 s; 60 L/min: 1 L a second.

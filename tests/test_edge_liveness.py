@@ -1,0 +1,134 @@
+"""Truthful when the Pi is silent: the real `emdc edge run` (mock pin, a meter pulsing it) and the real writer.
+
+A Pi killed with SIGKILL, or alive with its broker link cut, stops being heard:
+within the edge timeout the writer says ``offline`` on the meter's edge topic,
+which the rate sensors' availability includes, while the totals keep their
+exact last value. When the Pi is back its backlog is counted exactly and the
+edge is ``online`` again. The diagnostics follow the real edge's state: the
+first status after an outage shows the outbox the outage left and the pulses
+the writer has not counted yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    EmdcProcess,
+    MeteredEdge,
+    MqttWatcher,
+    Names,
+    TcpProxy,
+    amqp_parameters,
+    amqp_url_at,
+    saved_total_uwh,
+    start_writer,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 3
+
+
+def writer_with_discovery(spawn, names: Names) -> EmdcProcess:  # type: ignore[no-untyped-def]
+    env = names.writer_env(EMDC_DISCOVERY="device", EMDC_DISCOVERY_PREFIX=f"{names.prefix}/ha",
+                           EMDC_HA_STATUS_TOPIC=f"{names.prefix}/ha/status", EMDC_EDGE_TIMEOUT_S=TIMEOUT_S)
+    return start_writer(spawn, names, env)
+
+
+@pytest.fixture
+def edge(names: Names, tmp_path: Path) -> Iterator[MeteredEdge]:
+    metered = MeteredEdge(names, tmp_path / "meter", rate=10, EMDC_STATUS_INTERVAL_S=1)
+    yield metered
+    metered.end()
+
+
+def total_topic(names: Names) -> str:
+    return f"{names.prefix}/active_energy"
+
+
+def edge_is(watch: MqttWatcher, names: Names, state: str) -> None:
+    watch.wait_for(f"{names.prefix}/edge", lambda v: v == state, timeout=30)
+
+
+def count_exactly(edge: MeteredEdge, names: Names, watch: MqttWatcher) -> int:
+    """Let the meter pulse a few times more, stop it; wait until the writer saved and published every pulse it
+    produced; return how many."""
+    before = edge.produced()
+    wait_until(lambda: edge.produced() >= before + 5, 30, "the meter to pulse")
+    produced = edge.meter_off()
+    wait_until(lambda: saved_total_uwh(names.writer_dir) == produced * 10**6, 60, "every pulse at the writer")
+    watch.wait_for(total_topic(names), lambda v: v == f"{produced / 1000:.3f}")
+    return produced
+
+
+def diagnostics(watch: MqttWatcher, names: Names) -> list[dict]:
+    topic = f"{names.prefix}/edge_status"
+    return [json.loads(payload) for t, payload, _ in list(watch.history) if t == topic and payload]
+
+
+def test_a_killed_edge_makes_the_rates_unavailable_and_the_totals_stay(names: Names, watch: MqttWatcher,
+                                                                        spawn, edge: MeteredEdge) -> None:
+    writer = writer_with_discovery(spawn, names)
+    edge.start()
+    edge.meter_on()
+    edge_is(watch, names, "online")
+    config = json.loads(watch.wait_for(f"{names.prefix}/ha/device/emdc_main/config", lambda v: "edge_pending" in v))
+    rate, total = config["components"]["active_power"], config["components"]["active_energy"]
+    assert {"topic": f"{names.prefix}/edge"} in rate["availability"] and rate["availability_mode"] == "all"
+    assert total["availability"] == [{"topic": f"{names.prefix}/status"}]
+    assert config["components"]["edge_connectivity"]["entity_category"] == "diagnostic"
+    first = count_exactly(edge, names, watch)
+
+    edge.proc.kill()
+    edge.proc.wait()
+    edge_is(watch, names, "offline")
+    assert "meter main: edge offline (nothing for" in writer.log()
+    assert watch.values[total_topic(names)] == f"{first / 1000:.3f}"  # the total keeps its exact value
+
+    edge.start()
+    edge.meter_on()
+    edge_is(watch, names, "online")
+    produced = count_exactly(edge, names, watch)
+    assert produced > first
+    wait_until(lambda: "meter main: edge back" in writer.log(), 30, "the writer to log the edge back")
+    assert diagnostics(watch, names)[-1]["version"]
+
+
+def test_an_edge_cut_off_from_rabbitmq_goes_offline_and_reports_its_backlog_when_back(
+        names: Names, watch: MqttWatcher, spawn, tmp_path: Path) -> None:
+    writer = writer_with_discovery(spawn, names)
+    proxy = TcpProxy(amqp_parameters().port).start()
+    edge = MeteredEdge(names, tmp_path / "meter", rate=10, EMDC_STATUS_INTERVAL_S=1,
+                       EMDC_AMQP_URL=amqp_url_at(proxy.port))
+    try:
+        edge.start()
+        edge.meter_on()
+        edge_is(watch, names, "online")
+        first = count_exactly(edge, names, watch)
+        assert diagnostics(watch, names)[-1]["outbox"] == 0
+
+        proxy.stop()
+        edge.meter_on()  # the Pi counts on into its outbox
+        edge_is(watch, names, "offline")
+        assert watch.values[total_topic(names)] == f"{first / 1000:.3f}"
+        held = edge.meter_off()
+        assert edge.proc.poll() is None  # alive all along: only its link was cut
+        seen = len(diagnostics(watch, names))
+
+        proxy = TcpProxy(amqp_parameters().port, port=proxy.port).start()
+        edge_is(watch, names, "online")
+        wait_until(lambda: saved_total_uwh(names.writer_dir) == held * 10**6, 60, "the backlog at the writer")
+        after = diagnostics(watch, names)[seen:]
+        # The first status after the outage overtakes the backlog: it shows it waiting on the Pi and not
+        # counted yet by the writer.
+        assert after[0]["outbox"] == held - first and after[0]["pending"] == held - first, after
+        wait_until(lambda: diagnostics(watch, names)[-1]["outbox"] == 0, 30, "an empty outbox reported")
+        assert "meter main: edge back" in writer.log()
+    finally:
+        edge.end()
+        proxy.stop()
