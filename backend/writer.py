@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from backend.amounts import format_kw, format_kwh
+from backend.backfill import Booked
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.ledger import NS_PER_S, ChannelState, Implausible, Interleaved, Ledger
@@ -124,6 +125,8 @@ class EnergyWriter:
         self.power_timeout_s = power_timeout_s
         self.clock = clock
         self.discovery = discovery
+        # Told what a batch counted once it is saved (the Home Assistant statistics correction).
+        self.on_saved: Callable[[list[Booked]], None] | None = None
         self._meters = set(meters)
         # Meters configured with a reactive input; others get reactive sensors once a reactive pulse is counted.
         self._reactive = set(reactive_meters)
@@ -175,6 +178,7 @@ class EnergyWriter:
         touched: set[tuple[str, str]] = set()
         dirty = self._unsaved
         saved = self.ledger.to_json()
+        booked: list[Booked] = []
         for delivery in deliveries:
             try:
                 if is_control(delivery.routing_key):
@@ -195,8 +199,9 @@ class EnergyWriter:
             dirty = dirty or not known
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
+            before_uwh, now = state.total_uwh, self.clock()
             try:
-                counted = self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
+                counted = self.ledger.apply(pulse, now, readmitted=delivery.readmitted)
             except Implausible as exc:
                 if isinstance(exc, Interleaved) and (pulse.meter, pulse.channel) not in self._interleaved:
                     self._interleaved.add((pulse.meter, pulse.channel))
@@ -210,6 +215,8 @@ class EnergyWriter:
                 touched.add((pulse.meter, pulse.channel))
                 dirty = True
                 report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
+                booked.append(Booked(pulse.meter, pulse.channel, pulse.ts_ns, now, counted,
+                                     state.total_uwh - before_uwh, not state.ts_doubt))
         if dirty:
             try:
                 self.store.save(self.ledger.to_json())
@@ -220,6 +227,8 @@ class EnergyWriter:
                 raise
             self.save_failed = False
             self._unsaved = False
+        if booked and self.on_saved is not None:
+            self.on_saved(booked)
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead

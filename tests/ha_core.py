@@ -37,7 +37,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +290,16 @@ class HomeAssistant:
         assert result["type"] == "create_entry" and result["result"]["state"] == "loaded", result
         entry: dict[str, Any] = result["result"]
         return entry
+
+
+@contextlib.contextmanager
+def running(config: Path, mqtt_host: str, mqtt_port: int) -> Iterator[HomeAssistant]:
+    """A Home Assistant in ``config`` (the cached image) with its MQTT integration on the given broker, stopped
+    at the end."""
+    instance = HomeAssistant(image(), config)
+    instance.start()
+    try:
+        instance.connect_mqtt(mqtt_host, mqtt_port)
+        yield instance
+    finally:
+        instance.stop()
