@@ -128,14 +128,20 @@ class Backfill:
         self._token = token
         self.pass_s = pass_s
         self._wake = threading.Event()
-        self._unreachable = ""  # the last reason Home Assistant could not be reached, logged once
+        self._trouble = ""  # why the last pass failed (logged once)
 
     def record(self, booked: Sequence[Booked]) -> None:
         """Keep the moves of a saved batch's late pulses (the writer's thread: a local write, nothing more)."""
         moves = [move for b in booked if (move := late_move(b)) is not None]
-        if moves:
+        if not moves:
+            return
+        try:
             self.store.add(moves)
-            self._wake.set()
+        except sqlite3.Error as exc:  # the batch is saved and counted: only its correction is lost
+            log.error("cannot keep the hours of %d late pulse message(s) in %s (%s): Home Assistant keeps them in "
+                      "the hour they arrived", len(moves), self.store.path, exc)
+            return
+        self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
         """Apply corrections until ``stop`` is set."""
@@ -145,15 +151,21 @@ class Backfill:
             try:
                 if self.store.channels():
                     self.apply_pending()
-                if self._unreachable:
-                    log.info("Home Assistant at %s is reachable again; correcting its statistics", self.url)
-                    self._unreachable = ""
+                if self._trouble:
+                    log.info("Home Assistant at %s: correcting its statistics again", self.url)
+                    self._trouble = ""
                 backoff.reset()
             except HomeAssistantUnreachable as exc:
-                if str(exc) != self._unreachable:
+                if str(exc) != self._trouble:
                     log.warning("Home Assistant at %s is out of reach (%s): the hourly statistics of late pulses "
                                 "are corrected once it is back; they wait in %s", self.url, exc, self.store.path)
-                self._unreachable = str(exc)
+                self._trouble = str(exc)
+                delay = backoff.next_delay()
+            except Exception as exc:  # an answer it did not expect, the file: try again later, never end
+                if str(exc) != self._trouble:
+                    log.exception("correcting Home Assistant's statistics failed; the corrections wait in %s",
+                                  self.store.path)
+                self._trouble = str(exc)
                 delay = backoff.next_delay()
             self._wake.wait(delay)
             self._wake.clear()

@@ -1,14 +1,16 @@
 """Late pulses' energy in the hours it was used, in a real Home Assistant Core: what its Energy dashboard reads.
 
-One Home Assistant for the module (tests/ha_core.py). Two meters, each with
+One Home Assistant for the module (tests/ha_core.py). Meters, each with
 a writer of its own, get a backlog stamped over the previous three hours
 and one pulse now; both are counted now. Home Assistant books it all in the
 current hour; once its recorder has compiled the jump (every 5 minutes), the
 writer that reaches Home Assistant moves the energy back, and is killed
 right after planning and restarted; the other writer has a wrong ha_url
-port during the backlog and the right one after a restart. Both meters' past
-hours then hold their energy, the current hour only its own pulse, and a
-redelivered backlog and another restart change nothing.
+port during the backlog and the right one after a restart. A third meter's
+sensor has hourly rows (of nothing) through the outage, as a sensor Home
+Assistant knew before. Every meter's past hours then hold their energy, the
+current hour only its own pulse, the hours before the outage what they held,
+and a redelivered backlog and another restart change nothing.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ class LateMeter:
         self.pulses = [Pulse(self.id, "active", "ab", seq, ts, 1.0) for seq, ts in enumerate(stamps, 1)]
         publish(self.names.exchange, self.pulses)
 
+    def history(self, hours: range) -> None:
+        """Hourly statistics rows of 0 kWh for ``hours`` (starts): as if Home Assistant had known the sensor
+        since then, through the outage."""
+        entity = self.entity_id()
+        self.ha.ws("recorder/import_statistics", metadata={
+            "has_sum": True, "mean_type": 0, "name": None, "source": "recorder", "statistic_id": entity,
+            "unit_class": "energy", "unit_of_measurement": "kWh"},
+            stats=[{"start": _iso(start), "state": 0.0, "sum": 0.0} for start in hours])
+
     def entity_id(self) -> str | None:
         return next((e["entity_id"] for e in self.ha.ws("config/entity_registry/list")
                      if e["platform"] == "mqtt" and e["unique_id"] == f"emdc_{self.id}_active_energy"), None)
@@ -138,20 +149,22 @@ def expected(hour: int) -> dict[int, Any]:
 
 @pytest.fixture
 def meters(ha: HomeAssistant, tmp_path: Path, spawn: Callable[..., EmdcProcess]) -> Iterator[list[LateMeter]]:
-    made = [LateMeter(ha, tmp_path / name, spawn) for name in ("reachable", "unreachable")]
+    made = [LateMeter(ha, tmp_path / name, spawn) for name in ("reachable", "unreachable", "known")]
     yield made
     for meter in made:
         meter.remove()
 
 
 def test_a_backlog_lands_in_the_hours_its_pulses_happened_in(ha: HomeAssistant, meters: list[LateMeter]) -> None:
-    reachable, unreachable = meters
+    reachable, unreachable, known = meters
     wrong_url = f"http://127.0.0.1:{free_port()}"
     writer = reachable.start_writer(ha.url)
     away = unreachable.start_writer(wrong_url)
+    known.start_writer(ha.url)
     for meter in meters:
         wait_until(meter.entity_id, 30, f"Home Assistant to have the energy sensor of meter {meter.id}")
     hour = time.time_ns() // S // HOUR * HOUR
+    known.history(range(hour - 5 * HOUR, hour, HOUR))
     for meter in meters:
         meter.backlog(hour)
     total = format_kwh((sum(BACKLOG) + 1) * 1_000_000)
@@ -166,19 +179,23 @@ def test_a_backlog_lands_in_the_hours_its_pulses_happened_in(ha: HomeAssistant, 
     writer.kill9()
     writer = reachable.start_writer(ha.url)
     away = unreachable.start_writer(ha.url)
-    for meter, process in ((reachable, writer), (unreachable, away)):
+    for meter, process in ((reachable, writer), (unreachable, away), (known, known.writers[0])):
         wait_until(lambda p=process: "statistics of" in p.log() and "corrected" in p.log(), 60,
                    f"the statistics of meter {meter.id} corrected")
         assert meter.pending() == (0, 0)
-        assert meter.hours(hour - 4 * HOUR, until=hour) == expected(hour), meter.id
+        assert meter.hours(hour - 3 * HOUR, until=hour) == expected(hour), meter.id
+    # No row before the outage for new sensors; the hours before it stay as they were for the other.
+    for meter in (reachable, unreachable):
+        assert meter.hours(hour - 6 * HOUR, until=hour - 4 * HOUR) == {}
+    assert known.hours(hour - 6 * HOUR, until=hour - 4 * HOUR) == {hour - 5 * HOUR: 0, hour - 4 * HOUR: 0}
 
     # The backlog again (duplicates) and a restart: nothing moves any more.
-    before = reachable.hours(hour - 4 * HOUR, until=hour)
+    before = reachable.hours(hour - 3 * HOUR, until=hour)
     publish(reachable.names.exchange, reachable.pulses)
     wait_until(lambda: queue_depth(reachable.names.queue) == 0, 30, "the duplicates consumed")
     assert writer.stop() == 0
     writer = reachable.start_writer(ha.url)
     wait_until(lambda: "correcting Home Assistant's hourly statistics" in writer.log(), 30, "the writer running")
     assert reachable.pending() == (0, 0)
-    assert reachable.hours(hour - 4 * HOUR, until=hour) == before
+    assert reachable.hours(hour - 3 * HOUR, until=hour) == before
     assert "to the hours they happened in" not in writer.log()
