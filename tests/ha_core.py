@@ -55,7 +55,8 @@ PACKAGES = ("python3", "python3-venv", "python3-dev", "g++", "ca-certificates", 
 VENV = "/opt/ha"
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What configuration.yaml sets up besides Home Assistant's default integrations; MQTT comes as a config entry.
-DOMAINS = ("http", "api", "websocket_api", "config", "onboarding", "recorder", "history", "energy", "sensor", "mqtt")
+DOMAINS = ("http", "api", "websocket_api", "config", "onboarding", "recorder", "history", "energy", "sensor", "mqtt",
+           "frontend")  # the frontend only for tools/energy_screenshots.py (configured with ``extra``)
 CONFIGURATION = """\
 homeassistant:
   name: EMDC test
@@ -173,14 +174,17 @@ class HomeAssistantError(AssertionError):
 
 
 class HomeAssistant:
-    """One Home Assistant instance with its configuration directory: start, stop, and its APIs as the owner."""
+    """One Home Assistant instance with its configuration directory: start, stop, and its APIs as the owner.
 
-    def __init__(self, root: Path, config: Path) -> None:
+    ``extra`` is added to its configuration.yaml (``"frontend:\\n"`` for a browser).
+    """
+
+    def __init__(self, root: Path, config: Path, extra: str = "") -> None:
         self.root = root
         self.config = config
         config.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        (config / "configuration.yaml").write_text(CONFIGURATION.format(port=self.port))
+        (config / "configuration.yaml").write_text(CONFIGURATION.format(port=self.port) + extra)
         self.url = f"http://127.0.0.1:{self.port}"
         self.token: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
