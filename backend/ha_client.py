@@ -11,6 +11,7 @@ command answered with an error), never the token. Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 from collections.abc import Mapping, Sequence
@@ -57,11 +58,13 @@ class HomeAssistantClient:
         self.url = url
         self._token = token
         self._socket: ClientConnection | None = None
+        self._stack = contextlib.ExitStack()
         self._id = 0
 
     def __enter__(self) -> HomeAssistantClient:
         try:
-            self._socket = connect(websocket_url(self.url), open_timeout=TIMEOUT_S, max_size=None)
+            self._socket = self._stack.enter_context(
+                connect(websocket_url(self.url), open_timeout=TIMEOUT_S, max_size=None))
             self._expect("auth_required")
             self._socket.send(json.dumps({"type": "auth", "access_token": self._token}))
             if self._receive().get("type") != "auth_ok":
@@ -79,9 +82,8 @@ class HomeAssistantClient:
         self.close()
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        self._socket = None
+        self._stack.close()
 
     def _receive(self) -> dict[str, Any]:
         assert self._socket is not None

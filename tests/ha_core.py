@@ -214,6 +214,10 @@ class HomeAssistant:
         if self.token is None:
             self.token = self._onboard()
         wait_until(self._running, 180, "Home Assistant to run")
+        # The HTTP settings it took over from configuration.yaml are a trial: unconfirmed, Home Assistant would
+        # go back to its defaults (port 8123) and restart after 5 minutes.
+        if self.ws("http/config")["pending"] is not None:
+            self.ws("http/config/promote")
 
     def _running(self) -> bool:
         try:
@@ -228,6 +232,8 @@ class HomeAssistant:
         try:
             with urllib.request.urlopen(f"{self.url}/api/onboarding", timeout=5):
                 return True
+        except urllib.error.HTTPError:
+            return True  # it answers: an onboarded Home Assistant has no onboarding API
         except OSError:
             return False
 
