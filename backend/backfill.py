@@ -48,7 +48,12 @@ def hour_of(ts_ns: int) -> int:
 @dataclass(frozen=True)
 class Booked:
     """One pulse message the writer counted: what it added (``added_uwh``), after how many pulses (``pulses``),
-    when it says it happened (``ts_ns``), whether that is trusted, and when the writer counted it."""
+    when it says it happened (``ts_ns``), whether that is trusted, and when the writer counted it: all that
+    :func:`late_move` needs, taken from the ledger right after it counted.
+
+    >>> Booked("main", "active", ts_ns=0, counted_ns=1, pulses=1, added_uwh=1_000_000, trusted=True).pulses
+    1
+    """
 
     meter: str
     channel: str
@@ -62,7 +67,11 @@ class Booked:
 @dataclass(frozen=True)
 class Move:
     """Energy (``uwh``) of ``meter``/``channel`` that happened in the hour ``from_s`` and was counted in the
-    later hour ``to_s``."""
+    later hour ``to_s``; moves of the same pair of hours add up.
+
+    >>> Move("main", "active", from_s=0, to_s=3600, uwh=5).to_s
+    3600
+    """
 
     meter: str
     channel: str
@@ -90,7 +99,12 @@ def late_move(booked: Booked) -> Move | None:
 
 @dataclass(frozen=True)
 class Row:
-    """An hourly statistics row as Home Assistant keeps it (``sum`` in the statistic's unit)."""
+    """An hourly statistics row as Home Assistant keeps it (``sum`` in the statistic's unit): what the planner
+    reads and writes, absolute, so that writing it twice is writing it once.
+
+    >>> Row(start_s=7200, sum=0.25, state=0.25)
+    Row(start_s=7200, sum=0.25, state=0.25, last_reset_s=None)
+    """
 
     start_s: int
     sum: float
@@ -100,7 +114,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Plan:
-    """The rows to import and the energy each (``from_s``, arrival hour) pair of moves it accounts for."""
+    """The rows to import and the energy each (``from_s``, arrival hour) pair of moves it accounts for (taken
+    off the pending moves when the plan is saved, so no energy is moved twice).
+
+    >>> Plan(rows=(), taken={}).rows
+    ()
+    """
 
     rows: tuple[Row, ...]
     taken: Mapping[tuple[int, int], int]

@@ -38,6 +38,8 @@ FILE_NAME = "ha_backfill.sqlite3"
 PASS_S = 10.0
 # Micro-watt-hours (or micro-var-hours) per unit of a statistic; other units are not corrected.
 UWH_PER_UNIT = {"Wh": 10**6, "kWh": 10**9, "MWh": 10**12, "varh": 10**6, "kvarh": 10**9}
+# The longest pause between passes while corrections wait for Home Assistant's next compilation.
+WAITING_S = 30.0
 # How far back a correction looks for the row before its first hour.
 LOOKBACK_S = 31 * 24 * HOUR_S
 
@@ -120,7 +122,15 @@ def energy_unique_id(meter: str, channel: str) -> str:
 
 
 class Backfill:
-    """The loop that applies the pending corrections to Home Assistant; :meth:`record` is the writer's hook."""
+    """The loop that applies the pending corrections to Home Assistant; :meth:`record` is the writer's hook.
+
+    It runs in a thread of its own, so the writer never waits on Home
+    Assistant. Example::
+
+        backfill = Backfill(CorrectionStore(path), "http://homeassistant.local:8123", token)
+        writer.on_saved = backfill.record
+        threading.Thread(target=backfill.run, args=(stop,), daemon=True).start()
+    """
 
     def __init__(self, store: CorrectionStore, url: str, token: str, pass_s: float = PASS_S) -> None:
         self.store = store
@@ -129,6 +139,7 @@ class Backfill:
         self.pass_s = pass_s
         self._wake = threading.Event()
         self._trouble = ""  # why the last pass failed (logged once)
+        self._reported: set[str] = set()  # lines about a channel logged once
 
     def record(self, booked: Sequence[Booked]) -> None:
         """Keep the moves of a saved batch's late pulses (the writer's thread: a local write, nothing more)."""
@@ -146,11 +157,14 @@ class Backfill:
     def run(self, stop: threading.Event) -> None:
         """Apply corrections until ``stop`` is set."""
         backoff = Backoff(initial_s=self.pass_s, max_s=300)
+        waiting = Backoff(initial_s=self.pass_s, max_s=WAITING_S, jitter=0)  # what Home Assistant cannot take yet
         while not stop.is_set():
             delay = self.pass_s
             try:
-                if self.store.channels():
-                    self.apply_pending()
+                if self.store.channels() and not self.apply_pending():
+                    delay = waiting.next_delay()
+                else:
+                    waiting.reset()
                 if self._trouble:
                     log.info("Home Assistant at %s: correcting its statistics again", self.url)
                     self._trouble = ""
@@ -167,24 +181,28 @@ class Backfill:
                                   self.store.path)
                 self._trouble = str(exc)
                 delay = backoff.next_delay()
-            self._wake.wait(delay)
+            if self._wake.wait(delay):
+                waiting.reset()  # new late energy
             self._wake.clear()
 
     def wake(self) -> None:
         """End the current wait (a new record, or ``stop`` set)."""
         self._wake.set()
 
-    def apply_pending(self) -> None:
-        """One pass over every channel with work; raises HomeAssistantUnreachable."""
+    def apply_pending(self) -> bool:
+        """One pass over every channel with work; True if any moved on. Raises HomeAssistantUnreachable."""
+        progress = False
         with HomeAssistantClient(self.url, self._token) as ha:
             for meter, channel in self.store.channels():
                 try:
-                    self._apply(ha, meter, channel)
+                    progress = self._apply(ha, meter, channel) or progress
                 except HomeAssistantRefused as exc:
                     log.error("%s/%s: Home Assistant refused a statistics correction (%s); it stays pending in %s",
                               meter, channel, exc, self.store.path)
+        return progress
 
-    def _apply(self, ha: HomeAssistantClient, meter: str, channel: str) -> None:
+    def _apply(self, ha: HomeAssistantClient, meter: str, channel: str) -> bool:
+        """Apply, check or plan the correction of one channel; True if it moved on."""
         saved = self.store.plan(meter, channel)
         if saved is not None:
             statistic_id, rows = saved
@@ -195,30 +213,41 @@ class Backfill:
                 self.store.finish_plan(meter, channel)
                 log.info("%s/%s: Home Assistant's hourly statistics of %s corrected (%d hour(s) from %s)", meter,
                          channel, statistic_id, len(rows), _hour(since))
-                return
+                return True
             metadata = ha.metadata(statistic_id)
             if metadata is not None:
                 ha.import_rows(metadata, rows)  # the same rows again: Home Assistant reads them back next pass
-            return
+            return False
         moves = self.store.moves(meter, channel)
-        entity = ha.statistic_id(energy_unique_id(meter, channel))
-        metadata = None if entity is None else ha.metadata(entity)
-        if entity is None or metadata is None:
-            return  # Home Assistant has not set the sensor up, or compiled nothing of it yet
+        unique_id = energy_unique_id(meter, channel)
+        entity = ha.statistic_id(unique_id)
+        if entity is None:
+            self._once(f"{meter}/{channel}: Home Assistant has no MQTT entity with the unique id {unique_id} (yet: "
+                       f"discovery off, or the device removed?); its corrections wait in {self.store.path}")
+            return False
+        metadata = ha.metadata(entity)
+        if metadata is None:
+            return False  # Home Assistant has compiled nothing of the sensor yet
         factor = UWH_PER_UNIT.get(str(metadata["unit_of_measurement"]))
         if factor is None:
-            log.error("%s/%s: %s keeps its statistics in %s, which EMDC does not correct; %s holds the moves",
-                      meter, channel, entity, metadata["unit_of_measurement"], self.store.path)
-            return
+            self._once(f"{meter}/{channel}: {entity} keeps its statistics in {metadata['unit_of_measurement']}, "
+                       f"which EMDC does not correct; {self.store.path} holds the moves")
+            return False
         hours, recent = ha.view(entity, min(from_s for from_s, _ in moves) - LOOKBACK_S)
         plan = CorrectionPlanner(factor).plan(hours, recent, moves)
         if not plan.rows:
-            return  # Home Assistant does not show the late energy yet (not compiled, or received later)
+            return False  # Home Assistant does not show the late energy yet (not compiled, or received later)
         self.store.save_plan(meter, channel, entity, plan.rows, dict(plan.taken))
         log.info("%s/%s: moving %s Wh of late pulses in %s to the hours they happened in (%d hour(s) from %s)",
                  meter, channel, f"{sum(plan.taken.values()) / 10**6:g}", entity, len(plan.rows),
                  _hour(plan.rows[0].start_s))
         ha.import_rows(metadata, plan.rows)
+        return True
+
+    def _once(self, line: str) -> None:
+        if line not in self._reported:
+            self._reported.add(line)
+            log.warning("%s", line)
 
 
 def _hour(start_s: int) -> str:

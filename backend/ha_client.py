@@ -52,7 +52,11 @@ def _iso(start_s: int) -> str:
 
 class HomeAssistantClient:
     """A websocket session with Home Assistant as the token's user (an administrator: importing statistics
-    requires one)."""
+    requires one). One connection per ``with`` block::
+
+        with HomeAssistantClient(url, token) as ha:
+            hours, recent = ha.view("sensor.emdc_main_meter_active_energy", since_s)
+    """
 
     def __init__(self, url: str, token: str) -> None:
         self.url = url

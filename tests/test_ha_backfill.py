@@ -175,7 +175,7 @@ def test_a_backlog_lands_in_the_hours_its_pulses_happened_in(ha: HomeAssistant, 
     assert unreachable.pending() == (len(BACKLOG), 0), "the late energy kept for later, by hour"
 
     # Home Assistant compiles the jump at the next 5-minute mark; the writer plans, and dies before it is done.
-    wait_until(lambda: "to the hours they happened in" in writer.log(), 6 * 60, "a correction planned", interval=0.2)
+    wait_until(lambda: "to the hours they happened in" in writer.log(), 7 * 60, "a correction planned", interval=0.2)
     writer.kill9()
     writer = reachable.start_writer(ha.url)
     away = unreachable.start_writer(ha.url)
