@@ -215,8 +215,9 @@ class EnergyWriter:
                 touched.add((pulse.meter, pulse.channel))
                 dirty = True
                 report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
-                booked.append(Booked(pulse.meter, pulse.channel, pulse.ts_ns, now, counted,
-                                     state.total_uwh - before_uwh, not state.ts_doubt))
+                if self.on_saved is not None:
+                    booked.append(Booked(pulse.meter, pulse.channel, pulse.ts_ns, now, counted,
+                                         state.total_uwh - before_uwh, not state.ts_doubt))
         if dirty:
             try:
                 self.store.save(self.ledger.to_json())

@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(lambda: "statistics of" in writers[1].log(), 6 * 60, "the correction", interval=5)
         browser = Browser()
         log_in(browser, ha)
-        show(browser, ha, entities["corrected"], work / "preview.png")  # the session works: check it now
+        browser.send("Page.navigate", url=f"{ha.url}/energy")
+        time.sleep(5)
+        if not browser.evaluate("location.pathname").startswith("/energy"):  # better now than after the hour
+            raise RuntimeError(f"the frontend did not take the session: {browser.evaluate('location.href')}")
         compiled = hour + HOUR + 30
         print(f"waiting for Home Assistant to compile the hour of the backlog (until {time.ctime(compiled)})",
               flush=True)
