@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backend.amqp_consumer import BatchConsumer, TakeoverRefused
+from backend.backfill_runner import FILE_NAME, Backfill, CorrectionStore
 from backend.heartbeat import WRITER, Heartbeat
 from backend.mqtt_publisher import MqttPublisher
 from backend.state_store import exclusive_state_dir
@@ -34,6 +35,7 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         mqtt = MqttPublisher(config)
         unchecked = threading.Event()  # whose totals Home Assistant holds could not be asked yet
         writer = EnergyWriter.open(config, sink=GatedSink(mqtt, closed=unchecked.is_set))
+        backfill = start_backfill(config, writer, stop)
         if config.discovery != "off":
             mqtt.subscribe(config.ha_status_topic, mqtt.on_home_assistant_birth)
         identity = writer.store.identity()
@@ -87,6 +89,8 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         try:
             consumer.run(stop)
         finally:
+            if backfill is not None:
+                backfill.wake()
             if started.is_set():
                 mqtt.stop()
             writer.store.close()
@@ -107,6 +111,19 @@ def writer_bindings(config: Config) -> tuple[str, ...]:
     if config.partitions == 1:
         return WRITER_BINDINGS
     return meter_bindings(WRITER_BINDINGS, config.counted_meters())
+
+
+def start_backfill(config: Config, writer: EnergyWriter, stop: threading.Event) -> Backfill | None:
+    """With ``ha_url`` set, a thread correcting Home Assistant's hourly statistics, fed by the writer's saved
+    batches (:mod:`backend.backfill_runner`); it ends with ``stop``."""
+    if not config.ha_url:
+        return None
+    backfill = Backfill(CorrectionStore(Path(config.state_dir) / FILE_NAME), config.ha_url, config.ha_token)
+    writer.on_saved = backfill.record
+    threading.Thread(target=backfill.run, args=(stop,), name="ha-backfill", daemon=True).start()
+    log.info("correcting Home Assistant's hourly statistics at %s after backlogs (pending in %s)", config.ha_url,
+             backfill.store.path)
+    return backfill
 
 
 class GatedSink:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from backend.amounts import GasEnergy, format_kwh, format_rate, format_total
+from backend.backfill import Booked
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.edge_watch import EdgeWatch
@@ -125,6 +126,8 @@ class EnergyWriter:
         self.power_timeout_s = power_timeout_s
         self.clock = clock
         self.discovery = discovery
+        # Told what a batch counted once it is saved (the Home Assistant statistics correction).
+        self.on_saved: Callable[[list[Booked]], None] | None = None
         self._meters = set(meters)
         # Channels configured per meter beyond active; a meter's others get sensors once one of their pulses is seen.
         self._configured = {meter: set(names) for meter, names in (channels or {}).items()}
@@ -186,6 +189,7 @@ class EnergyWriter:
         dirty = bool(self._unsaved)
         self.ledger.begin()  # remembers only the channels and meters this batch touches
         reporting: set[str] = set()  # meters whose edge sent its first status
+        booked: list[Booked] = []
         for delivery in deliveries:
             try:
                 if is_status(delivery.routing_key):  # never touches the ledger
@@ -210,8 +214,9 @@ class EnergyWriter:
             self.edges.heard_pulse(pulse.meter, self.clock())
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
+            before_uwh, now = state.total_uwh, self.clock()
             try:
-                counted = self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
+                counted = self.ledger.apply(pulse, now, readmitted=delivery.readmitted)
             except Implausible as exc:
                 if isinstance(exc, Interleaved) and (pulse.meter, pulse.channel) not in self._interleaved:
                     self._interleaved.add((pulse.meter, pulse.channel))
@@ -225,6 +230,9 @@ class EnergyWriter:
                 touched.add((pulse.meter, pulse.channel))
                 dirty = True
                 report_changes(pulse, state, doubted=doubted, new_epoch=new_epoch)
+                if self.on_saved is not None:
+                    booked.append(Booked(pulse.meter, pulse.channel, pulse.ts_ns, now, counted,
+                                         state.total_uwh - before_uwh, not state.ts_doubt))
         changed = self._unsaved | self.ledger.changed()
         if dirty or changed:
             try:
@@ -241,6 +249,8 @@ class EnergyWriter:
         self.edges.publish(self.clock())  # the edge topic first: the rates' new availability includes it
         for meter in sorted(reporting - {""}):
             self._announce(meter)
+        if booked and self.on_saved is not None:
+            self.on_saved(booked)
         self._publish(touched, force=False)
         report_held_back(dead, log)
         return dead

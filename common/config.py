@@ -114,6 +114,10 @@ class Config:
     ha_status_topic: str = _setting("homeassistant/status", "Home Assistant birth/will topic")
     ha_legacy_units: bool = _setting(False, "Reactive sensors without device class (Home Assistant < 2025.6)")
     ha_birth_delay_s: float = _setting(5.0, "Re-announce within this many seconds (random) of HA's birth message")
+    ha_url: str = _setting("", "Home Assistant URL (http://homeassistant.local:8123): the writer moves late pulses' "
+                               "energy in its hourly statistics to the hours they happened in (empty: off)")
+    ha_token: str = _setting("", "Long-lived access token of a Home Assistant administrator, for ha_url; a secret",
+                             secret=True)
     db_url: str = _setting("", "Database URL for db-writer/report (empty: SQLite in state dir); a secret",
                            secret=True)
     state_url: str = _setting("", "Writer state shared by an active/standby pair: a MariaDB or PostgreSQL URL "
@@ -511,5 +515,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"discovery must be device, entity or off, got {cfg.discovery!r}")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+    if cfg.ha_url:
+        if urlsplit(cfg.ha_url).scheme not in {"http", "https"} or not urlsplit(cfg.ha_url).netloc:
+            raise ConfigError(f"ha_url must be an http:// or https:// URL, got {redact_url(cfg.ha_url)!r}")
+        if not cfg.ha_token:
+            raise ConfigError("ha_url is set but ha_token is empty: give a long-lived access token of a Home "
+                              "Assistant administrator (EMDC_HA_TOKEN_FILE, or ha_token_file in the config file)")
     if cfg.topic_prefix.endswith("/") or any(c in cfg.topic_prefix for c in "+#"):
         raise ConfigError(f"topic_prefix must not end with / or contain + or #, got {cfg.topic_prefix!r}")

@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,7 +57,8 @@ PACKAGES = ("python3", "python3-venv", "python3-dev", "g++", "ca-certificates", 
 VENV = "/opt/ha"
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What configuration.yaml sets up besides Home Assistant's default integrations; MQTT comes as a config entry.
-DOMAINS = ("http", "api", "websocket_api", "config", "onboarding", "recorder", "history", "energy", "sensor", "mqtt")
+DOMAINS = ("http", "api", "websocket_api", "config", "onboarding", "recorder", "history", "energy", "sensor", "mqtt",
+           "frontend")  # the frontend only for tools/energy_screenshots.py (configured with ``extra``)
 CONFIGURATION = """\
 homeassistant:
   name: EMDC test
@@ -175,14 +176,17 @@ class HomeAssistantError(AssertionError):
 
 
 class HomeAssistant:
-    """One Home Assistant instance with its configuration directory: start, stop, and its APIs as the owner."""
+    """One Home Assistant instance with its configuration directory: start, stop, and its APIs as the owner.
 
-    def __init__(self, root: Path, config: Path) -> None:
+    ``extra`` is added to its configuration.yaml (``"frontend:\\n"`` for a browser).
+    """
+
+    def __init__(self, root: Path, config: Path, extra: str = "") -> None:
         self.root = root
         self.config = config
         config.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        (config / "configuration.yaml").write_text(CONFIGURATION.format(port=self.port))
+        (config / "configuration.yaml").write_text(CONFIGURATION.format(port=self.port) + extra)
         self.url = f"http://127.0.0.1:{self.port}"
         self.token: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -249,6 +253,8 @@ class HomeAssistant:
         try:
             with urllib.request.urlopen(f"{self.url}/api/onboarding", timeout=5):
                 return True
+        except urllib.error.HTTPError:
+            return True  # it answers: an onboarded Home Assistant has no onboarding API
         except OSError:
             return False
 
@@ -327,3 +333,16 @@ class HomeAssistant:
         assert result["type"] == "create_entry" and result["result"]["state"] == "loaded", result
         entry: dict[str, Any] = result["result"]
         return entry
+
+
+@contextlib.contextmanager
+def running(config: Path, mqtt_host: str, mqtt_port: int) -> Iterator[HomeAssistant]:
+    """A Home Assistant in ``config`` (the cached image) with its MQTT integration on the given broker, stopped
+    at the end."""
+    instance = HomeAssistant(image(), config)
+    instance.start()
+    try:
+        instance.connect_mqtt(mqtt_host, mqtt_port)
+        yield instance
+    finally:
+        instance.stop()

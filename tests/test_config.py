@@ -397,10 +397,11 @@ def test_every_setting_can_come_from_its_environment_variable():
     samples = {str: "x", int: "7", float: "2.5", bool: "false"}
     special = {"amqp_url": "amqps://h/", "meter_id": "m1", "discovery": "off", "log_level": "ERROR",
                "clock_sync": "unknown", "topic_prefix": "t/p", "queue_type": "quorum", "channels": "gas",
-               "partition": "0"}
+               "partition": "0", "ha_url": "http://ha:8123"}
+    needs = {"ha_url": {"EMDC_HA_TOKEN": "t"}}  # a setting that is only valid with another
     for name, variable, default, _ in settings_table():
         value = special.get(name, samples[type(default)])
-        cfg = _load(**{variable: value})
+        cfg = _load(**{variable: value, **needs.get(name, {})})
         assert cfg.is_set(name), name
         assert str(getattr(cfg, name)).lower() == value.lower(), name
 
@@ -414,6 +415,8 @@ def test_every_setting_can_come_from_its_environment_variable():
     ({"EMDC_MQTT_PORT": "70000"}, "mqtt_port must be at most 65535"),
     ({"EMDC_WH_PER_PULSE": "2000"}, "wh_per_pulse must be at most 1000"),
     ({"EMDC_WH_PER_PULSE": "inf"}, "wh_per_pulse must be at most 1000"),
+    ({"EMDC_HA_URL": "homeassistant.local:8123", "EMDC_HA_TOKEN": "pw"}, "ha_url must be an http"),
+    ({"EMDC_HA_URL": "http://homeassistant.local:8123"}, "ha_url is set but ha_token is empty"),
 ])
 def test_settings_that_would_fail_later_are_refused_at_start(env: dict[str, str], message: str):
     with pytest.raises(ConfigError, match=message) as info:

@@ -119,7 +119,9 @@ def test_the_images_are_shown() -> None:
     assert "docs/images/wiring.svg" in README
     assert "images/wiring.svg" in (DOCS / "install-pi.md").read_text()
     assert "report-week.png" in (DOCS / "reports.md").read_text()
-    for image in ("images/wiring.svg", "report-week.png"):
+    energy = ("images/energy-outage-as-booked.png", "images/energy-outage-corrected.png")
+    assert all(image in (DOCS / "home-assistant.md").read_text() for image in energy)
+    for image in ("images/wiring.svg", "report-week.png", *energy):
         assert (DOCS / image).is_file()
 
 

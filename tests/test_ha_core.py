@@ -28,7 +28,7 @@ import pytest
 from common import __version__
 from common.channels import CHANNELS
 from common.message import Pulse
-from tests.ha_core import HomeAssistant, image, missing_tools
+from tests.ha_core import HomeAssistant, missing_tools, running
 from tests.support import (
     MQTT_HOST,
     MQTT_PORT,
@@ -60,13 +60,8 @@ def ha(tmp_path_factory: pytest.TempPathFactory, brokers: None) -> Iterator[Home
     if os.geteuid() != 0 or missing_tools():
         pytest.fail(f"Home Assistant runs in a chroot: needs root and {', '.join(missing_tools()) or 'nothing else'}"
                     " (apt-get install debootstrap; see .ci/run)")
-    instance = HomeAssistant(image(), tmp_path_factory.mktemp("home-assistant"))
-    instance.start()
-    try:
-        instance.connect_mqtt(MQTT_HOST, MQTT_PORT)
+    with running(tmp_path_factory.mktemp("home-assistant"), MQTT_HOST, MQTT_PORT) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 class Meter:
