@@ -161,7 +161,7 @@ def test_the_writer_tells_what_it_counted_only_once_the_batch_is_saved(tmp_path:
                      Booked("main", "active", T0 + 5 * S, now[0], 1, 1_000_000, True),
                      Booked("main", "active", T0 + 10 * H * S, now[0], 1, 1_000_000, False)]]
 
-    def full(doc: object) -> None:
+    def full(*_: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(writer.store, "save", full)

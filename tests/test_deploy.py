@@ -330,6 +330,7 @@ def test_example_loads_as_shipped_and_fully_uncommented(tmp_path):
     (secrets_dir / "mqtt_password").write_text("mqtt-s3cret\n")
     (secrets_dir / "db_url").write_text("mysql+pymysql://emdc:x@mariadb/emdc\n")
     (secrets_dir / "state_url").write_text("mysql+pymysql://emdc:x@mariadb/emdc_state\n")
+    (secrets_dir / "ha_token").write_text("eyJ0eXAi.example.token\n")
     text = EXAMPLE_TOML.read_text().replace("/etc/emdc/", f"{secrets_dir}/")
 
     shipped = tmp_path / "shipped.toml"
