@@ -53,7 +53,8 @@ class SchemaError(DatabaseError):
     """The database holds no EMDC schema, or one this version of emdc does not know."""
 
 
-def _key(length: int) -> sa.types.TypeEngine[str]:
+def ascii_key(length: int) -> sa.types.TypeEngine[str]:
+    """A text key column of ``length`` ASCII characters, compared byte for byte on every database."""
     # MariaDB compares text case-insensitively by default: meters "Main" and
     # "main" would collide in the unique key. Ids are ASCII, so compare bytes.
     return sa.String(length).with_variant(mysql.VARCHAR(length, charset="ascii", collation="ascii_bin"),
@@ -64,9 +65,9 @@ metadata = sa.MetaData()
 
 pulses = sa.Table(
     "pulses", metadata,
-    sa.Column("meter", _key(64), primary_key=True),
-    sa.Column("channel", _key(8), primary_key=True),
-    sa.Column("epoch", _key(64), primary_key=True),
+    sa.Column("meter", ascii_key(64), primary_key=True),
+    sa.Column("channel", ascii_key(8), primary_key=True),
+    sa.Column("epoch", ascii_key(64), primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("ts_ns", sa.BigInteger, nullable=False),
     sa.Column("wh", sa.Double, nullable=False),

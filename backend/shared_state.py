@@ -38,10 +38,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from backend.amqp_consumer import TakeoverRefused
+from backend.database import ascii_key
 from backend.ledger import Changed, Ledger
 from backend.state_store import STATE_FORMAT, StateError
 from common.config import redact_url
@@ -60,29 +60,23 @@ class Fenced(TakeoverRefused):
     """
 
 
-def _key(length: int) -> sa.types.TypeEngine[str]:
-    # MariaDB compares text case-insensitively by default: meters "Main" and "main" would collide.
-    return sa.String(length).with_variant(mysql.VARCHAR(length, charset="ascii", collation="ascii_bin"),
-                                          "mysql", "mariadb")
-
-
 metadata = sa.MetaData()
 channels = sa.Table(
     "writer_channels", metadata,
-    sa.Column("meter", _key(64), primary_key=True),
-    sa.Column("channel", _key(16), primary_key=True),
+    sa.Column("meter", ascii_key(64), primary_key=True),
+    sa.Column("channel", ascii_key(16), primary_key=True),
     sa.Column("state", sa.Text, nullable=False),
     mysql_engine="InnoDB",
 )
 meters = sa.Table(
     "writer_meters", metadata,
-    sa.Column("meter", _key(64), primary_key=True),
+    sa.Column("meter", ascii_key(64), primary_key=True),
     sa.Column("admitted_ns", sa.BigInteger, nullable=True),
     mysql_engine="InnoDB",
 )
 meta = sa.Table(
     "writer_meta", metadata,
-    sa.Column("key", _key(32), primary_key=True),
+    sa.Column("key", ascii_key(32), primary_key=True),
     sa.Column("value", sa.String(64), nullable=False),
     mysql_engine="InnoDB",
 )

@@ -83,6 +83,51 @@ S = 1_000_000_000  # ns per second
 T0 = 1_800_000_000 * S  # the moment hand-made pulses count from (:func:`pulse`)
 
 
+
+# A house's Pi with grid import and export (solar) and a gas meter: the start of an edge's config file, for a test
+# to add its water meter to.
+HOUSE_INPUTS = """\
+meter_id = "house"
+
+[[inputs]]
+pin = 17
+channel = "active"
+type = "s0"
+per_pulse = 0.1
+
+[[inputs]]
+pin = 27
+channel = "export"
+type = "s0"
+per_pulse = 0.1
+
+[[inputs]]
+pin = 22
+channel = "gas"
+type = "reed"
+"""
+
+# What Home Assistant shows for each EMDC sensor, by the end of its unique id: (device class, unit, state class).
+SENSOR_CLASSES = {
+    "active_energy": ("energy", "kWh", "total_increasing"),
+    "active_power": ("power", "kW", "measurement"),
+    "reactive_energy": ("reactive_energy", "kvarh", "total_increasing"),
+    "reactive_power": ("reactive_power", "kvar", "measurement"),
+    "export_energy": ("energy", "kWh", "total_increasing"),
+    "export_power": ("power", "kW", "measurement"),
+    "gas_volume": ("gas", "m³", "total_increasing"),
+    "gas_flow": ("volume_flow_rate", "m³/h", "measurement"),
+    "gas_energy": ("energy", "kWh", "total_increasing"),
+    "water_volume": ("water", "L", "total_increasing"),
+    "water_flow": ("volume_flow_rate", "L/min", "measurement"),
+}
+
+
+def sensor_classes(*sensors: str) -> dict[str, tuple[str, str, str]]:
+    """:data:`SENSOR_CLASSES` of ``sensors``."""
+    return {sensor: SENSOR_CLASSES[sensor] for sensor in sensors}
+
+
 # -- network ----------------------------------------------------------------------
 
 

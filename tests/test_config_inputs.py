@@ -15,26 +15,9 @@ from common.config import ConfigError, load_config
 from common.inputs import Input
 from edge.pulse_filter import PulseFilter
 from emdc.cli import main
+from tests.support import HOUSE_INPUTS
 
-HOUSE = """
-meter_id = "house"
-
-[[inputs]]
-pin = 17
-channel = "active"
-type = "s0"
-per_pulse = 0.1
-
-[[inputs]]
-pin = 27
-channel = "export"
-type = "s0"
-per_pulse = 0.1
-
-[[inputs]]
-pin = 22
-channel = "gas"
-type = "reed"
+HOUSE = HOUSE_INPUTS + """
 
 [[inputs]]
 pin = 23

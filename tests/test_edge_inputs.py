@@ -19,27 +19,9 @@ from edge.service import EdgeService, GpioUnavailable
 from edge.simulator import VirtualClockFactory
 from edge.tick_clock import TickClock
 from emdc.cli import main
-from tests.support import AMQP_URL, Names, declare_queue, queue_depth, wait_until
+from tests.support import AMQP_URL, HOUSE_INPUTS, Names, declare_queue, queue_depth, wait_until
 
-HOUSE = """
-meter_id = "house"
-
-[[inputs]]
-pin = 17
-channel = "active"
-type = "s0"
-per_pulse = 0.1
-
-[[inputs]]
-pin = 27
-channel = "export"
-type = "s0"
-per_pulse = 0.1
-
-[[inputs]]
-pin = 22
-channel = "gas"
-type = "reed"
+HOUSE = HOUSE_INPUTS + """
 
 [[inputs]]
 pin = 23

@@ -37,6 +37,7 @@ from tests.support import (
     Names,
     publish,
     run_emdc,
+    sensor_classes,
     start_writer,
     wait_until,
     writer_env,
@@ -44,13 +45,7 @@ from tests.support import (
 
 pytestmark = [pytest.mark.brokers, pytest.mark.ha_core]
 
-# What the user sees for each sensor: (device class, unit, state class), by the end of its unique id.
-SENSORS = {
-    "active_energy": ("energy", "kWh", "total_increasing"),
-    "active_power": ("power", "kW", "measurement"),
-    "reactive_energy": ("reactive_energy", "kvarh", "total_increasing"),
-    "reactive_power": ("reactive_power", "kvar", "measurement"),
-}
+SENSORS = sensor_classes("active_energy", "active_power", "reactive_energy", "reactive_power")
 # A line of Home Assistant's log at WARNING or above, with its logger.
 PROBLEM = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) \([^)]*\) \[([^\]]+)\]")
 
@@ -341,17 +336,8 @@ def test_the_energy_dashboard_and_the_statistics_accept_every_energy_sensor(mete
 
 
 # A house's meter with import, export (solar), gas and water.
-HOUSE_SENSORS = {
-    "active_energy": ("energy", "kWh", "total_increasing"),
-    "active_power": ("power", "kW", "measurement"),
-    "export_energy": ("energy", "kWh", "total_increasing"),
-    "export_power": ("power", "kW", "measurement"),
-    "gas_volume": ("gas", "m³", "total_increasing"),
-    "gas_flow": ("volume_flow_rate", "m³/h", "measurement"),
-    "gas_energy": ("energy", "kWh", "total_increasing"),
-    "water_volume": ("water", "L", "total_increasing"),
-    "water_flow": ("volume_flow_rate", "L/min", "measurement"),
-}
+HOUSE_SENSORS = sensor_classes("active_energy", "active_power", "export_energy", "export_power", "gas_volume",
+                               "gas_flow", "gas_energy", "water_volume", "water_flow")
 
 
 def test_the_energy_dashboard_takes_import_export_gas_and_water_of_one_meter(meter: Meter, ha: HomeAssistant,

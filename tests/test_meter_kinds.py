@@ -34,7 +34,7 @@ from common.channels import CHANNELS, channel_spec
 from common.config import ConfigError, load_config
 from common.message import MessageError, Pulse, SetTotal, decode_control, encode_control
 from emdc.cli import main
-from tests.support import T0, MqttWatcher, Names, S, deliveries, publish, run_emdc, start_writer
+from tests.support import T0, MqttWatcher, Names, S, deliveries, publish, run_emdc, sensor_classes, start_writer
 from tests.test_writer import RecordingSink
 
 KINDS = ("active", "export", "gas", "water")
@@ -218,16 +218,8 @@ def test_set_total_refuses_a_unit_that_does_not_fit_the_channel(channel: str, fl
 # -- Home Assistant discovery per kind ---------------------------------------------------------
 
 
-EXPECTED_SENSORS = {
-    "active_energy": ("energy", "kWh", "total_increasing"),
-    "active_power": ("power", "kW", "measurement"),
-    "export_energy": ("energy", "kWh", "total_increasing"),
-    "export_power": ("power", "kW", "measurement"),
-    "gas_volume": ("gas", "m³", "total_increasing"),
-    "gas_flow": ("volume_flow_rate", "m³/h", "measurement"),
-    "water_volume": ("water", "L", "total_increasing"),
-    "water_flow": ("volume_flow_rate", "L/min", "measurement"),
-}
+EXPECTED_SENSORS = sensor_classes("active_energy", "active_power", "export_energy", "export_power", "gas_volume",
+                                  "gas_flow", "water_volume", "water_flow")
 
 
 def test_entity_discovery_names_each_kinds_sensors_by_their_topics() -> None:
