@@ -206,15 +206,16 @@ class EnergyWriter:
                 dead.append(DeadLetter(delivery, str(exc)))
                 continue
             known = self.ledger.is_known(pulse.meter)
-            refusal = self.admission.check(self.ledger, pulse.meter, self.clock())
+            now = self.clock()  # once per pulse: admission, liveness and the ledger see the same instant
+            refusal = self.admission.check(self.ledger, pulse.meter, now)
             if refusal:
                 dead.append(DeadLetter(delivery, refusal))
                 continue
             dirty = dirty or not known
-            self.edges.heard_pulse(pulse.meter, self.clock())
+            self.edges.heard_pulse(pulse.meter, now)
             state = self.ledger.channel(pulse.meter, pulse.channel)
             doubted, new_epoch = state.ts_doubt, bool(state.epochs) and pulse.epoch not in state.epochs
-            before_uwh, now = state.total_uwh, self.clock()
+            before_uwh = state.total_uwh
             try:
                 counted = self.ledger.apply(pulse, now, readmitted=delivery.readmitted)
             except Implausible as exc:
