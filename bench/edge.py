@@ -67,9 +67,10 @@ def measure_edge_replay(work: Path, broker: Broker, count: int, profile_dir: Pat
         db = sqlite3.connect(scratch.names.edge_dir / OUTBOX_FILENAME, timeout=30)
         try:
             initial = outbox_depth(db)
-            # One extra simulated pulse: the simulator needs a count, and it checks the drain for us.
+            # One extra simulated pulse: the simulator needs a count, and it checks the drain for us. No status
+            # messages: the queue then holds the pulses alone, which the result's count checks.
             edge = scratch.spawn(["edge", "simulate", "--power", "3600", "--count", "1", "--speed", "max"],
-                                 scratch.edge_env(), "edge", profile=profile_dir is not None)
+                                 scratch.edge_env(EMDC_STATUS_INTERVAL_S=0), "edge", profile=profile_dir is not None)
             # Rows are deleted as the broker confirms them: time from the first delete to an empty outbox.
             first_depth = wait_until(lambda: below(outbox_depth(db), initial), 60, "the first confirm", 0.005)[0]
             started = time.perf_counter()
