@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def count_exactly(edge: MeteredEdge, names: Names, watch: MqttWatcher) -> int:
     wait_until(lambda: edge.produced() >= before + 5, 30, "the meter to pulse")
     produced = edge.meter_off()
     wait_until(lambda: saved_total_uwh(names.writer_dir) == produced * 10**6, 60, "every pulse at the writer")
-    watch.wait_for(total_topic(names), lambda v: v == f"{produced / 1000:.3f}")
+    watch.wait_for(total_topic(names), lambda v: Decimal(v) == Decimal(produced) / 1000)
     return produced
 
 
@@ -88,7 +89,7 @@ def test_a_killed_edge_makes_the_rates_unavailable_and_the_totals_stay(names: Na
     edge.proc.wait()
     edge_is(watch, names, "offline")
     assert "meter main: edge offline (nothing for" in writer.log()
-    assert watch.values[total_topic(names)] == f"{first / 1000:.3f}"  # the total keeps its exact value
+    assert Decimal(watch.values[total_topic(names)]) == Decimal(first) / 1000  # the total keeps its exact value
 
     edge.start()
     edge.meter_on()
@@ -115,7 +116,7 @@ def test_an_edge_cut_off_from_rabbitmq_goes_offline_and_reports_its_backlog_when
         proxy.stop()
         edge.meter_on()  # the Pi counts on into its outbox
         edge_is(watch, names, "offline")
-        assert watch.values[total_topic(names)] == f"{first / 1000:.3f}"
+        assert Decimal(watch.values[total_topic(names)]) == Decimal(first) / 1000
         held = edge.meter_off()
         assert edge.proc.poll() is None  # alive all along: only its link was cut
         seen = len(diagnostics(watch, names))
