@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.amounts import per_rate_unit
+from backend.load_level import LoadLevel
 from backend.trust import jump_doubt, timestamp_doubt
 from common.channels import CHANNELS
 from common.config import Config
@@ -163,6 +164,8 @@ class ChannelState:
     calibrations: list[str] = field(default_factory=list)
     # The channel this is the state of: it decides the units (not saved: the state file's key says it).
     kind: str = "active"
+    # Where the load is now and its recent floor, for the power shown (not saved: learnt again from pulses).
+    level: LoadLevel = field(default_factory=LoadLevel, compare=False, repr=False)
 
     def power_w(self) -> float | None:
         """Mean power over the remembered intervals in pulse units per hour (W, m³/h, L/h), or None if unknown."""
@@ -403,13 +406,17 @@ class Ledger:
         state.ts_doubt = doubt
         if doubt:
             state.intervals_ns = []  # power is unknown until two consecutive trusted pulses
+            state.level.forget()
         elif state.last_ts_ns is None or pulse.ts_ns > state.last_ts_ns:
             consecutive = (cursor is not None and new == 1 and cursor.ts_ns == cursor.trusted_ns
                            and cursor.ts_ns == state.last_ts_ns)
             if consecutive and cursor is not None:
-                state.intervals_ns = [*state.intervals_ns, pulse.ts_ns - cursor.ts_ns][-self.smoothing_pulses:]
+                interval_ns = pulse.ts_ns - cursor.ts_ns
+                state.intervals_ns = [*state.intervals_ns, interval_ns][-self.smoothing_pulses:]
+                state.level.observe(pulse.ts_ns, interval_ns, correct=self.smoothing_pulses == 1)
             else:
                 state.intervals_ns = []
+                state.level.forget()
             state.last_ts_ns = pulse.ts_ns
         return new
 
@@ -468,6 +475,7 @@ class Ledger:
         old = state.wh
         state.wh, state.wh_fixed = wh, True
         state.intervals_ns = []  # power over intervals of the old energy per pulse would be wrong
+        state.level = LoadLevel()
         return old
 
     def to_json(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from gpiozero import DigitalInputDevice
 
+from common import __version__
 from common.config import load_config
 from common.message import decode
 from common.topology import DB_WRITER_BINDINGS
@@ -95,6 +96,9 @@ def test_one_pi_reads_import_export_gas_and_water_each_on_its_own_channel(names:
         "input GPIO23: water, led, 0.5 L per pulse, pulses >= 2 ms, >= 150 ms apart",
     ]
     assert "counter house/gas: 3 pulses" in status and "counter house/water: 4 pulses" in status
+    assert f"software: emdc {__version__}" in status
+    assert any(line.startswith("CPU temperature: ") and (line.endswith(" °C") or line.endswith("by the kernel"))
+               for line in status)
 
 
 def test_a_pin_that_cannot_be_opened_names_its_input(names: Names, tmp_path: Path) -> None:

@@ -83,13 +83,13 @@ def test_rates_are_written_in_the_rate_unit_of_their_kind() -> None:
 
 
 def test_an_idle_bound_is_rounded_down_in_the_rate_unit() -> None:
-    # 1 L a second, then 4.5 s of silence: at most 13.33 L/min, and the pulse is overdue: half of it, 6.666...
-    # L/min, shown as 6.66, never rounded up to 6.67.
+    # 1 L a second, then 4.7 s of silence: at most 12.77 L/min, and the pulse is overdue: 30 % of it, 3.8297...
+    # L/min, shown as 3.82, never rounded up to 3.83.
     water = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[S], kind="water")
-    assert format_rate("water", displayed_power_w(water, 4_500_000_000, 300) or -1) == "6.66"
-    # 0.01 m³, then 27.5 s: half of at most 1.309 m³/h, 0.6545... m³/h.
+    assert format_rate("water", displayed_power_w(water, 4_700_000_000, 300) or -1) == "3.82"
+    # 0.01 m³, then 27.5 s: 30 % of at most 1.309 m³/h, 0.3927... m³/h, shown as 0.392.
     gas = ChannelState(last_ts_ns=0, wh=0.01, intervals_ns=[S], kind="gas")
-    assert format_rate("gas", displayed_power_w(gas, 27_500_000_000, 300) or -1) == "0.654"
+    assert format_rate("gas", displayed_power_w(gas, 27_500_000_000, 300) or -1) == "0.392"
     assert displayed_power_w(gas, 300 * S, 300) == 0.0
 
 

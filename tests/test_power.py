@@ -4,6 +4,7 @@ idle handler keep the published value following it (every second, on change, at 
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend.writer
-from backend.ledger import ChannelState
+from backend.ledger import ChannelState, Ledger
 from backend.memory_transport import MemorySink
 from backend.power import displayed_power_w, physical_bound_w, settled
 from backend.service import idle_handler
@@ -55,24 +56,54 @@ def test_bound_takes_over_once_below_the_measurement():
     assert displayed_power_w(state, now_ns=11 * S, timeout_s=TIMEOUT_S) == 327.0
 
 
-def test_half_the_bound_once_the_pulse_is_overdue():
-    # 12.5 s after the last pulse of a 10 s interval, the load fell: at most 288 W, shown as half of it.
+def test_a_share_of_the_bound_once_the_pulse_is_overdue():
+    # 11.5 s after the last pulse of a 10 s interval, the load fell: at most 313 W, shown as 30 % of it.
     state = ChannelState(last_ts_ns=0, wh=1.0, intervals_ns=[10 * S])
-    assert displayed_power_w(state, now_ns=12 * S, timeout_s=TIMEOUT_S) == 300.0  # 20 % late, not more
-    assert displayed_power_w(state, now_ns=12_500_000_000, timeout_s=TIMEOUT_S) == 144.0
-    # One 1 Wh pulse in 36 s is at most 100 W: 50 W shows.
-    assert displayed_power_w(three_kw(), now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
-    assert displayed_power_w(three_kw(), now_ns=72 * S, timeout_s=TIMEOUT_S) == pytest.approx(25.0)
+    assert displayed_power_w(state, now_ns=11 * S, timeout_s=TIMEOUT_S) == 327.0  # 10 % late, not more
+    assert displayed_power_w(state, now_ns=11_500_000_000, timeout_s=TIMEOUT_S) == 93.0
+    # One 1 Wh pulse in 36 s is at most 100 W: 30 W shows.
+    assert displayed_power_w(three_kw(), now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(30.0)
+    assert displayed_power_w(three_kw(), now_ns=72 * S, timeout_s=TIMEOUT_S) == pytest.approx(15.0)
+
+
+def counted(ledger: Ledger, times_s: list[float]) -> ChannelState:
+    """The channel's state after 1 Wh pulses at ``times_s`` (from T0), counted by ``ledger``."""
+    for seq, t in enumerate(times_s, 1):
+        ledger.apply(pulse(seq, t), now_ns=T0 + round(t * S))
+    return ledger.channel("main", "active")
+
+
+def test_after_a_drop_the_mixed_interval_reads_as_the_level_it_fell_to():
+    # 2 kW (1.8 s), then the kettle is off and 150 W is left: the next interval, 12.9 s, reads 279 W alone.
+    state = counted(Ledger(100_000), [0, 1.8, 3.6, 5.4, 18.3])
+    now = T0 + round(18.3 * S)
+    assert displayed_power_w(state, now_ns=now, timeout_s=TIMEOUT_S) == pytest.approx(150.0)
+    state = counted(Ledger(100_000, smoothing_pulses=2), [0, 1.8, 3.6, 5.4, 18.3])
+    assert displayed_power_w(state, now_ns=now, timeout_s=TIMEOUT_S) == pytest.approx(2 * 3600 / 14.7), \
+        "averaging over pulses takes the intervals as they are"
+
+
+def test_an_overdue_pulse_shows_the_floor_the_load_sat_at_within_the_hour():
+    # An hour and a half at 150 W (24 s), then 2 kW for a minute, then silence: the floor is 150 W.
+    times = [24.0 * i for i in range(226)]
+    times += [times[-1] + 1.8 * i for i in range(1, 34)]
+    state = counted(Ledger(100_000), times)
+    last = T0 + round(times[-1] * S)
+    assert displayed_power_w(state, now_ns=last + 4 * S, timeout_s=TIMEOUT_S) == 270.0  # 30 % of 900 W is more
+    assert displayed_power_w(state, now_ns=last + 10 * S, timeout_s=TIMEOUT_S) == 150.0  # not 30 % of 360 W
+    assert displayed_power_w(state, now_ns=last + 30 * S, timeout_s=TIMEOUT_S) == 120.0  # never above the bound
+    fresh = counted(Ledger(100_000), times[-33:])  # a writer that saw only the 2 kW: no floor
+    assert displayed_power_w(fresh, now_ns=last + 10 * S, timeout_s=TIMEOUT_S) == 108.0
 
 
 def test_bound_uses_the_channel_wh():
     state = ChannelState(last_ts_ns=0, wh=0.5, intervals_ns=[600_000_000])  # 3 kW with 0.5 Wh pulses
-    assert displayed_power_w(state, now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(25.0)
+    assert displayed_power_w(state, now_ns=36 * S, timeout_s=TIMEOUT_S) == pytest.approx(15.0)
 
 
 def test_bound_is_relative_to_the_last_pulse_time():
     state = ChannelState(last_ts_ns=1_000 * S, wh=1.0, intervals_ns=[1_200_000_000])
-    assert displayed_power_w(state, now_ns=1_036 * S, timeout_s=TIMEOUT_S) == pytest.approx(50.0)
+    assert displayed_power_w(state, now_ns=1_036 * S, timeout_s=TIMEOUT_S) == pytest.approx(30.0)
 
 
 def test_zero_at_and_after_the_timeout():
@@ -83,7 +114,7 @@ def test_zero_at_and_after_the_timeout():
 
 def test_timeout_is_configurable():
     assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10) == 0.0
-    assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10.5) == pytest.approx(180.0)
+    assert displayed_power_w(three_kw(), now_ns=10 * S, timeout_s=10.5) == pytest.approx(108.0)
 
 
 def test_smoothed_measurement_is_the_mean_over_intervals():
@@ -137,9 +168,30 @@ def test_displayed_power_is_never_above_the_physical_bound_even_as_published(sta
         assert float(backend.writer.format_rate("active", shown)) * 1000 <= bound, "rounding for display lifted it"
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1, 60), st.lists(st.floats(0.05, 900), max_size=40), st.lists(st.floats(0, 400), min_size=2,
+       max_size=8), st.sampled_from(["active", "water"]))
+def test_with_a_learnt_level_and_floor_the_shown_value_stays_under_the_bound_and_falls_while_idle(
+        base_s: float, intervals_s: list[float], idle_s: list[float], kind: str):
+    """Any load history (an hour at a base level, so that there is a floor, then anything: levels corrected
+    after drops) and any moment while idle."""
+    ledger = Ledger(10**9, max_rates={"water": 10**9})
+    times = list(itertools.accumulate([base_s] * math.ceil(3700 / base_s) + intervals_s, initial=0.0))
+    for seq, t in enumerate(times, 1):
+        ledger.apply(pulse(seq, t, channel=kind), now_ns=T0 + round(t * S))
+    state = ledger.channel("main", kind)
+    last = T0 + round(times[-1] * S)
+    shown = [displayed_power_w(state, last + round(i * S), TIMEOUT_S) for i in sorted(idle_s)]
+    for i, value in zip(sorted(idle_s), shown, strict=True):
+        assert value is not None and 0 <= value <= (state.power_w() or 0)
+        if i > 0:
+            assert value <= physical_bound_w(state, last + round(i * S))
+    assert all(b <= a for a, b in itertools.pairwise(shown)), "the shown value rose while nothing came"
+
+
 def test_the_bound_is_rounded_down_to_whole_watts():
-    # 1 Wh in 18.1 s is at most 198.9 W; half of it, 99.45 W, shows as 99 W, never 0.099 kW... rounded up to "0.100".
-    assert displayed_power_w(three_kw(), now_ns=18_100_000_000, timeout_s=TIMEOUT_S) == 99.0
+    # 1 Wh in 18.1 s is at most 198.9 W; 30 % of it, 59.67 W, shows as 59 W, never 0.05967 kW rounded up to "0.060".
+    assert displayed_power_w(three_kw(), now_ns=18_100_000_000, timeout_s=TIMEOUT_S) == 59.0
 
 
 def test_settled_once_nothing_but_a_pulse_can_change_the_value():

@@ -83,9 +83,9 @@ def test_idle_power_decays_as_an_upper_bound_then_drops_to_zero(tmp_path: Path) 
     writer.refresh_power()
     assert sink.retained["home/energy/active_power"] == "3.600"
 
-    clock.now = T0 + 37 * S  # idle 36 s: no more than 1 Wh in 36 s = 100 W, and the load fell: half of it
+    clock.now = T0 + 37 * S  # idle 36 s: no more than 1 Wh in 36 s = 100 W, and the load fell: 30 % of it
     writer.refresh_power()
-    assert sink.retained["home/energy/active_power"] == "0.050"
+    assert sink.retained["home/energy/active_power"] == "0.030"
 
     clock.now = T0 + 301 * S
     writer.refresh_power()
