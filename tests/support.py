@@ -147,7 +147,8 @@ def amqp_url_at(port: int, host: str = "127.0.0.1") -> str:
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target``; :meth:`cut` drops every live connection, :meth:`hold_replies`
-    holds back what the target sends on the connections open now (until the next cut).
+    holds back what the target sends on the connections open now (until the next cut), :meth:`partition`
+    lets nothing through either way, like a network gone silent (no reset, no refusal), until :meth:`heal`.
 
     Example::
 
@@ -166,6 +167,14 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._holding: frozenset[socket.socket] = frozenset()
+        self._silent = False
+
+    def partition(self) -> None:
+        """Nothing passes either way, and a new connection hangs before it reaches the target."""
+        self._silent = True
+
+    def heal(self) -> None:
+        self._silent = False
 
     def hold_replies(self) -> None:
         """E.g. RabbitMQ's publisher confirms: the client's messages still arrive, their confirms do not."""
@@ -211,17 +220,22 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._pairs.append((client, upstream))
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        while self._silent:
+            time.sleep(0.05)
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._pairs.append((client, upstream))
+            self.connections += 1
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
@@ -231,6 +245,8 @@ class TcpProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                while self._silent:
+                    time.sleep(0.05)
                 sink.sendall(data)
         except OSError:
             pass

@@ -1,6 +1,7 @@
 """Truthful when the Pi is silent: the real `emdc edge run` (mock pin, a meter pulsing it) and the real writer.
 
-A Pi killed with SIGKILL, or alive with its broker link cut, stops being heard:
+A Pi killed with SIGKILL, alive with its broker link cut, or behind a network
+gone silent (nothing passes, nothing is refused), stops being heard:
 within the edge timeout the writer says ``offline`` on the meter's edge topic,
 which the rate sensors' availability includes, while the totals keep their
 exact last value. When the Pi is back its backlog is counted exactly and the
@@ -130,6 +131,33 @@ def test_an_edge_cut_off_from_rabbitmq_goes_offline_and_reports_its_backlog_when
         assert after[0]["outbox"] == held - first and after[0]["pending"] == held - first, after
         wait_until(lambda: diagnostics(watch, names)[-1]["outbox"] == 0, 30, "an empty outbox reported")
         assert "meter main: edge back" in writer.log()
+    finally:
+        edge.end()
+        proxy.stop()
+
+
+def test_an_edge_behind_a_silent_network_goes_offline_and_its_total_is_exact_when_the_network_is_back(
+        names: Names, watch: MqttWatcher, spawn, tmp_path: Path) -> None:
+    writer = writer_with_discovery(spawn, names)
+    proxy = TcpProxy(amqp_parameters().port).start()
+    edge = MeteredEdge(names, tmp_path / "meter", rate=10, EMDC_STATUS_INTERVAL_S=1,
+                       EMDC_AMQP_URL=amqp_url_at(proxy.port))
+    try:
+        edge.start()
+        edge.meter_on()
+        edge_is(watch, names, "online")
+        first = count_exactly(edge, names, watch)
+
+        proxy.partition()  # no reset reaches either side: the edge only learns of it by its heartbeat
+        edge.meter_on()
+        edge_is(watch, names, "offline")
+        assert Decimal(watch.values[total_topic(names)]) == Decimal(first) / 1000
+        assert edge.proc.poll() is None
+        proxy.heal()
+        edge_is(watch, names, "online")
+        produced = count_exactly(edge, names, watch)
+        assert produced > first
+        wait_until(lambda: "meter main: edge back" in writer.log(), 30, "the writer to log the edge back")
     finally:
         edge.end()
         proxy.stop()
