@@ -76,6 +76,10 @@ class TakeoverRefused(Exception):
     """``on_active`` refused to count this queue; the text says why and what to do."""
 
 
+def _link_unwatched(connected: bool) -> None:
+    """Nobody shows this consumer's link."""
+
+
 def _nothing_to_check() -> None:
     return None
 
@@ -86,7 +90,8 @@ class BatchConsumer:
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
                  heartbeat: Heartbeat, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
                  idle_interval_s: float = 1.0, trouble: Callable[[], str] = lambda: "",
-                 on_active: Callable[[], None] = _nothing_to_check) -> None:
+                 on_active: Callable[[], None] = _nothing_to_check,
+                 on_link: Callable[[bool], None] = _link_unwatched) -> None:
         self.config = config
         self.queue = queue
         self.bindings = bindings
@@ -97,6 +102,8 @@ class BatchConsumer:
         self.heartbeat = heartbeat
         self.trouble = trouble
         self.on_active = on_active
+        # Told when the link to RabbitMQ is up (this consumer counting) and when it is lost.
+        self.on_link = on_link
         # Set while this consumer holds the queue's lease (it is the one writer counting it).
         self.active = threading.Event()
         self._refused = ""
@@ -120,6 +127,7 @@ class BatchConsumer:
             except (pika.exceptions.AMQPError, ConsumerCancelled) as exc:
                 self._log_state(f"disconnected from {describe(self.config)} ({reason(exc)}); retrying",
                                 logging.WARNING)
+                self.on_link(False)
                 stop.wait(backoff.next_delay())
             except OSError as exc:
                 # Saving or storing the batch failed (disk full, database down): it stays unacknowledged.
@@ -149,6 +157,7 @@ class BatchConsumer:
             self.on_active()
             self._refused = ""
             self.active.set()
+            self.on_link(True)
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.config.batch_size)
             pending: list[Delivery] = []

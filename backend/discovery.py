@@ -19,10 +19,11 @@ clear after the new config as a conflict), which keeps the entities and
 their history. Only topics that hold a config are touched.
 
 A meter whose edge sends statuses (``edge=True``) also gets diagnostic
-entities (:data:`DIAGNOSTICS`), and its rate sensors are available only while
+entities (:data:`DIAGNOSTICS`: its edge's health and the writer's), and its rate sensors are available only while
 both the writer and the edge say ``online`` (``availability_mode: all``): a
 silent edge makes its rates unavailable, while its totals keep their last
-value. Every entity then names its own availability, since Home Assistant
+value. Every entity then names its own availability (the writer's MQTT link
+has none: a dead writer shows as disconnected), since Home Assistant
 refuses an entity that has both the shared ``availability_topic`` and an
 ``availability`` list.
 
@@ -46,7 +47,15 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.topics import ENERGY_KWH, availability_topic, edge_status_topic, edge_topic, state_topic, value_name
+from backend.topics import (
+    ENERGY_KWH,
+    availability_topic,
+    edge_status_topic,
+    edge_topic,
+    state_topic,
+    value_name,
+    writer_health_topic,
+)
 from common import __version__
 from common.channels import CHANNELS, channel_spec
 
@@ -102,28 +111,38 @@ def sensor_specs(legacy_units: bool, gas_energy: bool = False) -> list[SensorSpe
 
 @dataclass(frozen=True)
 class DiagnosticSpec:
-    """One diagnostic entity of a meter whose edge sends statuses: ``key`` names its value in the edge status
-    topic's JSON (None: the entity reads the edge topic itself)."""
+    """One diagnostic entity of a meter whose edge sends statuses. ``source`` is the topic it reads: ``edge``
+    (online/offline), ``edge_status`` (its JSON), ``writer`` (the writer's availability: online/offline, the
+    entity itself always available, so that a dead writer shows as disconnected) or ``writer_health`` (its
+    JSON); ``key`` names the value in a JSON topic."""
 
     component: str
     name: str
     platform: str
-    key: str | None
+    source: str
+    key: str | None = None
     device_class: str | None = None
     unit: str | None = None
     state_class: str | None = None
 
 
 DIAGNOSTICS = (
-    DiagnosticSpec("edge_connectivity", "Edge connectivity", "binary_sensor", None, "connectivity"),
-    DiagnosticSpec("edge_pending", "Pulses pending", "sensor", "pending", None, "pulses", "measurement"),
-    DiagnosticSpec("edge_outbox", "Edge outbox", "sensor", "outbox", None, "pulses", "measurement"),
-    DiagnosticSpec("edge_last_pulse", "Last pulse", "sensor", "last_pulse", "timestamp"),
-    DiagnosticSpec("edge_rejected", "Rejected noise pulses", "sensor", "rejected", None, "pulses",
+    DiagnosticSpec("edge_connectivity", "Edge connectivity", "binary_sensor", "edge", None, "connectivity"),
+    DiagnosticSpec("edge_pending", "Pulses pending", "sensor", "edge_status", "pending", None, "pulses",
+                   "measurement"),
+    DiagnosticSpec("edge_outbox", "Edge outbox", "sensor", "edge_status", "outbox", None, "pulses", "measurement"),
+    DiagnosticSpec("edge_last_pulse", "Last pulse", "sensor", "edge_status", "last_pulse", "timestamp"),
+    DiagnosticSpec("edge_rejected", "Rejected noise pulses", "sensor", "edge_status", "rejected", None, "pulses",
                    "total_increasing"),
-    DiagnosticSpec("edge_clock_synced", "Clock synchronised", "binary_sensor", "synced"),
-    DiagnosticSpec("edge_version", "Edge software version", "sensor", "version"),
-    DiagnosticSpec("edge_cpu_temperature", "CPU temperature", "sensor", "cpu_c", "temperature", "°C", "measurement"),
+    DiagnosticSpec("edge_clock_synced", "Clock synchronised", "binary_sensor", "edge_status", "synced"),
+    DiagnosticSpec("edge_version", "Edge software version", "sensor", "edge_status", "version"),
+    DiagnosticSpec("edge_cpu_temperature", "CPU temperature", "sensor", "edge_status", "cpu_c", "temperature", "°C",
+                   "measurement"),
+    DiagnosticSpec("writer_mqtt", "Writer connected to MQTT", "binary_sensor", "writer", None, "connectivity"),
+    DiagnosticSpec("writer_rabbitmq", "Writer connected to RabbitMQ", "binary_sensor", "writer_health", "rabbitmq",
+                   "connectivity"),
+    DiagnosticSpec("writer_dead_letters", "Dead letters in the last hour", "sensor", "writer_health",
+                   "dead_letters_hour", None, "messages", "measurement"),
 )
 
 
@@ -134,10 +153,13 @@ class Discovery:
     """Builds the retained discovery messages (topic, JSON payload) for a meter."""
 
     def __init__(self, discovery_prefix: str, topic_prefix: str, style: str = "device",
-                 legacy_units: bool = False, gas_energy: bool = False, availability: str = "") -> None:
+                 legacy_units: bool = False, gas_energy: bool = False, availability: str = "",
+                 health: str = "") -> None:
         self.discovery_prefix = discovery_prefix
         # The availability topic of the writer that counts the meters: its partition's, if partitioned.
         self.availability = availability or availability_topic(topic_prefix)
+        # The health topic of that writer (its RabbitMQ link and dead letters: backend.writer_health).
+        self.health = health or writer_health_topic(topic_prefix)
         self.topic_prefix = topic_prefix
         self.style = style
         self.legacy_units = legacy_units
@@ -227,16 +249,19 @@ class Discovery:
     def _diagnostic(self, meter: str, spec: DiagnosticSpec) -> dict[str, Any]:
         config: dict[str, Any] = {"name": spec.name, "unique_id": f"{self.device_id(meter)}_{spec.component}",
                                   "entity_category": "diagnostic"}
+        topic = {"edge": edge_topic(self.topic_prefix, meter), "writer": self.availability,
+                 "edge_status": edge_status_topic(self.topic_prefix, meter), "writer_health": self.health}[spec.source]
+        config["state_topic"] = topic
         if spec.key is None:
-            config |= {"state_topic": edge_topic(self.topic_prefix, meter), "payload_on": "online",
-                       "payload_off": "offline"}
+            config |= {"payload_on": "online", "payload_off": "offline"}
         else:
-            config |= {"state_topic": edge_status_topic(self.topic_prefix, meter),
-                       "value_template": f"{{{{ value_json.{spec.key} }}}}"}
+            config["value_template"] = f"{{{{ value_json.{spec.key} }}}}"
         for key, value in (("device_class", spec.device_class), ("unit_of_measurement", spec.unit),
                            ("state_class", spec.state_class)):
             if value:
                 config[key] = value
+        if spec.source != "writer":
+            config |= self._availability(meter, False)
         return config
 
     def _availability(self, meter: str, rate: bool) -> dict[str, Any]:
@@ -251,8 +276,7 @@ class Discovery:
         entities = [("sensor", s.component, self._sensor(meter, s)
                      | (self._availability(meter, s.quantity == "power") if edge else {})) for s in specs]
         if edge:
-            entities += [(d.platform, d.component, self._diagnostic(meter, d) | self._availability(meter, False))
-                         for d in DIAGNOSTICS]
+            entities += [(d.platform, d.component, self._diagnostic(meter, d)) for d in DIAGNOSTICS]
         return entities
 
     def messages(self, meter: str, channels: Collection[str] = CHANNELS, edge: bool = False) -> list[tuple[str, str]]:

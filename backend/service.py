@@ -77,7 +77,7 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         consumer = BatchConsumer(config, config.writer_queue(), writer_bindings(config), writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
                                  on_idle=idle_handler(writer, mqtt, config.power_refresh_s, on_pass=on_pass),
-                                 trouble=mqtt.trouble, on_active=on_active)
+                                 trouble=mqtt.trouble, on_active=on_active, on_link=writer.link_changed)
 
         def on_availability(payload: bytes) -> None:
             # The last will of a writer that lost its lease (and then died) must not hide the active one.

@@ -56,6 +56,16 @@ def availability_topic(prefix: str, partition: str = "") -> str:
     return f"{prefix}/status/{partition}" if partition else f"{prefix}/status"
 
 
+def writer_health_topic(prefix: str, partition: str = "") -> str:
+    """Retained JSON: the active writer's RabbitMQ link and dead letters of the last hour
+    (:mod:`backend.writer_health`); one per partition, as its availability.
+
+    >>> writer_health_topic("home/energy"), writer_health_topic("home/energy", "1")
+    ('home/energy/writer_health', 'home/energy/writer_health/1')
+    """
+    return f"{prefix}/writer_health/{partition}" if partition else f"{prefix}/writer_health"
+
+
 def writer_state_topic(prefix: str, partition: str = "") -> str:
     """Retained: the identity of the state the active writer counts in (see :mod:`backend.takeover`); one per
     partition, each of which counts in a state of its own."""

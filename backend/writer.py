@@ -29,7 +29,8 @@ from backend.edge_watch import EdgeWatch
 from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import LedgerStore, StateError, open_store
-from backend.topics import ENERGY_KWH, QUANTITIES, availability_topic, state_topic
+from backend.topics import ENERGY_KWH, QUANTITIES, availability_topic, state_topic, writer_health_topic
+from backend.writer_health import WriterHealth
 from common.channels import CHANNELS, channel_spec
 from common.config import Config
 from common.message import ForgetMeter, MessageError, Pulse, SetPulseEnergy, decode_control
@@ -118,7 +119,7 @@ class EnergyWriter:
                  power_timeout_s: float, clock: Callable[[], int] = time.time_ns,
                  discovery: Discovery | None = None, meters: Iterable[str] = (),
                  channels: Mapping[str, Iterable[str]] | None = None, admit_new_meters: int = 0,
-                 gas_energy: GasEnergy | None = None, edge_timeout_s: float = 90.0) -> None:
+                 gas_energy: GasEnergy | None = None, edge_timeout_s: float = 90.0, health_topic: str = "") -> None:
         self.ledger = ledger
         self.store = store
         self.sink = sink
@@ -136,6 +137,7 @@ class EnergyWriter:
         # meter -> the channels its discovery describes, and whether it includes its edge's diagnostics
         self._announced: dict[str, tuple[tuple[str, ...], bool]] = {}
         self.edges = EdgeWatch(topic_prefix, edge_timeout_s, sink.publish, self._cursor)
+        self.health = WriterHealth(health_topic or writer_health_topic(topic_prefix), sink.publish)
         # Channels whose start Home Assistant has seen: their total is saved, or their 0 was published.
         self._started = {key for key, _ in ledger}
         self.admission = Admission(sorted(self._meters), admit_new_meters)
@@ -174,13 +176,15 @@ class EnergyWriter:
                      channel_spec(channel).total_unit, store.path)
         gas_energy = (GasEnergy(config.gas_calorific_kwh_m3, config.gas_correction_factor)
                       if config.gas_calorific_kwh_m3 else None)
+        health_topic = writer_health_topic(config.topic_prefix, config.partition_label())
         discovery = Discovery(config.discovery_prefix, config.topic_prefix, config.discovery,
                               config.ha_legacy_units, gas_energy=gas_energy is not None,
-                              availability=availability_topic(config.topic_prefix, config.partition_label()))
+                              availability=availability_topic(config.topic_prefix, config.partition_label()),
+                              health=health_topic)
         return cls(ledger, store, sink, config.topic_prefix, config.power_timeout_s, clock, discovery,
                    meters=config.counted_meters(), admit_new_meters=config.admit_new_meters,
                    channels={config.meter_id: configured_channels(config)}, gas_energy=gas_energy,
-                   edge_timeout_s=config.edge_timeout())
+                   edge_timeout_s=config.edge_timeout(), health_topic=health_topic)
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
         """Apply a batch, persist and publish; return the deliveries to dead-letter."""
@@ -254,7 +258,13 @@ class EnergyWriter:
             self.on_saved(booked)
         self._publish(touched, force=False)
         report_held_back(dead, log)
+        if dead:
+            self.health.dead_lettered(len(dead), self.clock())
         return dead
+
+    def link_changed(self, connected: bool) -> None:
+        """The consumer's RabbitMQ link came up or went down (for the writer's health in Home Assistant)."""
+        self.health.link(connected, self.clock())
 
     def reload(self) -> None:
         """Take the saved state as it is now: a shared state that another writer counted on while this one stood
@@ -347,7 +357,9 @@ class EnergyWriter:
         :data:`~backend.power.MIN_PUBLISH_INTERVAL_S` per channel.
         """
         self._publish(sorted(self._live), force=False, energy=False)
-        self.edges.publish(self.clock())
+        now = self.clock()
+        self.edges.publish(now)
+        self.health.publish(now)  # the dead letters of the last hour fall with time alone
 
     def release_held_power(self) -> None:
         """Publish the power values held back by the once-a-second limit, as soon as it allows (cheap when none
@@ -362,6 +374,7 @@ class EnergyWriter:
             self._withdraw(meter)
         self._announced.clear()
         self.edges.publish_all()
+        self.health.publish(self.clock(), force=True)
         for meter in sorted(self._meters | {meter for (meter, _), _ in self.ledger}):
             self._announce(meter)
         self._publish((key for key, _ in self.ledger), force=True)

@@ -7,7 +7,8 @@ which the rate sensors' availability includes, while the totals keep their
 exact last value. When the Pi is back its backlog is counted exactly and the
 edge is ``online`` again. The diagnostics follow the real edge's state: the
 first status after an outage shows the outbox the outage left and the pulses
-the writer has not counted yet.
+the writer has not counted yet. The writer's own health (its RabbitMQ link,
+its dead letters of the last hour) is published beside them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.support import (
     TcpProxy,
     amqp_parameters,
     amqp_url_at,
+    publish,
     saved_total_uwh,
     start_writer,
     wait_until,
@@ -160,4 +162,25 @@ def test_an_edge_behind_a_silent_network_goes_offline_and_its_total_is_exact_whe
         wait_until(lambda: "meter main: edge back" in writer.log(), 30, "the writer to log the edge back")
     finally:
         edge.end()
+        proxy.stop()
+
+
+def test_the_writer_publishes_its_rabbitmq_link_and_dead_letters_for_home_assistant(
+        names: Names, watch: MqttWatcher, spawn) -> None:
+    proxy = TcpProxy(amqp_parameters().port).start()
+    env = names.writer_env(EMDC_DISCOVERY="device", EMDC_DISCOVERY_PREFIX=f"{names.prefix}/ha",
+                           EMDC_AMQP_URL=amqp_url_at(proxy.port))
+    health = f"{names.prefix}/writer_health"
+    try:
+        writer = start_writer(spawn, names, env)
+        watch.wait_for(health, lambda v: json.loads(v) == {"rabbitmq": "ON", "dead_letters_hour": 0})
+        publish(names.exchange, [("pulse.main.active", b"not a pulse")])
+        watch.wait_for(health, lambda v: json.loads(v)["dead_letters_hour"] == 1)
+
+        proxy.stop()
+        watch.wait_for(health, lambda v: json.loads(v)["rabbitmq"] == "OFF")
+        assert writer.proc.poll() is None
+        proxy = TcpProxy(amqp_parameters().port, port=proxy.port).start()
+        watch.wait_for(health, lambda v: json.loads(v) == {"rabbitmq": "ON", "dead_letters_hour": 1}, timeout=60)
+    finally:
         proxy.stop()

@@ -187,6 +187,11 @@ def test_with_an_edge_the_rates_need_it_online_and_the_totals_only_the_writer(st
     assert components["edge_connectivity"]["state_topic"] == "home/energy/garage/edge"
     assert components["edge_cpu_temperature"]["device_class"] == "temperature"
     assert all(components[d.component]["entity_category"] == "diagnostic" for d in DIAGNOSTICS)
+    # The writer's MQTT link reads the writer's availability and has none of its own: off, not unavailable, when
+    # the writer is gone. Its RabbitMQ link and dead letters need the writer, as every other entity.
+    link = components.pop("writer_mqtt")
+    assert link["state_topic"] == "home/energy/status" and "availability" not in link
+    assert components["writer_rabbitmq"]["state_topic"] == "home/energy/writer_health"
     assert all(c["availability_mode"] == "all" for c in components.values())
 
 

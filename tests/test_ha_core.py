@@ -398,7 +398,7 @@ def test_a_silent_edge_makes_the_rates_unavailable_while_the_totals_keep_their_v
         while not silent.wait(1):
             status(3)
 
-    since = ha.log_size()
+    since, started = ha.log_size(), datetime.now(UTC)
     meter.start_writer(EMDC_EDGE_TIMEOUT_S=3)
     meter.wait_for_entities({"active_energy", "active_power"})
     meter.count(3)
@@ -407,7 +407,8 @@ def test_a_silent_edge_makes_the_rates_unavailable_while_the_totals_keep_their_v
     alive = threading.Thread(target=edge_alive, args=(silent,), daemon=True)
     alive.start()
     diagnostics = {"edge_connectivity", "edge_pending", "edge_outbox", "edge_last_pulse", "edge_rejected",
-                   "edge_clock_synced", "edge_version", "edge_cpu_temperature"}
+                   "edge_clock_synced", "edge_version", "edge_cpu_temperature", "writer_mqtt", "writer_rabbitmq",
+                   "writer_dead_letters"}
     entities = meter.wait_for_entities({"active_energy", "active_power"} | diagnostics)
     assert all(entities[name]["entity_category"] == "diagnostic" for name in diagnostics)
     meter.wait_for_state("active_energy", lambda s: s == "0.003", "0.003")
@@ -415,6 +416,9 @@ def test_a_silent_edge_makes_the_rates_unavailable_while_the_totals_keep_their_v
     meter.wait_for_state("edge_connectivity", lambda s: s == "on", "connected")
     meter.wait_for_state("edge_version", lambda s: s == __version__, "the edge's version")
     meter.wait_for_state("edge_rejected", lambda s: s == "1", "1")
+    meter.wait_for_state("writer_mqtt", lambda s: s == "on", "connected")
+    meter.wait_for_state("writer_rabbitmq", lambda s: s == "on", "connected")
+    meter.wait_for_state("writer_dead_letters", lambda s: s == "0", "0")
 
     # The edge falls silent: after the timeout its rates are unavailable, its total keeps its exact value.
     silent.set()
@@ -428,3 +432,17 @@ def test_a_silent_edge_makes_the_rates_unavailable_while_the_totals_keep_their_v
     meter.wait_for_state("active_energy", lambda s: s == "0.005", "0.005")
     meter.wait_for_state("active_power", lambda s: s != "unavailable", "available again")
     assert problems(ha, since, meter) == []
+    # What the recorder kept of the total, which its statistics are compiled from: never unavailable and never
+    # lower than before, so the Energy dashboard sees no reset across the outage.
+    energy = meter.entities()["active_energy"]["entity_id"]
+
+    def recorded() -> list[str] | None:
+        history = ha.ws("history/history_during_period", start_time=started.isoformat(), entity_ids=[energy],
+                        minimal_response=True, no_attributes=True)[energy]
+        values = [h["s"] for h in history]
+        return values if values[-1] == "0.005" else None
+
+    values = wait_until(recorded, 30, "the recorder to hold the last total")
+    first = next(i for i, v in enumerate(values) if v not in ("unavailable", "unknown"))  # before the writer's 0
+    assert "unavailable" not in values[first:] and "unknown" not in values[first:], values
+    assert [float(v) for v in values[first:]] == sorted(float(v) for v in values[first:]), values
