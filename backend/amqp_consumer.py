@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pika
 import pika.exceptions
@@ -45,6 +46,8 @@ from common.topology import (
     consumer_queue_steps,
     dead_letter_exchange,
     lease_queue,
+    status_queue,
+    status_queue_steps,
 )
 
 log = logging.getLogger("emdc.amqp")
@@ -85,16 +88,23 @@ def _nothing_to_check() -> None:
 
 
 class BatchConsumer:
-    """Runs ``handler`` over batches from ``queue`` until ``stop`` is set."""
+    """Runs ``handler`` over batches from ``queue`` until ``stop`` is set.
+
+    With ``status_bindings`` it also reads the edges' statuses from the status queue beside ``queue``
+    (:func:`~common.topology.status_queue`), on a channel of its own and without acknowledgements: a status
+    is replaceable, and read at once, not behind the pulses waiting in ``queue``.
+    """
 
     def __init__(self, config: Config, queue: str, bindings: tuple[str, ...], handler: BatchHandler, *,
                  heartbeat: Heartbeat, name: str = "emdc-writer", on_idle: Callable[[], None] | None = None,
                  idle_interval_s: float = 1.0, trouble: Callable[[], str] = lambda: "",
                  on_active: Callable[[], None] = _nothing_to_check,
-                 on_link: Callable[[bool], None] = _link_unwatched) -> None:
+                 on_link: Callable[[bool], None] = _link_unwatched,
+                 status_bindings: tuple[str, ...] = ()) -> None:
         self.config = config
         self.queue = queue
         self.bindings = bindings
+        self.status_bindings = status_bindings
         self.handler = handler
         self.name = name
         self.on_idle = on_idle
@@ -167,8 +177,14 @@ class BatchConsumer:
                            body: bytes) -> None:
                 pending.append(delivery(method, props, body))
 
+            def on_status(_ch: object, method: pika.spec.Basic.Deliver, props: pika.BasicProperties,
+                          body: bytes) -> None:
+                pending.append(replace(delivery(method, props, body), tag=0))  # nothing to acknowledge
+
             channel.add_on_cancel_callback(cancelled.append)
             channel.basic_consume(self.queue, on_message)
+            if self.status_bindings:
+                self._consume_statuses(connection, on_status)
             next_idle = 0.0
             while not stop.is_set():
                 connection.process_data_events(time_limit=min(self.idle_interval_s, 0.5))
@@ -209,8 +225,11 @@ class BatchConsumer:
         each get one warning line with the way to migrate.
         """
         channel = connection.channel()
-        for what, step in consumer_queue_steps(self.config.exchange, self.queue, self.bindings,
-                                               self.config.queue_type, self.config.delivery_limit):
+        steps = consumer_queue_steps(self.config.exchange, self.queue, self.bindings, self.config.queue_type,
+                                     self.config.delivery_limit)
+        if self.status_bindings:
+            steps += status_queue_steps(self.config.exchange, self.queue, self.status_bindings)
+        for what, step in steps:
             try:
                 step(channel)
             except pika.exceptions.ChannelClosedByBroker as exc:
@@ -223,6 +242,18 @@ class BatchConsumer:
                             "'Upgrade' in the security guide (emdc queue migrate)", what,
                             exc.reply_text.split(" - ", 1)[-1])
                 channel = connection.channel()
+
+    def _consume_statuses(self, connection: pika.BlockingConnection, on_status: Callable[..., None]) -> None:
+        """Read the status queue on a channel of its own; without it (a deployment that does not declare it),
+        one warning, and the writer counts on without statuses."""
+        statuses = status_queue(self.queue)
+        try:
+            connection.channel().basic_consume(statuses, on_status, auto_ack=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            self._log_state(f"no status queue {statuses} on {describe(self.config)}: edges' statuses are not read "
+                            "(see 'Upgrade' in the security guide)", logging.WARNING)
 
     def _take_lease(self, connection: pika.BlockingConnection,
                     stop: threading.Event) -> pika.adapters.blocking_connection.BlockingChannel | None:
@@ -275,4 +306,6 @@ class BatchConsumer:
             headers = {ERROR_HEADER: dead.reason[:1000], ROUTING_KEY_HEADER: dead.delivery.routing_key}
             channel.basic_publish(dead_letter_exchange(self.config.exchange), self.queue, dead.delivery.body,
                                   pika.BasicProperties(delivery_mode=2, headers=headers), mandatory=True)
-        channel.basic_ack(batch[-1].tag, multiple=True)
+        acknowledged = max(d.tag for d in batch)  # statuses (tag 0) need none
+        if acknowledged:
+            channel.basic_ack(acknowledged, multiple=True)

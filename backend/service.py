@@ -16,7 +16,7 @@ from backend.state_store import exclusive_state_dir
 from backend.takeover import claim
 from backend.writer import EnergyWriter
 from common.config import Config
-from common.topology import WRITER_BINDINGS, meter_bindings
+from common.topology import STATUS_BINDINGS, WRITER_BINDINGS, meter_bindings
 
 log = logging.getLogger("emdc.writer")
 # How often a writer that could not ask MQTT whose totals it holds asks again (it counts meanwhile).
@@ -77,7 +77,8 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
         consumer = BatchConsumer(config, config.writer_queue(), writer_bindings(config), writer.handle_batch,
                                  heartbeat=Heartbeat.of(config, WRITER),
                                  on_idle=idle_handler(writer, mqtt, config.power_refresh_s, on_pass=on_pass),
-                                 trouble=mqtt.trouble, on_active=on_active, on_link=writer.link_changed)
+                                 trouble=mqtt.trouble, on_active=on_active, on_link=writer.link_changed,
+                                 status_bindings=writer_bindings(config, STATUS_BINDINGS))
 
         def on_availability(payload: bytes) -> None:
             # The last will of a writer that lost its lease (and then died) must not hide the active one.
@@ -101,16 +102,17 @@ def run_writer(config: Config, stop: threading.Event, *, take_over: bool = False
                 log.info("writer stopped; state saved in %s", writer.store.path)
 
 
-def writer_bindings(config: Config) -> tuple[str, ...]:
-    """What the writer's queue is bound to: everything, or with partitions its own meters' messages alone.
+def writer_bindings(config: Config, bindings: tuple[str, ...] = WRITER_BINDINGS) -> tuple[str, ...]:
+    """What the writer's queue (or its status queue, with :data:`~common.topology.STATUS_BINDINGS`) is bound
+    to: everything, or with partitions its own meters' messages alone.
 
     >>> from common.config import load_config
     >>> writer_bindings(load_config(env={"EMDC_METERS": "main,garage", "EMDC_PARTITIONS": "2"}))[:2]
     ('pulse.main.#', 'control.main.#')
     """
     if config.partitions == 1:
-        return WRITER_BINDINGS
-    return meter_bindings(WRITER_BINDINGS, config.counted_meters())
+        return bindings
+    return meter_bindings(bindings, config.counted_meters())
 
 
 def start_backfill(config: Config, writer: EnergyWriter, stop: threading.Event) -> Backfill | None:

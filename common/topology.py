@@ -19,8 +19,14 @@ STATUS_PREFIX = "status"
 PULSE_BINDING = f"{PULSE_PREFIX}.#"
 CONTROL_BINDING = f"{CONTROL_PREFIX}.#"
 STATUS_BINDING = f"{STATUS_PREFIX}.*"
-WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING, STATUS_BINDING)
+WRITER_BINDINGS = (PULSE_BINDING, CONTROL_BINDING)
+# Statuses wait in a queue of their own beside the writer's (:func:`status_queue`), so that a status is read
+# at once even behind a backlog of pulses: it then shows that backlog as pending.
+STATUS_BINDINGS = (STATUS_BINDING,)
 DB_WRITER_BINDINGS = (PULSE_BINDING,)
+# Only the newest statuses matter: the status queue keeps a few minutes' worth, bounded in count and bytes.
+STATUS_QUEUE_ARGUMENTS = {"x-message-ttl": 300_000, "x-max-length": 100_000, "x-max-length-bytes": 16 * 2**20,
+                          "x-overflow": "drop-head"}
 # Headers of a dead letter: why it was refused, and the routing key it came with.
 ERROR_HEADER = "x-emdc-error"
 ROUTING_KEY_HEADER = "x-emdc-routing-key"
@@ -91,6 +97,16 @@ def dead_letter_exchange(exchange: str) -> str:
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead"
+
+
+def status_queue(queue: str) -> str:
+    """The queue of the edges' statuses for the writer of ``queue``: classic whatever the writer queue is (a
+    status lost with a node is replaced by the next), read only by the writer holding the lease.
+
+    >>> status_queue("queue_mqtt_writer"), status_queue("queue_mqtt_writer.1")
+    ('queue_mqtt_writer.status', 'queue_mqtt_writer.1.status')
+    """
+    return f"{queue}.status"
 
 
 def lease_queue(queue: str) -> str:
@@ -200,6 +216,22 @@ def consumer_queue_steps(exchange: str, queue: str, bindings: tuple[str, ...], q
         (f"queue {queue}", lambda ch: ch.queue_declare(queue=queue, durable=True, arguments=arguments)),
         *((f"binding {key} of {queue}", lambda ch, key=key: ch.queue_bind(queue=queue, exchange=exchange,
                                                                            routing_key=key))
+          for key in bindings),
+    ]
+
+
+def status_queue_steps(exchange: str, queue: str, bindings: tuple[str, ...]) -> list[tuple[str, Callable[[Any], None]]]:
+    """The declarations of the status queue of ``queue``'s writer, bound with ``bindings``; and the unbinding
+    of those from ``queue`` itself, where earlier versions queued statuses with the pulses."""
+    statuses = status_queue(queue)
+    return [
+        (f"queue {statuses}", lambda ch: ch.queue_declare(queue=statuses, durable=True,
+                                                          arguments=STATUS_QUEUE_ARGUMENTS)),
+        *((f"binding {key} of {statuses}", lambda ch, key=key: ch.queue_bind(queue=statuses, exchange=exchange,
+                                                                              routing_key=key))
+          for key in bindings),
+        *((f"no binding {key} of {queue}", lambda ch, key=key: ch.queue_unbind(queue=queue, exchange=exchange,
+                                                                                routing_key=key))
           for key in bindings),
     ]
 

@@ -23,7 +23,7 @@ from backend.mqtt_publisher import MqttPublisher
 from backend.service import idle_handler
 from backend.writer import EnergyWriter
 from common.config import Config
-from common.topology import WRITER_BINDINGS
+from common.topology import STATUS_BINDINGS, WRITER_BINDINGS
 from edge.simulator import EdgeSimulation, SimulationPlan, SimulationResult
 
 log = logging.getLogger("emdc.simulate")
@@ -65,7 +65,8 @@ def run_simulation(config: Config, plan: SimulationPlan,
         from backend.amqp_consumer import BatchConsumer
 
         consume = BatchConsumer(config, config.queue, WRITER_BINDINGS, writer.handle_batch,
-                                heartbeat=Heartbeat.of(config, WRITER), on_idle=on_idle).run
+                                heartbeat=Heartbeat.of(config, WRITER), on_idle=on_idle,
+                                status_bindings=STATUS_BINDINGS).run
     else:
         def consume(event: threading.Event) -> None:
             memory_queue.run(event, writer.handle_batch, on_idle)

@@ -184,3 +184,27 @@ def test_the_writer_publishes_its_rabbitmq_link_and_dead_letters_for_home_assist
         watch.wait_for(health, lambda v: json.loads(v) == {"rabbitmq": "ON", "dead_letters_hour": 1}, timeout=60)
     finally:
         proxy.stop()
+
+
+def test_during_a_writer_backlog_the_status_shows_the_pulses_waiting_for_the_writer(
+        names: Names, watch: MqttWatcher, spawn, edge: MeteredEdge) -> None:
+    # Small batches, so that the backlog takes the writer many batches: statuses are read at once beside them.
+    env = names.writer_env(EMDC_DISCOVERY="device", EMDC_DISCOVERY_PREFIX=f"{names.prefix}/ha",
+                           EMDC_EDGE_TIMEOUT_S=60, EMDC_BATCH_SIZE=5)
+    writer = start_writer(spawn, names, env)
+    edge.start()
+    edge.meter_on()
+    edge_is(watch, names, "online")
+    first = count_exactly(edge, names, watch)
+    writer.stop()
+
+    edge.meter_on()  # the Pi counts and publishes on; the pulses wait in the writer's queue
+    before = edge.produced()
+    wait_until(lambda: edge.produced() >= before + 60, 60, "a backlog of pulses")
+    backlog = edge.meter_off() - first
+    seen = len(diagnostics(watch, names))
+    start_writer(spawn, names, env)
+    wait_until(lambda: saved_total_uwh(names.writer_dir) == (first + backlog) * 10**6, 60, "the backlog counted")
+    pending = [d["pending"] for d in diagnostics(watch, names)[seen:]]
+    assert pending and max(pending) >= backlog // 2, pending  # the status overtook the pulses behind it
+    wait_until(lambda: diagnostics(watch, names)[-1]["pending"] == 0, 30, "nothing pending once counted")
