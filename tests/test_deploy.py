@@ -740,13 +740,16 @@ def test_render_secrets_examples_hold():
     assert result.attempted and not result.failed
 
 
-@pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd"])
+@pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd",
+                                  # Long, but a short period, an ascending run or a word twice: patterns.
+                                  "ab" * 34, "abc" * 14, "0123456789abcdef", "passwordpassword12345678",
+                                  "zyxwvutsrqponmlkjihgfedcba", "Tr0ub4dor" * 3, "aabbccddeeffgghh" * 2])
 def test_render_refuses_weak_passwords_with_one_line(tmp_path, weak):
     secrets_dir = tmp_path / "rabbitmq"
     for user in json.loads(DEFINITIONS.read_text())["users"]:
         write_secret(secrets_dir / user["name"], random_password())
     write_secret(secrets_dir / "emdc-writer", weak)
-    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer is too weak \(about \d+ bits, 64 needed\)"):
+    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer is too weak \(about \d+ bits, 64 needed[;)]"):
         render_secrets.render_definitions(json.loads(DEFINITIONS.read_text()), secrets_dir)
 
 
@@ -800,6 +803,8 @@ def test_init_generates_strong_distinct_passwords_and_keeps_them(tmp_path, capsy
     assert {str(p.relative_to(secrets_dir)) for p in files} == set(render_secrets.PASSWORDS)
     values = [p.read_text().strip() for p in files]
     assert len(set(values)) == len(values) and all(render_secrets.strength_bits(v) >= 128 for v in values)
+    for _ in range(200):  # what init generates always passes
+        render_secrets.check_password("generated", render_secrets.secrets.token_hex(24))
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in files) and secrets_dir.stat().st_mode & 0o777 == 0o700
     assert not any(v in capsys.readouterr().out for v in values)
     writer_url = (secrets_dir / "writer/amqp_url").read_text().strip()
