@@ -971,11 +971,19 @@ def test_quorum_definitions_declare_what_the_writers_declare(tmp_path):
 
 
 def test_definitions_cap_every_queue_in_messages_and_bytes():
+    """The queues the definitions declare, and those a partition's writer declares (``<queue>.<k>``, with its
+    dead letters and lease): one policy each, capping messages and bytes."""
     d = json.loads(DEFINITIONS.read_text())
-    for q in d["queues"]:
-        caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], q["name"])]
-        assert len(caps) == 1, f"{q['name']}: one policy must apply"
-        assert caps[0]["max-length"] > 0 and 0 < caps[0]["max-length-bytes"] <= 256 * 2**20, q["name"]
+    names = [q["name"] for q in d["queues"]]
+    for k in (0, 1, 9, 10, 999):
+        q = topology.partition_queue(Config().queue, k, 1000)
+        names += [q, topology.dead_letter_queue(q), topology.lease_queue(q)]
+    for name in names:
+        caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], name)]
+        assert len(caps) == 1, f"{name}: one policy must apply"
+        assert caps[0]["max-length"] > 0 and 0 < caps[0]["max-length-bytes"] <= 256 * 2**20, name
+    for name in ("queue_mqtt_writer.x", "queue_mqtt_writer.1.x", "queue_mqtt_writerx"):
+        assert not [p for p in d["policies"] if re.search(p["pattern"], name)], name
 
 
 def test_definitions_grant_least_privilege():
@@ -985,12 +993,14 @@ def test_definitions_grant_least_privilege():
     assert [u for u, v in users.items() if v["tags"]] == ["emdc-admin"]
     perms = {p["user"]: p for p in d["permissions"]}
     assert set(perms) == set(users)
-    for name in set(users) - {"emdc-admin"}:
+    for name in set(users) - {"emdc-admin", "emdc-writer"}:
         assert perms[name]["configure"] == "^$", f"{name} may not declare or delete anything"
     for shape in d["edge_accounts"].values():
         assert shape["permissions"] == {"configure": "^$", "write": "^EMDC$", "read": "^$"}
-    # Its queue, and the lease that makes it the one writer counting it.
-    assert perms["emdc-writer"]["read"] == f"^{Config().queue}(\\.active)?$"
+    # Its queue, and the lease that makes it the one writer counting it; with partitions each partition's.
+    assert perms["emdc-writer"]["read"] == f"^(EMDC(\\.dead)?|{Config().queue}(\\.\\d+)?(\\.active)?)$"
+    # A partition's writer declares its queues (not the unpartitioned ones, nor any exchange).
+    assert perms["emdc-writer"]["configure"] == f"^{Config().queue}\\.\\d+(\\.dead|\\.active)?$"
     assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}(\\.active)?$"
 
 
