@@ -430,6 +430,63 @@ def test_a_partitioned_writer_declares_and_consumes_its_partition_and_touches_no
                 conn.channel().queue_delete(q)
 
 
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB$", status, re.M)[1])
+
+
+def writer_peak_over_a_backlog(rabbit: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess],
+                               label: str, body: bytes, count: int) -> int:
+    """Queue ``count`` copies of ``body`` on ``pulse.garage.active`` between 5 genuine pulses of garage, let a
+    fresh writer drain it all, and return its peak RSS in KiB; the genuine total must come out exact."""
+    for q in QUEUES:
+        with rabbit.connect("emdc-admin") as conn:
+            conn.channel().queue_purge(q)
+    genuine = pulses_of("garage", 5)
+    with rabbit.connect("emdc-edge-garage") as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2)
+        for i in range(count):
+            if i % (count // 4) == 0:
+                channel.basic_publish("EMDC", genuine[i * 4 // count].routing_key, encode(genuine[i * 4 // count]),
+                                      props)
+            channel.basic_publish("EMDC", "pulse.garage.active", body, props)
+        channel.basic_publish("EMDC", genuine[4].routing_key, encode(genuine[4]), props)
+    assert depth(rabbit, "queue_mqtt_writer") == count + 5
+    prefix = f"{names.prefix}/{label}"
+    watch = MqttWatcher(f"{prefix}/#")
+    try:
+        writer = deployment_writer(rabbit, names, spawn, "queue_mqtt_writer", EMDC_TOPIC_PREFIX=prefix,
+                                   EMDC_STATE_DIR=names.writer_dir / label)
+        watch.wait_for(f"{prefix}/garage/active_energy", lambda v: v == "0.005", 60)
+        wait_until(lambda: depth(rabbit, "queue_mqtt_writer.dead") == count, 60, "the backlog to be dead-lettered")
+        assert writer.proc.poll() is None
+        peak = peak_rss_kib(writer.proc.pid)
+        assert writer.stop() == 0
+        assert watch.values[f"{prefix}/garage/active_energy"] == "0.005"
+    finally:
+        watch.close()
+    return peak
+
+
+def test_the_writers_memory_does_not_grow_with_the_size_of_what_is_queued(
+        clean: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess]) -> None:
+    """3,000 bodies of the broker's largest size (24 MiB queued) against as many of 100 bytes: the writer holds
+    at most a prefetch of them (``batch_size`` x ``max_message_size``, 4 MiB), so its peak RSS stays within
+    that and some headroom of the small run's, far below what was queued."""
+    limit = int(re.search(r"^max_message_size = (\d+)$", (COMPOSE / "rabbitmq/20-emdc.conf").read_text(), re.M)[1])
+    count = 3000
+    small = writer_peak_over_a_backlog(clean, names, spawn, "small", b"x" * 100, count)
+    big = writer_peak_over_a_backlog(clean, names, spawn, "big", b"x" * limit, count)
+    queued_kib = count * limit // 1024
+    prefetch_kib = 500 * limit // 1024
+    assert big - small <= 2 * prefetch_kib + 8 * 1024, (
+        f"peak RSS {big} KiB with {queued_kib} KiB queued, {small} KiB with small bodies")
+    assert big - small < queued_kib / 2
+
+
 # ====================================================================== upgrade of an earlier install
 
 
