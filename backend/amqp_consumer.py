@@ -236,6 +236,12 @@ class BatchConsumer:
                 if exc.reply_code == 404 and what == f"queue {lease_queue(self.queue)}":
                     channel = connection.channel()  # its node is down: _take_lease says so
                     continue
+                if exc.reply_code == 403 and what.startswith("exchange "):
+                    # An account that may declare its queues but not the exchanges (the deployment's writer
+                    # account, for a partition's queues): the broker definitions made them; they must exist.
+                    channel = connection.channel()
+                    channel.exchange_declare(what.removeprefix("exchange "), passive=True)
+                    continue
                 if exc.reply_code != 406:
                     raise
                 log.warning("%s was declared by an older version (%s); it works as it is. To migrate, see "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ import pika.exceptions
 import pytest
 
 from common import topology
+from common.message import Pulse, encode
 from tests.private_rabbitmq import PrivateRabbitMQ
-from tests.support import Names, wait_until
+from tests.support import EmdcProcess, MqttWatcher, Names, S, wait_until, writer_env
 from tests.test_deploy import COMPOSE, DEFINITIONS, render_secrets, scratch_compose
 from tests.test_doctor import doctor, edge_env, failures
 
@@ -113,7 +115,8 @@ OWN_QUEUE = {"emdc-writer": "queue_mqtt_writer", "emdc-db-writer": "queue_db_wri
 # What each account may publish, (exchange, routing key); everything else in FORBIDDEN_KEYS is refused.
 MAY_PUBLISH = {
     "emdc-edge-garage": {("EMDC", "pulse.garage.active"), ("EMDC", "pulse.garage.reactive"), ("EMDC", "status.garage")},
-    "emdc-writer": {("EMDC", "control.garage"), ("EMDC", "control.shed"), ("EMDC.dead", "queue_mqtt_writer")},
+    "emdc-writer": {("EMDC", "control.garage"), ("EMDC", "control.shed"), ("EMDC.dead", "queue_mqtt_writer"),
+                    ("EMDC.dead", "queue_mqtt_writer.1")},  # a partition's dead letters
     "emdc-db-writer": {("EMDC.dead", "queue_db_writer")},
 }
 PUBLISH_TRIES = (
@@ -122,6 +125,7 @@ PUBLISH_TRIES = (
     ("EMDC", "status.shed"), ("EMDC", "status.garage.x"), ("EMDC", "control.garage"), ("EMDC", "control.shed"),
     ("EMDC", "control.garage.x"), ("EMDC", "x.pulse.garage.active"),
     ("EMDC.dead", "queue_mqtt_writer"), ("EMDC.dead", "queue_db_writer"),
+    ("EMDC.dead", "queue_mqtt_writer.1"), ("EMDC.dead", "queue_db_writer.1"), ("EMDC.dead", "queue_mqtt_writer.x"),
     ("", "queue_mqtt_writer"), ("", "queue_db_writer"), ("", "queue_mqtt_writer.dead"),
     ("amq.topic", "pulse.garage.active"), ("amq.direct", "queue_mqtt_writer"), ("amq.fanout", ""),
 )
@@ -132,7 +136,8 @@ def test_each_account_publishes_only_what_it_may(clean: PrivateRabbitMQ, account
     with clean.connect(account) as conn:
         for exchange, key in PUBLISH_TRIES:
             allowed = (exchange, key) in MAY_PUBLISH[account]
-            refused_now = refused(lambda e=exchange, k=key, m=allowed: publish(conn, e, k, mandatory=m))
+            routed = allowed and key != "queue_mqtt_writer.1"  # no partition's queue exists here
+            refused_now = refused(lambda e=exchange, k=key, m=routed: publish(conn, e, k, mandatory=m))
             verb = "may not" if allowed else "may"
             assert refused_now != allowed, f"{account} {verb} publish {key!r} to {exchange!r}"
 
@@ -280,6 +285,206 @@ def test_queues_are_capped_in_bytes(clean: PrivateRabbitMQ):
     assert 0 < depth(clean, "queue_db_writer.dead") <= cap // len(body)
     sizes = dict(line.split("\t") for line in clean.ctl("list_queues", "name", "message_bytes").splitlines()[1:])
     assert 0 < int(sizes["queue_db_writer.dead"]) <= cap
+
+
+# ====================================================================== the real writer on the deployment's broker
+
+
+def consumers_of(rabbit: PrivateRabbitMQ, queue: str) -> int:
+    with rabbit.connect("emdc-admin") as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+
+
+def deployment_writer(rabbit: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess], queue: str,
+                      **env: object) -> EmdcProcess:
+    """``emdc writer`` as compose runs it (the writer account, the broker's topology), publishing to the test
+    Mosquitto under this test's prefix; started once it consumes ``queue``."""
+    settings = {"EMDC_AMQP_URL": rabbit.url("emdc-writer", rabbit.password("emdc-writer")), "EMDC_EXCHANGE": "EMDC",
+                "EMDC_QUEUE": "queue_mqtt_writer", "EMDC_DECLARE_TOPOLOGY": "false", "EMDC_METERS": ",".join(METERS),
+                **env}
+    writer = spawn(["writer"], writer_env(names, **settings), "writer")
+    wait_until(lambda: writer.proc.poll() is not None or consumers_of(rabbit, queue) > 0, 60, "the writer to consume")
+    assert writer.proc.poll() is None, writer.log()
+    return writer
+
+
+def pulses_of(meter: str, count: int, epoch: str = "e1") -> list[Pulse]:
+    """``count`` plausible 1 Wh pulses of ``meter``, a second apart, the last one now."""
+    now = time.time_ns()
+    return [Pulse(meter, "active", epoch, seq, now - (count - seq) * S, 1.0) for seq in range(1, count + 1)]
+
+
+def forged(key_meter: str, body: Pulse, key_channel: str = "active") -> tuple[str, bytes]:
+    """``body`` published under the routing key of ``key_meter``/``key_channel``: what a Pi may send, naming
+    another meter or channel inside."""
+    return topology.pulse_routing_key(key_meter, key_channel), encode(body)
+
+
+def dead_reasons(rabbit: PrivateRabbitMQ, queue: str) -> list[str]:
+    """Why each message in ``queue`` (a dead-letter queue) was refused, as the writer says in its header."""
+    reasons = []
+    with rabbit.connect("emdc-admin") as conn:
+        channel = conn.channel()
+        while (message := channel.basic_get(queue, auto_ack=False))[0] is not None:
+            reasons.append(str((message[1].headers or {}).get(topology.ERROR_HEADER)))
+        channel.close()  # unacknowledged: they stay
+    return reasons
+
+
+def edge_publish(rabbit: PrivateRabbitMQ, user: str, messages: list[Pulse | tuple[str, bytes]],
+                 password: str | None = None) -> None:
+    with rabbit.connect(user, password) as conn:
+        for message in messages:
+            key, body = (message.routing_key, encode(message)) if isinstance(message, Pulse) else message
+            publish(conn, "EMDC", key, body)
+
+
+@pytest.fixture
+def shared_edge(clean: PrivateRabbitMQ) -> Iterator[str]:
+    """The shared edge user of earlier releases, rendered while its password file exists (as after an upgrade's
+    first step); removed again afterwards. Yields its password."""
+    assert clean.secrets is not None
+    compose_dir = clean.secrets.parent.parent
+    path = clean.secrets / render_secrets.SHARED_EDGE
+    path.write_text(uuid.uuid4().hex + uuid.uuid4().hex + "\n")
+    try:
+        clean.ctl("import_definitions", str(render(compose_dir, compose_dir.parent / "with-shared.json")))
+        yield path.read_text().strip()
+    finally:
+        path.unlink()
+        clean.ctl("delete_user", render_secrets.SHARED_EDGE)
+
+
+def test_a_body_naming_another_meter_than_its_key_is_dead_lettered_by_the_running_writer(
+        clean: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess], shared_edge: str) -> None:
+    """Each Pi's account (and the shared one of earlier releases) may publish its key; the writer refuses a body
+    that names another meter or channel, so the per-Pi permission cannot be bypassed through the body."""
+    watch = MqttWatcher(f"{names.prefix}/#")
+    try:
+        writer = deployment_writer(clean, names, spawn, "queue_mqtt_writer")
+        genuine = pulses_of("garage", 5)
+        shed = pulses_of("shed", 2, epoch="5e")
+        hostile = [forged("garage", shed[0]),  # garage's Pi writing shed's total
+                   forged("garage", Pulse("garage", "reactive", "e1", 1, genuine[0].ts_ns, 1.0))]
+        edge_publish(clean, "emdc-edge-garage", [*genuine[:2], *hostile, *genuine[2:]])
+        legacy = [forged("garage", shed[1]), forged("shed", genuine[4])]
+        edge_publish(clean, render_secrets.SHARED_EDGE, legacy, shared_edge)
+        watch.wait_for(f"{names.prefix}/garage/active_energy", lambda v: v == "0.005")
+        try:
+            wait_until(lambda: depth(clean, "queue_mqtt_writer.dead") == len(hostile) + len(legacy), 20,
+                       "the forged messages to be dead-lettered")
+        finally:
+            reasons = dead_reasons(clean, "queue_mqtt_writer.dead")
+        assert len(reasons) == 4 and all("does not match the body's meter and channel" in r for r in reasons), reasons
+        assert writer.proc.poll() is None
+        assert f"{names.prefix}/shed/active_energy" not in watch.values, "a forged body moved shed's total"
+        assert f"{names.prefix}/garage/reactive_energy" not in watch.values
+        assert writer.stop() == 0
+        assert watch.values[f"{names.prefix}/garage/active_energy"] == "0.005"
+    finally:
+        watch.close()
+
+
+def test_a_partitioned_writer_declares_and_consumes_its_partition_and_touches_nothing_else(
+        clean: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess]) -> None:
+    """With partitions the writers declare their own queues (the definitions cannot know the meters): the writer
+    account may declare, bind and consume ``queue_mqtt_writer.<k>`` and its lease and dead letters, which the
+    policies cap like the unpartitioned ones, and no other queue or exchange."""
+    assert topology.partition_of("garage", 2) == 1 and topology.partition_of("main", 2) == 0
+    queue = topology.partition_queue("queue_mqtt_writer", 1, 2)
+    partition = (queue, topology.dead_letter_queue(queue), topology.lease_queue(queue))
+    watch = MqttWatcher(f"{names.prefix}/#")
+    try:
+        writer = deployment_writer(clean, names, spawn, queue, EMDC_DECLARE_TOPOLOGY="true", EMDC_PARTITIONS=2,
+                                   EMDC_PARTITION=1, EMDC_METERS="garage,main")
+        genuine = pulses_of("garage", 3)
+        edge_publish(clean, "emdc-edge-garage", [genuine[0], forged("garage", pulses_of("shed", 1)[0]), *genuine[1:]])
+        watch.wait_for(f"{names.prefix}/garage/active_energy", lambda v: v == "0.003")
+        wait_until(lambda: depth(clean, partition[1]) == 1, 20, "the forged pulse in the partition's dead letters")
+        assert writer.proc.poll() is None
+        applied = dict(line.split("\t") for line in clean.ctl("list_queues", "name", "policy").splitlines()[1:])
+        assert [applied[q] for q in partition] == ["emdc-backlog-cap", "emdc-dead-letter-cap", "emdc-lease-cap"]
+        with clean.connect("emdc-writer") as conn:
+            for other in ("queue_db_writer.1", "queue_mqtt_writerx", "queue_mqtt_writer.1x", "queue_mqtt_writer"):
+                assert refused(lambda q=other: conn.channel().queue_declare(q, durable=True)), f"declared {other}"
+            for other in ("queue_db_writer", "queue_db_writer.dead", "queue_mqtt_writer.dead", partition[1]):
+                assert refused(lambda q=other: conn.channel().basic_get(q)), f"consumed {other}"
+            assert refused(lambda: conn.channel().queue_bind("queue_db_writer", "EMDC", "pulse.#"))
+            assert refused(lambda: conn.channel().queue_bind(queue, "amq.topic", "#"))
+            assert refused(lambda: conn.channel().exchange_delete("EMDC"))
+            assert refused(lambda: conn.channel().exchange_declare("EMDC", "topic", durable=True))
+            assert refused(lambda: conn.channel().queue_delete("queue_mqtt_writer"))
+            assert publish_refused(conn, "EMDC.dead", "queue_db_writer")
+        with clean.connect("emdc-db-writer") as conn:
+            assert refused(lambda: conn.channel().basic_get(queue))
+            assert refused(lambda: conn.channel().queue_declare("queue_db_writer.1", durable=True))
+        assert writer.stop() == 0
+        assert watch.values[f"{names.prefix}/garage/active_energy"] == "0.003"
+    finally:
+        watch.close()
+        with clean.connect("emdc-admin") as conn:
+            for q in partition:
+                conn.channel().queue_delete(q)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB$", status, re.M)[1])
+
+
+def writer_peak_over_a_backlog(rabbit: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess],
+                               label: str, body: bytes, count: int) -> int:
+    """Queue ``count`` copies of ``body`` on ``pulse.garage.active`` between 5 genuine pulses of garage, let a
+    fresh writer drain it all, and return its peak RSS in KiB; the genuine total must come out exact."""
+    for q in QUEUES:
+        with rabbit.connect("emdc-admin") as conn:
+            conn.channel().queue_purge(q)
+    genuine = pulses_of("garage", 5)
+    with rabbit.connect("emdc-edge-garage") as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2)
+        for i in range(count):
+            if i % (count // 4) == 0:
+                channel.basic_publish("EMDC", genuine[i * 4 // count].routing_key, encode(genuine[i * 4 // count]),
+                                      props)
+            channel.basic_publish("EMDC", "pulse.garage.active", body, props)
+        channel.basic_publish("EMDC", genuine[4].routing_key, encode(genuine[4]), props)
+    assert depth(rabbit, "queue_mqtt_writer") == count + 5
+    prefix = f"{names.prefix}/{label}"
+    watch = MqttWatcher(f"{prefix}/#")
+    try:
+        writer = deployment_writer(rabbit, names, spawn, "queue_mqtt_writer", EMDC_TOPIC_PREFIX=prefix,
+                                   EMDC_STATE_DIR=names.writer_dir / label)
+        watch.wait_for(f"{prefix}/garage/active_energy", lambda v: v == "0.005", 60)
+        wait_until(lambda: depth(rabbit, "queue_mqtt_writer.dead") == count, 60, "the backlog to be dead-lettered")
+        assert writer.proc.poll() is None
+        peak = peak_rss_kib(writer.proc.pid)
+        assert writer.stop() == 0
+        assert watch.values[f"{prefix}/garage/active_energy"] == "0.005"
+    finally:
+        watch.close()
+    return peak
+
+
+def test_the_writers_memory_does_not_grow_with_the_size_of_what_is_queued(
+        clean: PrivateRabbitMQ, names: Names, spawn: Callable[..., EmdcProcess]) -> None:
+    """3,000 bodies of the broker's largest size (24 MiB queued) against as many of 100 bytes: the writer holds
+    at most a prefetch of them (``batch_size`` x ``max_message_size``, 4 MiB), so its peak RSS stays within
+    that and some headroom of the small run's, far below what was queued."""
+    limit = int(re.search(r"^max_message_size = (\d+)$", (COMPOSE / "rabbitmq/20-emdc.conf").read_text(), re.M)[1])
+    count = 3000
+    small = writer_peak_over_a_backlog(clean, names, spawn, "small", b"x" * 100, count)
+    big = writer_peak_over_a_backlog(clean, names, spawn, "big", b"x" * limit, count)
+    queued_kib = count * limit // 1024
+    prefetch_kib = 500 * limit // 1024
+    assert big - small <= 2 * prefetch_kib + 8 * 1024, (
+        f"peak RSS {big} KiB with {queued_kib} KiB queued, {small} KiB with small bodies")
+    assert big - small < queued_kib / 2
 
 
 # ====================================================================== upgrade of an earlier install

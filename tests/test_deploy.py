@@ -406,7 +406,8 @@ SECRET_VARIABLES = {f"EMDC_{s.upper()}" for s in SECRET_SETTINGS} | {"MARIADB_PA
 CREDENTIALS = re.compile(r"://[^/@\s]+:[^/@\s]+@|\$\{\w*PASS")  # user:password@ in a URL, or a password variable
 
 
-@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.tls.yml"])
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.tls-standby.yml",
+                                  "docker-compose.tls-cluster.yml"])
 def test_compose_hands_secrets_over_as_files_only(name):
     """No secret in any environment: each secret setting comes as its _FILE form, naming a mounted secret."""
     doc, base = compose_doc(name), compose_doc()
@@ -414,7 +415,8 @@ def test_compose_hands_secrets_over_as_files_only(name):
         env = svc.get("environment", {})
         assert not SECRET_VARIABLES & set(env), f"{svc_name}: a secret in the environment"
         assert not [v for v in map(str, env.values()) if CREDENTIALS.search(v)], f"{svc_name}: credentials in a value"
-        mounted = {*svc.get("secrets", []), *base["services"][svc_name].get("secrets", [])}
+        standby = compose_doc("docker-compose.standby.yml")["services"]
+        mounted = {*svc.get("secrets", []), *{**standby, **base["services"]}.get(svc_name, {}).get("secrets", [])}
         for key, value in env.items():
             if key.endswith("_FILE") and key[:-5] in SECRET_VARIABLES:
                 assert value.startswith("/run/secrets/") and value.rpartition("/")[2] in mounted, f"{svc_name}: {key}"
@@ -533,7 +535,7 @@ def test_the_erlang_cookie_is_installed_readable_by_rabbitmq_only(tmp_path):
 
 def test_compose_variables_are_all_in_env_example():
     used = {"RABBITMQ_HOST"}  # read by render_secrets.py init for the writers' URL files
-    for name in ("docker-compose.yml", "docker-compose.tls.yml", *SCALING_OVERLAYS):
+    for name in {name for files in TLS_LAYOUTS.values() for name in files}:
         used |= set(VARIABLE.findall((COMPOSE / name).read_text()))
     documented = set(env_example())
     assert used - documented == set(), "add these to .env.example"
@@ -581,6 +583,62 @@ def test_tls_overlay_closes_the_plain_listeners():
     assert listeners(COMPOSE / "mosquitto/tls") == ["listener 8883"]
 
 
+# Every layout with TLS, its files in the order install-server.md and scaling.md give them.
+TLS_LAYOUTS = {
+    "single": ("docker-compose.yml", "docker-compose.tls.yml"),
+    "standby": ("docker-compose.yml", "docker-compose.standby.yml", "docker-compose.tls.yml",
+                "docker-compose.tls-standby.yml"),
+    "cluster": ("docker-compose.yml", "docker-compose.cluster.yml", "docker-compose.tls.yml",
+                "docker-compose.tls-cluster.yml"),
+    "standby+cluster": ("docker-compose.yml", "docker-compose.standby.yml", "docker-compose.cluster.yml",
+                        "docker-compose.tls.yml", "docker-compose.tls-standby.yml", "docker-compose.tls-cluster.yml"),
+}
+
+
+def rabbitmq_listeners(conf: str) -> list[str]:
+    return re.findall(r"^(listeners\.(?:tcp|ssl)\S*) = (\S+)$", conf, re.M)
+
+
+@pytest.mark.parametrize("layout", TLS_LAYOUTS)
+def test_tls_covers_every_broker_node_and_writer_of_the_layout(tmp_path, layout):
+    """``compose config`` of each layout with TLS: every RabbitMQ node loads 30-tls.conf (plain AMQP closed, so
+    nothing listens on the plain port compose still maps), serves the certificates and publishes 5671 on its own
+    host port; every writer reads an amqps:// URL with the CA, and the MQTT writers MQTT over TLS."""
+    compose_dir = scratch_compose(tmp_path)
+    result = compose_config(compose_dir / ".env", *TLS_LAYOUTS[layout], project=compose_dir, quiet=False)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    nodes = {name: svc for name, svc in services.items() if str(svc.get("image", "")).startswith("rabbitmq:")}
+    writers = {name: svc for name, svc in services.items() if svc.get("command", [""])[0] == "emdc"}
+    assert len(nodes) == (3 if "cluster" in layout else 1)
+    assert len(writers) == (3 if "standby" in layout else 2)
+    amqps_ports = []
+    for name, node in nodes.items():
+        mounts = dict(reversed(v.split(":")[:2]) for v in node["volumes"])
+        assert mounts.get("/etc/rabbitmq/conf.d/30-tls.conf") == str(compose_dir / "rabbitmq/30-tls.conf"), name
+        assert mounts.get("/etc/rabbitmq/certs") == str(compose_dir / "certs/rabbitmq"), name
+        # What the node's conf.d says about listeners, all files together: AMQPS only.
+        opened = [pair for target, source in mounts.items() if target.startswith("/etc/rabbitmq/conf.d/")
+                  for pair in rabbitmq_listeners(Path(source).read_text())]
+        assert sorted(opened) == [("listeners.ssl.default", "5671"), ("listeners.tcp", "none")], name
+        published = [port.removesuffix("/tcp").rsplit(":", 2) for port in node["ports"]]
+        amqps_ports += [host for _bind, host, target in published if target == "5671"]
+        assert any(target == "5671" for *_rest, target in published), f"{name} publishes no AMQPS port"
+    assert len(amqps_ports) == len(set(amqps_ports)) == len(nodes), "each node on a host port of its own"
+    for name, writer in writers.items():
+        env = writer["environment"]
+        url_file = env["EMDC_AMQP_URL_FILE"]
+        secret = config["secrets"][url_file.rpartition("/")[2]]
+        assert url_file.rpartition("/")[2] in [s["source"] for s in writer["secrets"]], name
+        assert Path(secret["file"]).read_text().startswith("amqps://"), f"{name} reads a plain AMQP URL"
+        assert env["EMDC_AMQP_CA_FILE"] == "/app/certs/ca.crt", name
+        assert f"{compose_dir / 'certs/ca.crt'}:/app/certs/ca.crt:ro" in writer["volumes"], name
+        if writer["command"] == ["emdc", "writer"]:
+            assert (env["EMDC_MQTT_TLS"], env["EMDC_MQTT_PORT"], env["EMDC_MQTT_CA_FILE"]) == (
+                "true", "8883", "/app/certs/ca.crt"), f"{name} speaks plain MQTT"
+
+
 def compose_config(env_file: Path, *files: str, project: Path = COMPOSE,
                    quiet: bool = True) -> subprocess.CompletedProcess[str]:
     """``compose config`` by whichever compose implementation is installed (no engine needed)."""
@@ -615,8 +673,7 @@ def secret_values(compose_dir: Path) -> list[str]:
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.tls.yml"],
                                    ["docker-compose.yml", "docker-compose.standby.yml"],
                                    ["docker-compose.yml", "docker-compose.cluster.yml"],
-                                   ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.standby.yml",
-                                    "docker-compose.cluster.yml"]])
+                                   list(TLS_LAYOUTS["standby+cluster"])])
 def test_compose_files_validate_and_show_no_secret(tmp_path, files, capsys):
     compose_dir = scratch_compose(tmp_path)
     capsys.readouterr()  # add-edge printed that Pi's URL
@@ -740,13 +797,16 @@ def test_render_secrets_examples_hold():
     assert result.attempted and not result.failed
 
 
-@pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd"])
+@pytest.mark.parametrize("weak", ["aaaaaaaaaaaaaaaaaaaaaaaa", "abcabcabcabcabcabcabc", "0123456789ab", "passw0rd",
+                                  # Long, but a short period, an ascending run or a word twice: patterns.
+                                  "ab" * 34, "abc" * 14, "0123456789abcdef", "passwordpassword12345678",
+                                  "zyxwvutsrqponmlkjihgfedcba", "Tr0ub4dor" * 3, "aabbccddeeffgghh" * 2])
 def test_render_refuses_weak_passwords_with_one_line(tmp_path, weak):
     secrets_dir = tmp_path / "rabbitmq"
     for user in json.loads(DEFINITIONS.read_text())["users"]:
         write_secret(secrets_dir / user["name"], random_password())
     write_secret(secrets_dir / "emdc-writer", weak)
-    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer is too weak \(about \d+ bits, 64 needed\)"):
+    with pytest.raises(render_secrets.RenderError, match=r"emdc-writer is too weak \(about \d+ bits, 64 needed[;)]"):
         render_secrets.render_definitions(json.loads(DEFINITIONS.read_text()), secrets_dir)
 
 
@@ -800,6 +860,8 @@ def test_init_generates_strong_distinct_passwords_and_keeps_them(tmp_path, capsy
     assert {str(p.relative_to(secrets_dir)) for p in files} == set(render_secrets.PASSWORDS)
     values = [p.read_text().strip() for p in files]
     assert len(set(values)) == len(values) and all(render_secrets.strength_bits(v) >= 128 for v in values)
+    for _ in range(200):  # what init generates always passes
+        render_secrets.check_password("generated", render_secrets.secrets.token_hex(24))
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in files) and secrets_dir.stat().st_mode & 0o777 == 0o700
     assert not any(v in capsys.readouterr().out for v in values)
     writer_url = (secrets_dir / "writer/amqp_url").read_text().strip()
@@ -909,11 +971,19 @@ def test_quorum_definitions_declare_what_the_writers_declare(tmp_path):
 
 
 def test_definitions_cap_every_queue_in_messages_and_bytes():
+    """The queues the definitions declare, and those a partition's writer declares (``<queue>.<k>``, with its
+    dead letters and lease): one policy each, capping messages and bytes."""
     d = json.loads(DEFINITIONS.read_text())
-    for q in d["queues"]:
-        caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], q["name"])]
-        assert len(caps) == 1, f"{q['name']}: one policy must apply"
-        assert caps[0]["max-length"] > 0 and 0 < caps[0]["max-length-bytes"] <= 256 * 2**20, q["name"]
+    names = [q["name"] for q in d["queues"]]
+    for k in (0, 1, 9, 10, 999):
+        q = topology.partition_queue(Config().queue, k, 1000)
+        names += [q, topology.dead_letter_queue(q), topology.lease_queue(q)]
+    for name in names:
+        caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], name)]
+        assert len(caps) == 1, f"{name}: one policy must apply"
+        assert caps[0]["max-length"] > 0 and 0 < caps[0]["max-length-bytes"] <= 256 * 2**20, name
+    for name in ("queue_mqtt_writer.x", "queue_mqtt_writer.1.x", "queue_mqtt_writerx"):
+        assert not [p for p in d["policies"] if re.search(p["pattern"], name)], name
 
 
 def test_definitions_grant_least_privilege():
@@ -923,12 +993,14 @@ def test_definitions_grant_least_privilege():
     assert [u for u, v in users.items() if v["tags"]] == ["emdc-admin"]
     perms = {p["user"]: p for p in d["permissions"]}
     assert set(perms) == set(users)
-    for name in set(users) - {"emdc-admin"}:
+    for name in set(users) - {"emdc-admin", "emdc-writer"}:
         assert perms[name]["configure"] == "^$", f"{name} may not declare or delete anything"
     for shape in d["edge_accounts"].values():
         assert shape["permissions"] == {"configure": "^$", "write": "^EMDC$", "read": "^$"}
-    # Its queue, and the lease that makes it the one writer counting it.
-    assert perms["emdc-writer"]["read"] == f"^{Config().queue}(\\.active)?$"
+    # Its queue, and the lease that makes it the one writer counting it; with partitions each partition's.
+    assert perms["emdc-writer"]["read"] == f"^(EMDC(\\.dead)?|{Config().queue}(\\.\\d+)?(\\.active)?)$"
+    # A partition's writer declares its queues (not the unpartitioned ones, nor any exchange).
+    assert perms["emdc-writer"]["configure"] == f"^{Config().queue}\\.\\d+(\\.dead|\\.active)?$"
     assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}(\\.active)?$"
 
 

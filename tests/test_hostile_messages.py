@@ -10,6 +10,7 @@ from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import pika
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,13 +18,14 @@ from backend.ledger import EPOCHS_KEPT, Ledger, wh_to_uwh
 from backend.state_store import StateStore
 from backend.writer import UNKNOWN_REPORTED
 from common.message import ForgetMeter, Pulse, SetPulseEnergy, SetTotal, encode, encode_control
-from common.topology import dead_letter_queue
+from common.topology import ERROR_HEADER, dead_letter_queue
 from edge.outbox import Outbox
 from tests.support import (
     T0,
     MqttWatcher,
     Names,
     S,
+    amqp_parameters,
     deliveries,
     free_port,
     publish,
@@ -357,18 +359,51 @@ def test_an_edge_states_when_its_epoch_began_also_after_a_clean_restart(tmp_path
 
 def test_the_running_writer_dead_letters_hostile_messages_and_counts_the_genuine_meter_exactly(
         names: Names, watch: MqttWatcher, spawn) -> None:
-    writer = start_writer(spawn, names, writer_env(names))
+    """The hostile list, bodies of 6 and 8 KiB (over the schema's limit, under the broker's) and a flood of 300
+    unknown meter ids, between genuine pulses: the writer lives, counts main exactly and announces nothing else,
+    in Home Assistant's discovery (under this test's prefix) or its values."""
+    discovery = f"{names.prefix}/ha"
+    writer = start_writer(spawn, names, writer_env(names, EMDC_DISCOVERY="device", EMDC_DISCOVERY_PREFIX=discovery))
     now = time.time_ns()
     genuine = [Pulse("main", "active", "e1", seq, now - (10 - seq) * S, 1.0) for seq in range(1, 6)]
     hostile = [Pulse("main", "active", "e1", 2**62, now, 1e-300), Pulse("main", "reactive", "e9", 2**63 - 1, now, 1000),
                Pulse("main", "active", "e2", 116, now, 1000.0), Pulse("intruder", "active", "e1", 1, now, 1.0)]
-    publish(names.exchange, [*genuine[:3], *hostile, *genuine[3:]])
+    padded = json.loads(encode(Pulse("main", "active", "e1", 6, now, 1.0))) | {"note": "x" * 6 * 1024}
+    big = [("pulse.main.active", json.dumps(padded).encode()),
+           ("pulse.main.active", b"{" + b" " * (8 * 1024 - 2) + b"}")]
+    flood = [Pulse(f"flood{i:03d}", channel, "e1", seq, now, 1.0)
+             for i in range(300) for channel, seq in (("active", 1), ("reactive", 2**40))]
+    publish(names.exchange, [*genuine[:3], *hostile, *big, *flood, *genuine[3:]])
     watch.wait_for(f"{names.prefix}/active_energy", lambda v: v == "0.005")
-    wait_until(lambda: queue_depth(dead_letter_queue(names.queue)) == len(hostile), 10, "the hostile messages held")
+    held = len(hostile) + len(big) + len(flood)
+    wait_until(lambda: queue_depth(dead_letter_queue(names.queue)) == held, 30, "the hostile messages held")
     assert writer.proc.poll() is None
     assert f"{names.prefix}/intruder/active_energy" not in watch.values
+    # What a Home Assistant subscribing now would get: main's device and values, nothing of the flood.
+    retained = MqttWatcher(f"{names.prefix}/#")
+    try:
+        wait_until(lambda: f"{discovery}/device/emdc_main/config" in retained.values, 10, "main's retained device")
+        time.sleep(0.5)
+        assert retained.values[f"{names.prefix}/active_energy"] == "0.005"
+        strangers = [topic for topic in retained.values if "flood" in topic or "intruder" in topic]
+        assert strangers == [], f"{len(strangers)} retained topics of unknown meters, e.g. {strangers[:3]}"
+    finally:
+        retained.close()
+    assert not [topic for topic in watch.values if "flood" in topic], "published something of an unknown meter"
     assert writer.stop() == 0
     assert "meter 'intruder' is not one this writer counts" in writer.log()
+    reasons = dead_reasons(dead_letter_queue(names.queue))
+    assert len(reasons) == held and len([r for r in reasons if "limit is 4096" in r]) == len(big), reasons[:8]
+
+
+def dead_reasons(queue: str) -> list[str]:
+    """The writer's reason header of every dead letter in ``queue``, taken."""
+    with pika.BlockingConnection(amqp_parameters()) as connection:
+        channel = connection.channel()
+        reasons = []
+        while (message := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            reasons.append(str((message[1].headers or {}).get(ERROR_HEADER)))
+        return reasons
 
 
 # --- the commands ------------------------------------------------------------------------------------

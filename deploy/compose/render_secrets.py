@@ -43,8 +43,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 # Passwords end up inside amqp:// and mysql:// URLs: keep them URL-safe.
 PASSWORD_RE = re.compile(r"^[A-Za-z0-9._~-]+$")
-# len * log2(distinct characters): 0 for "aaaaaaaaaaaa", 192 for `openssl rand -hex 24`.
+# Symbols * log2(distinct characters) (strength_bits): 0 for "aaaaaaaaaaaa", about 190 for `openssl rand -hex 24`.
 MIN_BITS = 64
+# Fewer different characters than this is a pattern, whatever its length (48 random hex digits use 11 or more).
+MIN_DISTINCT = 8
+# A stretch of this many characters seen before in the password adds nothing (a repeated word or period).
+MIN_REPEAT = 3
 # As common.message.validate_meter_id: a meter id is one routing-key word.
 METER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Mosquitto 2.0's default: PBKDF2-SHA512, 101 rounds, 12-byte salt ("$7$").
@@ -73,14 +77,43 @@ class RenderError(Exception):
     """A password or template problem; the message says which and how to fix it."""
 
 
-def strength_bits(value: str) -> float:
-    """A conservative entropy estimate: length times log2 of the distinct characters used.
+def _symbols(value: str) -> int:
+    """How many choices it takes to write ``value`` when repeats and runs come free.
 
-    >>> strength_bits("aaaaaaaaaaaa"), round(strength_bits("0123456789abcdef"))
-    (0.0, 64)
+    A character counts once, except where it continues a run of equal steps
+    (``aaaa``, ``1234``, ``fedc``: only the first two count) or starts a
+    stretch of 3 or more characters already seen earlier (``abcabc...``,
+    ``passwordpassword``: the whole stretch counts as one).
+    """
+    count, i = 0, 0
+    while i < len(value):
+        longest = 0
+        for start in range(i):
+            n = 0
+            while i + n < len(value) and value[start + n] == value[i + n]:
+                n += 1
+            longest = max(longest, n)
+        if longest >= MIN_REPEAT:
+            count, i = count + 1, i + longest
+            continue
+        if i >= 2 and ord(value[i]) - ord(value[i - 1]) == ord(value[i - 1]) - ord(value[i - 2]) in (-1, 0, 1):
+            i += 1
+            continue
+        count, i = count + 1, i + 1
+    return count
+
+
+def strength_bits(value: str) -> float:
+    """A conservative entropy estimate: the symbols it takes to write ``value`` (runs and repeats come free)
+    times log2 of the distinct characters used.
+
+    >>> [round(strength_bits(v)) for v in ("aaaaaaaaaaaa", "ab" * 34, "0123456789abcdef", "passwordpassword1234")]
+    [0, 3, 16, 38]
+    >>> strength_bits("3f9c0a7e5b21d84c6e0f9a3b7d5c1e82") > 100
+    True
     """
     distinct = len(set(value))
-    return len(value) * math.log2(distinct) if distinct > 1 else 0.0
+    return _symbols(value) * math.log2(distinct) if distinct > 1 else 0.0
 
 
 def check_password(label: str, value: str) -> str:
@@ -90,8 +123,10 @@ def check_password(label: str, value: str) -> str:
         raise RenderError(f"{label} is empty: {fix}")
     if not PASSWORD_RE.match(value):
         raise RenderError(f"{label} may only hold A-Z a-z 0-9 . _ ~ - (it goes into URLs): {fix}")
-    if (bits := strength_bits(value)) < MIN_BITS:
-        raise RenderError(f"{label} is too weak (about {bits:.0f} bits, {MIN_BITS} needed): {fix}")
+    bits, distinct = strength_bits(value), len(set(value))
+    if bits < MIN_BITS or distinct < MIN_DISTINCT:
+        few = f"; {distinct} different characters, {MIN_DISTINCT} needed" if distinct < MIN_DISTINCT else ""
+        raise RenderError(f"{label} is too weak (about {bits:.0f} bits, {MIN_BITS} needed{few}): {fix}")
     return value
 
 
