@@ -946,6 +946,9 @@ def test_definitions_match_common_topology():
         expected_queues[topology.lease_queue(q)] = {}
         expected_bindings |= {(exchange, q, key) for key in keys}
         expected_bindings.add((dlx, topology.dead_letter_queue(q), q))
+    statuses = topology.status_queue(Config().queue)  # the MQTT writer's alone
+    expected_queues[statuses] = topology.STATUS_QUEUE_ARGUMENTS
+    expected_bindings |= {(exchange, statuses, key) for key in topology.STATUS_BINDINGS}
     assert {q["name"]: q["arguments"] for q in d["queues"]} == expected_queues
     assert all(q["durable"] and not q["auto_delete"] for q in d["queues"])
     assert {(b["source"], b["destination"], b["routing_key"]) for b in d["bindings"]} == expected_bindings
@@ -963,6 +966,7 @@ def test_quorum_definitions_declare_what_the_writers_declare(tmp_path):
         expected[q] = topology.queue_arguments(exchange, q, "quorum")
         expected[topology.dead_letter_queue(q)] = topology.dead_letter_queue_arguments("quorum")
         expected[topology.lease_queue(q)] = {}  # the lease needs an exclusive consumer: classic
+    expected[topology.status_queue(Config().queue)] = topology.STATUS_QUEUE_ARGUMENTS  # replaceable: classic
     assert {q["name"]: q["arguments"] for q in d["queues"]} == expected
     # A quorum queue's overflow comes from its policy; at-least-once dead-lettering needs reject-publish.
     for q in (Config().queue, Config().db_queue):
@@ -977,7 +981,7 @@ def test_definitions_cap_every_queue_in_messages_and_bytes():
     names = [q["name"] for q in d["queues"]]
     for k in (0, 1, 9, 10, 999):
         q = topology.partition_queue(Config().queue, k, 1000)
-        names += [q, topology.dead_letter_queue(q), topology.lease_queue(q)]
+        names += [q, topology.dead_letter_queue(q), topology.lease_queue(q), topology.status_queue(q)]
     for name in names:
         caps = [p["definition"] for p in d["policies"] if re.search(p["pattern"], name)]
         assert len(caps) == 1, f"{name}: one policy must apply"
@@ -998,9 +1002,9 @@ def test_definitions_grant_least_privilege():
     for shape in d["edge_accounts"].values():
         assert shape["permissions"] == {"configure": "^$", "write": "^EMDC$", "read": "^$"}
     # Its queue, and the lease that makes it the one writer counting it; with partitions each partition's.
-    assert perms["emdc-writer"]["read"] == f"^(EMDC(\\.dead)?|{Config().queue}(\\.\\d+)?(\\.active)?)$"
+    assert perms["emdc-writer"]["read"] == f"^(EMDC(\\.dead)?|{Config().queue}(\\.\\d+)?(\\.active|\\.status)?)$"
     # A partition's writer declares its queues (not the unpartitioned ones, nor any exchange).
-    assert perms["emdc-writer"]["configure"] == f"^{Config().queue}\\.\\d+(\\.dead|\\.active)?$"
+    assert perms["emdc-writer"]["configure"] == f"^{Config().queue}\\.\\d+(\\.dead|\\.active|\\.status)?$"
     assert perms["emdc-db-writer"]["read"] == f"^{Config().db_queue}(\\.active)?$"
 
 
