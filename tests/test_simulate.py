@@ -14,14 +14,30 @@ import pika
 from backend.writer import load_ledger
 from common.config import load_config
 from common.message import decode
-from common.topology import DB_WRITER_BINDINGS
-from tests.support import AMQP_URL, Names, declare_queue, queue_depth, run_emdc, wait_until
+from common.topology import DB_WRITER_BINDINGS, dead_letter_queue
+from tests.support import (
+    AMQP_URL,
+    Names,
+    declare_queue,
+    queue_depth,
+    run_emdc,
+    saved_total_uwh,
+    start_writer,
+    wait_until,
+    writer_env,
+)
 
 
-def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path: Path) -> None:
+def test_repeated_simulations_on_one_state_count_on_and_never_stamp_a_pulse_after_it_was_made(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path)}
-    outputs = [run_emdc(["simulate", "--power", "3600", "--count", "100", "--speed", "max"], env)
-               for _ in range(3)]
+    outputs, last_stamps, ends = [], [], []
+    for _ in range(3):
+        # 36 kW: 10 pulses a second, so each run covers 10 s of simulated time.
+        outputs.append(run_emdc(["simulate", "--power", "36000", "--count", "100", "--speed", "max"], env))
+        ends.append(time.time_ns())
+        _, ledger = load_ledger(load_config(env={"EMDC_STATE_DIR": str(tmp_path)}))
+        assert ledger is not None
+        last_stamps.append(ledger.channel("main", "active").last_ts_ns)
     assert [o.stdout.splitlines()[0] for o in outputs] == [f"home/energy/active_energy = {n / 10:g}"
                                                             for n in (1, 2, 3)]
     assert all("WARNING" not in o.stderr for o in outputs[1:]), outputs[1].stderr
@@ -29,8 +45,12 @@ def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path:
     assert ledger is not None
     state = ledger.channel("main", "active")
     assert state.ts_doubt == "" and state.held_back == 0
-    # Three 100 s runs end after each other, the last one at most a few minutes ahead of now.
-    assert state.last_ts_ns is not None and state.last_ts_ns < time.time_ns() + 300 * 10**9
+    # Never after now: each run's newest pulse is stamped before the run ended, and after the previous run's.
+    assert all(stamp is not None and stamp <= end for stamp, end in zip(last_stamps, ends, strict=True)), \
+        [(stamp - end) / 1e9 for stamp, end in zip(last_stamps, ends, strict=True) if stamp]
+    assert last_stamps == sorted(last_stamps)
+    # A repeat has no room before now for its 10 s: it goes on from the last pulse in real time, and says so.
+    assert all("in real time" in o.stderr for o in outputs[1:]), outputs[1].stderr
 
 
 def sent(stdout: str) -> dict[str, str]:
@@ -86,3 +106,16 @@ def test_the_default_household_returns_solar_power_and_burns_gas() -> None:
     lines = sent(result.stdout)
     assert set(lines) == {"active", "reactive", "export", "gas", "water"}
     assert all(int(lines[channel].split()[0]) > 0 for channel in lines), lines
+
+
+def test_repeated_edge_simulations_into_a_running_writer_are_never_stamped_ahead(names: Names, spawn) -> None:
+    # A writer that allows 2 s of clock difference: a pulse stamped later than it was sent is held back.
+    writer = start_writer(spawn, names, writer_env(names, EMDC_MAX_CLOCK_AHEAD_S=2))
+    # 36 kW: 10 pulses a second, so each run covers 10 s of simulated time in much less at --speed max.
+    args = ["edge", "simulate", "--power", "36000", "--count", "100", "--speed", "max"]
+    for _ in range(2):
+        run_emdc(args, names.edge_env())
+    wait_until(lambda: saved_total_uwh(names.writer_dir) == 200_000_000, 30, "every pulse counted")
+    assert queue_depth(dead_letter_queue(names.queue)) == 0
+    assert writer.stop() == 0
+    assert "ahead of the writer's clock" not in writer.log(), writer.log()
