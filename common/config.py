@@ -243,15 +243,23 @@ class Config:
 def redact_url(url: str) -> str:
     """A URL fit for a log line: its password masked, also when the URL is malformed.
 
+    What cannot be told from a password is masked whole: text that is no URL
+    (a bare password, a second line), or a port that is no number (``user:password``
+    without the ``@``).
+
     >>> redact_url("amqp://edge:S3cret@broker:5672/%2F")
     'amqp://edge:***@broker:5672/%2F'
     >>> redact_url("amqp//edge:S3cret@broker")   # a typo: no scheme, but still a password
     '***@broker'
+    >>> redact_url("amqp://edge:S3cret/"), redact_url("S3cret")
+    ('***', '***')
     """
+    if any(c.isspace() or not c.isprintable() for c in url):  # a comment line, a second line: no URL
+        return "***"
     try:
         parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # e.g. an unclosed [IPv6 address
+        password, _port = parts.password, parts.port
+    except ValueError:  # an unclosed [IPv6 address, or a port that is no number (it may be the password)
         password = None
         parts = None
     if parts is not None and password is not None:
@@ -262,8 +270,8 @@ def redact_url(url: str) -> str:
     if "@" in url:  # not parseable as user:password@host, but may still hold one
         head, _, tail = url.rpartition("@")
         scheme, sep, _ = head.partition("://")
-        return f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
-    return url
+        return f"{scheme}{sep}***@{tail}" if sep and scheme.isalnum() else f"***@{tail}"
+    return "***"
 
 
 def _settings() -> list[Any]:
@@ -420,10 +428,15 @@ def _parse_input(table: dict[str, Any], setting: str, where: str) -> Input:
 
 
 def _read_secret(path: str, origin: str) -> str:
+    """The value a secret file holds: one line (a comment line would become part of the secret)."""
     try:
-        return Path(path).read_text().strip()
+        value = Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{origin}: cannot read secret file {path}: {exc.strerror}") from None
+    if "\n" in value:
+        raise ConfigError(f"{origin}: secret file {path} holds {len(value.splitlines())} lines: it must hold the "
+                          "value alone, on one line, without comments")
+    return value
 
 
 def _coerce(value: Any, kind: type, origin: str, secret: bool = False) -> Any:
@@ -474,8 +487,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"delivery_limit must be between 1 and 1000, got {cfg.delivery_limit}")
     try:
         scheme, port = urlsplit(cfg.amqp_url).scheme, urlsplit(cfg.amqp_url).port
-    except ValueError as exc:  # e.g. a port that is not a number; the URL itself may hold a password
-        raise ConfigError(f"amqp_url is not a valid URL ({exc})") from None
+    except ValueError as exc:  # the parser's message would quote the port, which may be the password
+        why = ("an unclosed [ of an IPv6 address" if "IPv6" in str(exc) else
+               "its port is no number: write it as amqp://user:password@host:5672/%2F, a : or @ in the password "
+               "as %3A or %40")
+        raise ConfigError(f"amqp_url is not a valid URL ({why}), got {redact_url(cfg.amqp_url)!r}") from None
     if scheme not in {"amqp", "amqps"}:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
     if port == 0:
