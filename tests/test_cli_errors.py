@@ -6,20 +6,43 @@ import importlib.util
 
 import pytest
 
-from tests.support import free_port, run_emdc
+from tests.support import AMQP_URL, free_port, run_emdc
+
+COMMANDS = [["dead-letters", "list"], ["dead-letters", "readmit"],
+            ["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", "1", "--new-meter"]]
 
 
-@pytest.mark.parametrize("args", [["dead-letters", "list"], ["dead-letters", "readmit"],
-                                  ["state", "set-total", "--meter", "main", "--channel", "active", "--kwh", "1"]])
-@pytest.mark.parametrize(("host", "why"), [("127.0.0.1", "Connection refused"), ("nonexistent.invalid", "")])
-def test_an_unreachable_broker_is_one_line_with_its_address_and_reason(args: list[str], host: str, why: str) -> None:
+@pytest.mark.parametrize("args", COMMANDS)
+@pytest.mark.parametrize(("host", "why", "fix"), [
+    ("127.0.0.1", "refused the connection", "start RabbitMQ, or correct the host and port in amqp_url"),
+    ("nonexistent.invalid", "the host name 'nonexistent.invalid' does not resolve", "correct the host in amqp_url"),
+])
+def test_an_unreachable_broker_is_one_line_with_its_address_the_reason_and_the_fix(tmp_path, args: list[str],
+                                                                                   host: str, why: str,
+                                                                                   fix: str) -> None:
     url = f"amqp://guest:Secret123@{host}:{free_port()}/%2F"
-    result = run_emdc(args, {"EMDC_AMQP_URL": url, "PATH": "/usr/bin:/bin"}, check=False)
+    result = run_emdc(args, {"EMDC_AMQP_URL": url, "EMDC_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                      check=False)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"Error: RabbitMQ at amqp://guest:***@{host}:") and why in lines[0]
+    assert lines[0].startswith(f"Error: RabbitMQ at amqp://guest:***@{host}:") and why in lines[0], lines[0]
+    assert f". Fix: {fix}" in lines[0], lines[0]
     assert "Secret123" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("args", COMMANDS)
+def test_a_wrong_password_is_one_line_naming_the_user_and_the_fix(brokers: None, tmp_path, args: list[str]) -> None:
+    url = AMQP_URL.replace("guest:guest@", "guest:not-the-password@")  # the real RabbitMQ, a wrong password
+    assert url != AMQP_URL
+    env = {"EMDC_AMQP_URL": url, "EMDC_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = run_emdc(args, env, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "authentication failed: " in lines[0] and "refused user 'guest' and its password. Fix: correct the " \
+        "user and password in amqp_url" in lines[0], lines[0]
+    assert "not-the-password" not in result.stderr and "ConnectionClosedByBroker" not in result.stderr
 
 
 def test_set_total_refuses_a_meter_the_writer_does_not_know_unless_told_it_is_new(tmp_path) -> None:
