@@ -349,10 +349,28 @@ def _read_toml(path: Path) -> list[tuple[str, Any, str]]:
             entries.append((key, value, key))
             continue
         for sub, sub_value in value.items():
+            if isinstance(sub_value, dict) and sub_value:  # no setting is a table: name its keys by their path
+                entries += [(leaf, leaf_value, f"{key}.{sub}.{path}") for leaf, leaf_value, path in _leaves(sub_value)]
+                continue
             prefixed = f"{key}_{sub}"
             is_known = prefixed in known or (prefixed.endswith("_file") and prefixed[:-5] in known)
             entries.append((prefixed if is_known else sub, sub_value, f"{key}.{sub}"))
     return entries
+
+
+def _leaves(table: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, dotted path) of every non-table value in ``table``, however deep.
+
+    >>> _leaves({"gpio": {"active": 3}, "x": 1})
+    [('active', 3, 'gpio.active'), ('x', 1, 'x')]
+    """
+    found: list[tuple[str, Any, str]] = []
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            found += [(leaf, leaf_value, f"{key}.{path}") for leaf, leaf_value, path in _leaves(value)]
+        else:
+            found.append((key, value, key))
+    return found
 
 
 def _build(raw: list[tuple[str, Any, str]]) -> Config:

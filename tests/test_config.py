@@ -484,3 +484,13 @@ def test_a_secret_file_of_more_than_one_line_is_refused_naming_the_file_not_its_
                                             ("amqp://host:5672/%2F", "amqp://host:5672/%2F")])
 def test_redact_url_masks_what_it_cannot_tell_from_a_password(url: str, shown: str):
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("[edge.gpio]\nactive = 3\n", r"edge\.gpio\.active: unknown setting 'active'"),
+    ("[a.b.c]\nd = 1\n", r"a\.b\.c\.d: unknown setting 'd'"),
+    ("[mqtt]\ntls = {on = true}\n", r"mqtt\.tls\.on: unknown setting 'on'"),
+])
+def test_a_key_in_a_nested_table_is_named_by_its_full_path(toml, text: str, path: str):
+    with pytest.raises(ConfigError, match=path):
+        load_config(toml(text), env={})
