@@ -88,3 +88,26 @@ def test_a_state_dir_under_a_file_is_one_line_naming_the_setting(tmp_path, comma
     assert result.returncode == 78
     assert result.stderr.strip() == (f"Error: state_dir {tmp_path / 'a-file' / 'state'} cannot be created "
                                      "(Not a directory: a part of the path is a file)")
+
+
+@pytest.mark.parametrize(("env", "error", "cause"), [
+    ({"GPIOZERO_PIN_FACTORY": "nonsense"}, "Error: no GPIO access here", "BadPinFactory"),
+    ({"EMDC_ACTIVE_PIN": "99"}, "Error: configuration: active_pin must be a BCM GPIO number", "ConfigError"),
+    ({"EMDC_AMQP_URL": "amqp://edge:S3cretPw/"}, "Error: configuration: amqp_url is not a valid URL", "ConfigError"),
+])
+@pytest.mark.parametrize("debug", [["--log-level", "debug"], [], "EMDC_LOG_LEVEL"])
+def test_a_start_up_failure_shows_its_traceback_only_at_debug_and_never_a_secret(tmp_path, env: dict[str, str],
+                                                                                 error: str, cause: str,
+                                                                                 debug: list[str] | str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "EMDC_STATE_DIR": str(tmp_path), **env}
+    if debug == "EMDC_LOG_LEVEL":
+        env, debug = {**env, "EMDC_LOG_LEVEL": "DEBUG"}, []
+    result = run_emdc([*debug, "edge", "run"], env, check=False)
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(error), result.stderr
+    if "EMDC_LOG_LEVEL" in env or debug:
+        assert "Traceback (most recent call last)" in result.stderr and cause in result.stderr, result.stderr
+    else:
+        assert len(lines) == 1, result.stderr
+    assert "S3cretPw" not in result.stderr
