@@ -244,17 +244,17 @@ def redact_url(url: str) -> str:
     """A URL fit for a log line: its password masked, also when the URL is malformed.
 
     What cannot be told from a password is masked whole: text that is no URL
-    (a bare password, a second line), or a port that is no number (``user:password``
-    without the ``@``).
+    (a bare password, more than one line), or a port that is no number
+    (``user:password`` without the ``@``).
 
     >>> redact_url("amqp://edge:S3cret@broker:5672/%2F")
     'amqp://edge:***@broker:5672/%2F'
     >>> redact_url("amqp//edge:S3cret@broker")   # a typo: no scheme, but still a password
     '***@broker'
-    >>> redact_url("amqp://edge:S3cret/"), redact_url("S3cret")
-    ('***', '***')
+    >>> redact_url("amqp://edge:S3cret/"), redact_url("S3cret"), redact_url("sqlite:////var/lib/emdc/pulses.db")
+    ('***', '***', 'sqlite:////var/lib/emdc/pulses.db')
     """
-    if any(c.isspace() or not c.isprintable() for c in url):  # a comment line, a second line: no URL
+    if not url.isprintable():  # a second line (a comment in a secret file), a tab: no URL
         return "***"
     try:
         parts = urlsplit(url)
@@ -265,8 +265,8 @@ def redact_url(url: str) -> str:
     if parts is not None and password is not None:
         netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
         return urlunsplit(parts._replace(netloc=netloc))
-    if parts is not None and parts.scheme and parts.netloc:  # a well-formed URL without a password
-        return url
+    if parts is not None and parts.scheme and (parts.netloc or parts.path.startswith("/")):
+        return url  # a well-formed URL without a password (sqlite:///path has no host)
     if "@" in url:  # not parseable as user:password@host, but may still hold one
         head, _, tail = url.rpartition("@")
         scheme, sep, _ = head.partition("://")
