@@ -45,6 +45,8 @@ from edge.tick_clock import TickClock
 
 log = logging.getLogger("emdc.simulate")
 STATES_KEPT = 64
+# How much longer than its speed asks a repeated run may take by going on in real time before it is refused.
+REAL_TIME_LIMIT_S = 60.0
 MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months), W/var (10 MW), m³/h or L/min
 # Channel -> (its column in a profile step, the seconds of the column's time unit): W and var are Wh and varh per
 # hour, gas flows in m³ per hour, water in litres per minute.
@@ -278,6 +280,10 @@ class SimulatedMeter:
         return self.active_pulses
 
 
+class SimulationRefused(RuntimeError):
+    """A run cannot be stamped truthfully without going on in real time for long; the text names the fix."""
+
+
 @dataclass(frozen=True)
 class SimulationPlan:
     """What to simulate: a load and when to stop (``count`` active pulses and/or ``duration_s``)."""
@@ -322,16 +328,25 @@ class EdgeSimulation:
         # overlap a previous run on the same store (that would stamp pulses before ones already counted),
         # and never stamp a pulse after the moment it is made (the writer does not trust such times). A
         # run without room before now therefore goes on from the store's last pulse in real time.
+        # A run that would go on in real time for long is refused instead: no one waits an hour unasked.
         speedup = 1 - 1 / plan.speed if plan.speed else 1
         duration_s = self.meter.duration_for(plan.count, plan.duration_s)
         now_ns = time.time_ns()
         last_ns = last_recorded_ns(Path(config.state_dir) / FILENAME)
-        start_ns = max(now_ns - round(duration_s * speedup * 1e9), last_ns + 10**9)
-        if start_ns > now_ns - round(duration_s * speedup * 1e9):
+        fits_ns = now_ns - round(duration_s * speedup * 1e9)  # the start that ends the run about now
+        start_ns = max(fits_ns, last_ns + 10**9)
+        if start_ns > fits_ns:
+            longer_s = (start_ns - fits_ns) / 1e9  # than the run takes at its speed
+            last = time.strftime("%H:%M:%S", time.localtime(last_ns / 1e9))
+            if longer_s > REAL_TIME_LIMIT_S:
+                free = time.strftime("%H:%M:%S", time.localtime((last_ns + 10**9) / 1e9 + duration_s * speedup))
+                raise SimulationRefused(
+                    f"state_dir {config.state_dir} holds pulses up to {last}: this run of {duration_s:.0f} simulated "
+                    f"s has no room before now, and going on from there in real time would take {longer_s:.0f} s "
+                    f"longer; give it another --state-dir, remove {config.state_dir}, or run it after {free}")
             log.info("the state in %s holds pulses up to %s, so this run has no room before now: it goes on from "
                      "there in real time (about %.0f s); for a fast run give it another state dir",
-                     config.state_dir, time.strftime("%H:%M:%S", time.localtime(last_ns / 1e9)),
-                     (start_ns - now_ns) / 1e9 + duration_s)
+                     config.state_dir, last, (start_ns - now_ns) / 1e9 + duration_s)
         shift_ns = start_ns - time.time_ns()
         self.clock = TickClock(self.factory.ticks, wall_ns=lambda: time.time_ns() + shift_ns, follow_wall_clock=False)
         # Simulated time 0 is this instant: pulses are driven relative to it, not to when run()

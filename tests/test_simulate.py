@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pika
+import pytest
 
 from backend.writer import load_ledger
 from common.config import load_config
@@ -19,6 +20,7 @@ from tests.support import (
     AMQP_URL,
     Names,
     declare_queue,
+    free_port,
     queue_depth,
     run_emdc,
     saved_total_uwh,
@@ -51,6 +53,25 @@ def test_repeated_simulations_on_one_state_count_on_and_never_stamp_a_pulse_afte
     assert last_stamps == sorted(last_stamps)
     # A repeat has no room before now for its 10 s: it goes on from the last pulse in real time, and says so.
     assert all("in real time" in o.stderr for o in outputs[1:]), outputs[1].stderr
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["edge", "simulate"]])
+def test_a_repeat_that_would_run_long_in_real_time_is_refused_in_one_line_naming_the_state_dir(
+        tmp_path: Path, command: list[str]) -> None:
+    env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path)}
+    run_emdc(["simulate", "--power", "3600", "--duration", "120", "--speed", "max"], env)
+    # Two minutes more have no room before now: they would take two minutes in real time. (The refusal comes
+    # before any broker is reached.)
+    started = time.monotonic()
+    result = run_emdc([*command, "--power", "3600", "--duration", "120", "--speed", "max"],
+                      {**env, "EMDC_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"}
+                      if command[0] == "edge" else env, check=False, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"Error: state_dir {tmp_path} holds pulses up to "), result.stderr
+    assert "give it another --state-dir" in lines[-1] and "Traceback" not in result.stderr
+    assert all(" INFO " in line for line in lines[:-1]), result.stderr  # emdc simulate says what it uses first
 
 
 def sent(stdout: str) -> dict[str, str]:
