@@ -40,15 +40,17 @@ def exact_decimal(_ctx: click.Context, _param: click.Parameter, value: str | Non
 
 @contextlib.contextmanager
 def rabbitmq_failures(config: Config) -> Iterator[None]:
-    """Turn a broker failure into one line naming the broker (without its password) and the reason."""
+    """Turn a broker failure into one line naming the broker (without its password), what failed and the fix,
+    in the words of ``emdc doctor``."""
     import pika.exceptions
 
-    from common.amqp import describe, reason
+    from common.amqp import describe, diagnose
 
     try:
         yield
     except (pika.exceptions.AMQPError, OSError) as exc:  # OSError: the host name does not resolve
-        raise click.ClickException(f"RabbitMQ at {describe(config)}: {reason(exc)}") from None
+        what, fix = diagnose(config, exc)
+        raise click.ClickException(f"RabbitMQ at {describe(config)}: {what}. Fix: {fix}") from None
 
 
 def check_heartbeat(config: Config, service: str, max_age_s: float) -> None:

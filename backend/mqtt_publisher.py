@@ -9,8 +9,12 @@ random delay, when Home Assistant announces itself with its birth message.
 
 Mosquitto drops a publish its ACL denies without telling the client. So the
 publisher sends itself a message on ``<topic_prefix>/echo`` after every
-connect and watches for it to come back (:class:`EchoWatch`); if it does not,
-:meth:`MqttPublisher.trouble` says so. The same echo marks the end of the
+connect, and on ``<discovery_prefix>/echo`` unless discovery is off (no
+discovery config, so Home Assistant ignores it), and watches for each to
+come back (:class:`EchoWatch`); if one does not, :meth:`MqttPublisher.trouble`
+says so. :meth:`MqttPublisher.delivered` sends both again and waits for them:
+the broker delivers a client's messages in order, so once they are back,
+everything published before them has arrived. The topic_prefix echo also marks the end of the
 retained messages of a scan (:meth:`MqttPublisher.scan_retained`): the broker
 sends a subscription's retained messages before anything published later.
 :meth:`MqttPublisher.hold` keeps a topic's next values back for a moment, so
@@ -26,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -55,13 +60,29 @@ class MqttFailure(RuntimeError):
     """A one-shot publication failed; the message names the broker, the reason and the fix."""
 
 
-def acl_trouble(config: Config) -> str:
-    """The one line for publishes the broker drops: the topic, the ACL and the fix."""
+def acl_trouble(config: Config, setting: str = "topic_prefix") -> str:
+    """The one line for publishes the broker drops under the prefix ``setting`` names: the topic, the ACL and
+    the fix."""
     who = f"user {config.mqtt_username!r}" if config.mqtt_username else "anonymous clients"
+    prefix = getattr(config, setting)
     return (f"the MQTT broker {config.mqtt_host}:{config.mqtt_port} drops what is published on "
-            f"{echo_topic(config.topic_prefix)} (nothing came back): its ACL does not let {who} read and write "
-            f"topic_prefix {config.topic_prefix!r}; add 'topic readwrite {config.topic_prefix}/#' for that user to "
-            "the ACL, or set topic_prefix to a topic it allows")
+            f"{echo_topic(prefix)} (nothing came back): its ACL does not let {who} read and write "
+            f"{setting} {prefix!r}; add 'topic readwrite {prefix}/#' for that user to the ACL, or set {setting} "
+            "to a topic it allows")
+
+
+def echo_settings(config: Config) -> dict[str, str]:
+    """Echo topic -> the setting of the prefix it proves: topic_prefix, and discovery_prefix unless discovery
+    is off.
+
+    >>> from common.config import load_config
+    >>> echo_settings(load_config(env={}))
+    {'home/energy/echo': 'topic_prefix', 'homeassistant/echo': 'discovery_prefix'}
+    """
+    settings = {echo_topic(config.topic_prefix): "topic_prefix"}
+    if config.discovery != "off":
+        settings.setdefault(echo_topic(config.discovery_prefix), "discovery_prefix")
+    return settings
 
 
 class EchoWatch:
@@ -139,7 +160,11 @@ class MqttPublisher:
         self.echo_topic = echo_topic(config.topic_prefix)
         self._echo_id = secrets.token_hex(6)  # tells this client's echoes from those of another one
         self._echo_count = itertools.count(1)  # next() on it is atomic: both the paho and the writer thread use it
-        self._echo = EchoWatch()
+        self._echo_settings = echo_settings(config)
+        self._echoes = {topic: EchoWatch() for topic in self._echo_settings}
+        self._echo = self._echoes[self.echo_topic]
+        self._returned: collections.deque[str] = collections.deque(maxlen=64)  # the latest echoes back
+        self._echo_back = threading.Condition(self._lock)
         self._scan: RetainedScan | None = None
         self._scan_lock = threading.Lock()
         self._held: dict[str, tuple[float, tuple[str, bool] | None]] = {}  # topic -> (until, what to publish)
@@ -157,10 +182,33 @@ class MqttPublisher:
         """Why values do not reach the broker right now, or ``""``: the writer's health check reads it, because
         a writer that counts while Home Assistant receives nothing is not healthy."""
         with self._lock:
-            if not self._trouble and self._echo.lost(time.monotonic()):
-                self._trouble = acl_trouble(self.config)
+            lost = [topic for topic, echo in self._echoes.items() if echo.lost(time.monotonic())]
+            if not self._trouble and lost:
+                self._trouble = acl_trouble(self.config, self._echo_settings[lost[0]])
                 log.error("%s", self._trouble)
             return self._trouble
+
+    def delivered(self, timeout_s: float = ECHO_TIMEOUT_S) -> str:
+        """Whether what was published so far reached the broker's subscribers: ``""``, or why not.
+
+        Sends an echo under every watched prefix (after what is held back) and waits for them to come back:
+        the broker delivers a client's messages in order. For a one-shot run (``emdc simulate``) that must
+        not say done before its values arrived.
+        """
+        self._release(everything=True)
+        if not self.connected.is_set():
+            return self.trouble() or f"not connected to the MQTT broker {self._where}"
+        tokens = {topic: self._echo_token() for topic in self._echoes}
+        for topic, token in tokens.items():
+            self._send_echo(token, topic)
+        deadline = time.monotonic() + timeout_s
+        with self._echo_back:
+            while (missing := [t for t, token in tokens.items() if token not in self._returned]) and \
+                    (left := deadline - time.monotonic()) > 0:
+                self._echo_back.wait(left)
+        if not missing:
+            return ""
+        return self.trouble() or acl_trouble(self.config, self._echo_settings[missing[0]])
 
     def _in_trouble(self, why: str) -> None:
         """One log line when values stop reaching the broker, or when the reason changes."""
@@ -250,10 +298,11 @@ class MqttPublisher:
     def _echo_token(self) -> str:
         return f"{self._echo_id} {next(self._echo_count)}"
 
-    def _send_echo(self, token: str) -> None:
+    def _send_echo(self, token: str, topic: str | None = None) -> None:
+        topic = topic or self.echo_topic
         with self._lock:
-            self._echo.sent(time.monotonic())
-        self.client.publish(self.echo_topic, token, qos=1, retain=False)
+            self._echoes[topic].sent(time.monotonic())
+        self.client.publish(topic, token, qos=1, retain=False)
 
     def stop(self) -> None:
         """Say ``offline`` and disconnect cleanly."""
@@ -275,12 +324,14 @@ class MqttPublisher:
         log.info("connected to MQTT broker %s", self._where)
         with self._lock:
             self._trouble = ""
-            self._echo.came_back()
+            for echo in self._echoes.values():
+                echo.came_back()
         self.connected.set()
         client.publish(self.availability, "online", qos=1, retain=True)
-        for topic in [*self._extra_subscriptions, self.echo_topic]:
+        for topic in [*self._extra_subscriptions, *self._echoes]:
             client.subscribe(topic, qos=1)
-        self._send_echo(self._echo_token())
+        for topic in self._echoes:
+            self._send_echo(self._echo_token(), topic)
         self.request_republish()
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
@@ -296,20 +347,22 @@ class MqttPublisher:
         scan = self._scan
         if scan is not None:
             scan.offer(message)
-        if message.topic == self.echo_topic:
-            self._echo_came_back(message.payload)
+        if message.topic in self._echoes:
+            self._echo_came_back(message.topic, message.payload)
             return
         callback = self._extra_subscriptions.get(message.topic)
         if callback:
             callback(message.payload)
 
-    def _echo_came_back(self, payload: bytes | bytearray) -> None:
+    def _echo_came_back(self, topic: str, payload: bytes | bytearray) -> None:
         if not payload.startswith(f"{self._echo_id} ".encode()):
-            return  # another client with the same topic_prefix
+            return  # another client with the same prefix
         with self._lock:
-            self._echo.came_back()
-            if self._trouble == acl_trouble(self.config):
-                log.info("the MQTT broker %s delivers what is published on %s again", self._where, self.echo_topic)
+            self._echoes[topic].came_back()
+            self._returned.append(payload.decode(errors="replace"))
+            self._echo_back.notify_all()
+            if self._trouble == acl_trouble(self.config, self._echo_settings[topic]):
+                log.info("the MQTT broker %s delivers what is published on %s again", self._where, topic)
                 self._trouble = ""
 
 

@@ -84,12 +84,20 @@ def diagnose(config: Config, error: BaseException) -> tuple[str, str]:
     where = f"{params.host}:{params.port}"
     user = params.credentials.username if isinstance(params.credentials, pika.PlainCredentials) else "?"
     cause = root_cause(error)
-    if isinstance(cause, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError):
+    closed = cause.reply_code if isinstance(cause, pika.exceptions.ConnectionClosedByBroker) else None
+    if isinstance(cause, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError) or \
+            closed == 403:
         return (f"authentication failed: {where} refused user {user!r} and its password",
                 "correct the user and password in amqp_url (or the file EMDC_AMQP_URL_FILE names)")
-    if isinstance(cause, pika.exceptions.ProbableAccessDeniedError):
+    if isinstance(cause, pika.exceptions.ProbableAccessDeniedError) or closed == 530:
         return (f"user {user!r} may not use virtual host {params.virtual_host!r} on {where}",
                 "correct the vhost at the end of amqp_url (%2F is /), or grant the user permissions on it")
+    if isinstance(cause, pika.exceptions.ChannelClosedByBroker):  # logged in, then refused an operation
+        if cause.reply_code == 404:
+            return (f"{where} has no such exchange or queue ({cause.reply_text})",
+                    "start the writer once with declare_topology = true, or load the broker definitions")
+        return (f"{where} refused user {user!r} an operation ({cause.reply_text})",
+                "give the account the permissions of the broker definitions (emdc doctor names the missing one)")
     if isinstance(cause, ConnectionRefusedError):
         return (f"{where} refused the connection",
                 "start RabbitMQ, or correct the host and port in amqp_url (5672; amqps: 5671)")

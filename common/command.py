@@ -65,6 +65,14 @@ class ConfigurationError(click.ClickException):
 
     exit_code = 78
 
+    def show(self, file: Any = None) -> None:
+        """The one line; before it, at DEBUG only, the traceback of what led to it (for a bug report). The
+        chain ends where a message was made safe: an error raised ``from None`` hides the one it replaced."""
+        cause = self.__cause__ or self.__context__
+        if cause is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("what led to the error below:", exc_info=(type(cause), cause, cause.__traceback__))
+        super().show(file)
+
 
 class CommandContext:
     """The root group's options, and the configuration built from them for a command."""
@@ -80,6 +88,9 @@ class CommandContext:
         try:
             cfg = load_config(self.config_path, overrides=overrides)
         except ConfigError as exc:
+            # No configuration, no log level from it: --log-level or EMDC_LOG_LEVEL asks for the traceback.
+            if (self.log_level or os.environ.get(env_name("log_level"), "")).upper() == "DEBUG":
+                configure_logging("DEBUG")
             raise ConfigurationError(f"configuration: {exc}") from None
         configure_logging(cfg.log_level)
         for warning in cfg.warnings:

@@ -243,27 +243,35 @@ class Config:
 def redact_url(url: str) -> str:
     """A URL fit for a log line: its password masked, also when the URL is malformed.
 
+    What cannot be told from a password is masked whole: text that is no URL
+    (a bare password, more than one line), or a port that is no number
+    (``user:password`` without the ``@``).
+
     >>> redact_url("amqp://edge:S3cret@broker:5672/%2F")
     'amqp://edge:***@broker:5672/%2F'
     >>> redact_url("amqp//edge:S3cret@broker")   # a typo: no scheme, but still a password
     '***@broker'
+    >>> redact_url("amqp://edge:S3cret/"), redact_url("S3cret"), redact_url("sqlite:////var/lib/emdc/pulses.db")
+    ('***', '***', 'sqlite:////var/lib/emdc/pulses.db')
     """
+    if not url.isprintable():  # a second line (a comment in a secret file), a tab: no URL
+        return "***"
     try:
         parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # e.g. an unclosed [IPv6 address
+        password, _port = parts.password, parts.port
+    except ValueError:  # an unclosed [IPv6 address, or a port that is no number (it may be the password)
         password = None
         parts = None
     if parts is not None and password is not None:
         netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
         return urlunsplit(parts._replace(netloc=netloc))
-    if parts is not None and parts.scheme and parts.netloc:  # a well-formed URL without a password
-        return url
+    if parts is not None and parts.scheme and (parts.netloc or parts.path.startswith("/")):
+        return url  # a well-formed URL without a password (sqlite:///path has no host)
     if "@" in url:  # not parseable as user:password@host, but may still hold one
         head, _, tail = url.rpartition("@")
         scheme, sep, _ = head.partition("://")
-        return f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
-    return url
+        return f"{scheme}{sep}***@{tail}" if sep and scheme.isalnum() else f"***@{tail}"
+    return "***"
 
 
 def _settings() -> list[Any]:
@@ -341,10 +349,28 @@ def _read_toml(path: Path) -> list[tuple[str, Any, str]]:
             entries.append((key, value, key))
             continue
         for sub, sub_value in value.items():
+            if isinstance(sub_value, dict) and sub_value:  # no setting is a table: name its keys by their path
+                entries += [(leaf, leaf_value, f"{key}.{sub}.{path}") for leaf, leaf_value, path in _leaves(sub_value)]
+                continue
             prefixed = f"{key}_{sub}"
             is_known = prefixed in known or (prefixed.endswith("_file") and prefixed[:-5] in known)
             entries.append((prefixed if is_known else sub, sub_value, f"{key}.{sub}"))
     return entries
+
+
+def _leaves(table: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, dotted path) of every non-table value in ``table``, however deep.
+
+    >>> _leaves({"gpio": {"active": 3}, "x": 1})
+    [('active', 3, 'gpio.active'), ('x', 1, 'x')]
+    """
+    found: list[tuple[str, Any, str]] = []
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            found += [(leaf, leaf_value, f"{key}.{path}") for leaf, leaf_value, path in _leaves(value)]
+        else:
+            found.append((key, value, key))
+    return found
 
 
 def _build(raw: list[tuple[str, Any, str]]) -> Config:
@@ -420,10 +446,15 @@ def _parse_input(table: dict[str, Any], setting: str, where: str) -> Input:
 
 
 def _read_secret(path: str, origin: str) -> str:
+    """The value a secret file holds: one line (a comment line would become part of the secret)."""
     try:
-        return Path(path).read_text().strip()
+        value = Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{origin}: cannot read secret file {path}: {exc.strerror}") from None
+    if "\n" in value:
+        raise ConfigError(f"{origin}: secret file {path} holds {len(value.splitlines())} lines: it must hold the "
+                          "value alone, on one line, without comments")
+    return value
 
 
 def _coerce(value: Any, kind: type, origin: str, secret: bool = False) -> Any:
@@ -474,8 +505,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"delivery_limit must be between 1 and 1000, got {cfg.delivery_limit}")
     try:
         scheme, port = urlsplit(cfg.amqp_url).scheme, urlsplit(cfg.amqp_url).port
-    except ValueError as exc:  # e.g. a port that is not a number; the URL itself may hold a password
-        raise ConfigError(f"amqp_url is not a valid URL ({exc})") from None
+    except ValueError as exc:  # the parser's message would quote the port, which may be the password
+        why = ("an unclosed [ of an IPv6 address" if "IPv6" in str(exc) else
+               "its port is no number: write it as amqp://user:password@host:5672/%2F, a : or @ in the password "
+               "as %3A or %40")
+        raise ConfigError(f"amqp_url is not a valid URL ({why}), got {redact_url(cfg.amqp_url)!r}") from None
     if scheme not in {"amqp", "amqps"}:
         raise ConfigError(f"amqp_url must start with amqp:// or amqps://, got {redact_url(cfg.amqp_url)!r}")
     if port == 0:

@@ -180,7 +180,7 @@ def edge_simulate(obj: CommandContext, /, **options: Any) -> None:
         emdc edge simulate --power 500 --export-power 2000 --gas-flow 1.2 --duration 600 --speed max
     """
     from edge.outbox import OutboxError
-    from edge.simulator import EdgeSimulation
+    from edge.simulator import EdgeSimulation, SimulationRefused
 
     plan, overrides = simulation_plan_of(options, default_speed="1")
     cfg = simulation_config(obj, overrides, plan)
@@ -188,7 +188,7 @@ def edge_simulate(obj: CommandContext, /, **options: Any) -> None:
     try:
         state_dir(cfg)
         result = EdgeSimulation(cfg, plan).run(stop)
-    except OutboxError as exc:
+    except (OutboxError, SimulationRefused) as exc:
         raise click.ClickException(str(exc)) from None
     if stop.is_set():
         raise click.ClickException(f"stopped; pulses not yet confirmed stay in the outbox, counters {result.counters}")

@@ -24,6 +24,7 @@ import collections
 import csv
 import heapq
 import itertools
+import logging
 import math
 import random
 import threading
@@ -42,7 +43,10 @@ from edge.outbox import FILENAME, last_recorded_ns
 from edge.service import EdgeService
 from edge.tick_clock import TickClock
 
+log = logging.getLogger("emdc.simulate")
 STATES_KEPT = 64
+# How much longer than its speed asks a repeated run may take by going on in real time before it is refused.
+REAL_TIME_LIMIT_S = 60.0
 MAX_PROFILE_VALUE = 10_000_000.0  # seconds (about 4 months), W/var (10 MW), m³/h or L/min
 # Channel -> (its column in a profile step, the seconds of the column's time unit): W and var are Wh and varh per
 # hour, gas flows in m³ per hour, water in litres per minute.
@@ -239,10 +243,14 @@ class SimulatedMeter:
 
     def run(self, *, count: int | None = None, duration_s: float | None = None,
             stop: threading.Event | None = None, throttle: Callable[[], None] = lambda: None,
-            progress: Callable[[float, int], None] = lambda t, n: None, started: float | None = None) -> int:
+            progress: Callable[[float, int], None] = lambda t, n: None, started: float | None = None,
+            stamp_ns: Callable[[float], int] | None = None) -> int:
         """Simulate until ``count`` lead pulses or ``duration_s``; return the lead pulses made.
 
         ``started`` is the ``time.monotonic()`` at which simulated time 0 is due (default: now).
+        ``stamp_ns`` is the wall-clock time an edge at simulated time ``t`` is stamped with: it is
+        driven no earlier than that, whatever the speed, so that no pulse is stamped after the moment
+        it is made.
         """
         streams = [_edges(self.profile.pulse_times(one.channel, one.per_pulse), one.channel,
                           INPUT_TYPES[one.type].nominal_pulse_ms / 1000) for one in self.inputs.values()]
@@ -250,10 +258,14 @@ class SimulatedMeter:
         for t, channel, active in heapq.merge(*streams):
             if (duration_s is not None and t > duration_s) or (stop is not None and stop.is_set()):
                 break
-            if self.speed is not None:
-                delay = started + t / self.speed - time.monotonic()
-                if delay > 0:
+            delay = 0.0 if self.speed is None else started + t / self.speed - time.monotonic()
+            if stamp_ns is not None:
+                delay = max(delay, (stamp_ns(t) - time.time_ns()) / 1e9)
+            if delay > 0:
+                if stop is None:
                     time.sleep(delay)
+                elif stop.wait(delay):
+                    break
             self.factory.now = t
             level = active != self.inputs[channel].pull_up
             pin = self.pins[channel]
@@ -266,6 +278,10 @@ class SimulatedMeter:
                 if count is not None and self.active_pulses >= count:
                     break
         return self.active_pulses
+
+
+class SimulationRefused(RuntimeError):
+    """A run cannot be stamped truthfully without going on in real time for long; the text names the fix."""
 
 
 @dataclass(frozen=True)
@@ -309,10 +325,28 @@ class EdgeSimulation:
         self.factory = VirtualClockFactory()
         self.meter = SimulatedMeter(self.factory, config.inputs(), plan.profile, plan.speed)
         # Timestamps: let the simulated run end about now, as if it had happened in real time, but never
-        # overlap a previous run on the same store: that would stamp pulses before ones already counted.
+        # overlap a previous run on the same store (that would stamp pulses before ones already counted),
+        # and never stamp a pulse after the moment it is made (the writer does not trust such times). A
+        # run without room before now therefore goes on from the store's last pulse in real time.
+        # A run that would go on in real time for long is refused instead: no one waits an hour unasked.
         speedup = 1 - 1 / plan.speed if plan.speed else 1
-        lead_ns = round(self.meter.duration_for(plan.count, plan.duration_s) * speedup * 1e9)
-        start_ns = max(time.time_ns() - lead_ns, last_recorded_ns(Path(config.state_dir) / FILENAME) + 10**9)
+        duration_s = self.meter.duration_for(plan.count, plan.duration_s)
+        now_ns = time.time_ns()
+        last_ns = last_recorded_ns(Path(config.state_dir) / FILENAME)
+        fits_ns = now_ns - round(duration_s * speedup * 1e9)  # the start that ends the run about now
+        start_ns = max(fits_ns, last_ns + 10**9)
+        if start_ns > fits_ns:
+            longer_s = (start_ns - fits_ns) / 1e9  # than the run takes at its speed
+            last = time.strftime("%H:%M:%S", time.localtime(last_ns / 1e9))
+            if longer_s > REAL_TIME_LIMIT_S:
+                free = time.strftime("%H:%M:%S", time.localtime((last_ns + 10**9) / 1e9 + duration_s * speedup))
+                raise SimulationRefused(
+                    f"state_dir {config.state_dir} holds pulses up to {last}: this run of {duration_s:.0f} simulated "
+                    f"s has no room before now, and going on from there in real time would take {longer_s:.0f} s "
+                    f"longer; give it another --state-dir, remove {config.state_dir}, or run it after {free}")
+            log.info("the state in %s holds pulses up to %s, so this run has no room before now: it goes on from "
+                     "there in real time (about %.0f s); for a fast run give it another state dir",
+                     config.state_dir, last, (start_ns - now_ns) / 1e9 + duration_s)
         shift_ns = start_ns - time.time_ns()
         self.clock = TickClock(self.factory.ticks, wall_ns=lambda: time.time_ns() + shift_ns, follow_wall_clock=False)
         # Simulated time 0 is this instant: pulses are driven relative to it, not to when run()
@@ -343,7 +377,7 @@ class EdgeSimulation:
         self.service.start()
         try:
             self.meter.run(count=self.plan.count, duration_s=self.plan.duration_s, stop=stop, throttle=throttle,
-                           progress=progress, started=self._time_zero)
+                           progress=progress, started=self._time_zero, stamp_ns=self.clock.to_utc_ns)
             self.service.recorder.stop()
             self.service.wait_drained(stop)
             counters = self.service.outbox.counters()

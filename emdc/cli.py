@@ -107,6 +107,7 @@ def simulate(obj: CommandContext, /, **options: Any) -> None:
     panels, a gas boiler and a water meter in seconds; after the values it
     prints the pulses the edge sent per channel.
     """
+    from edge.simulator import SimulationRefused
     from emdc.simulate import run_simulation, simulation_settings
 
     plan, overrides = simulation_plan_of(options, default_speed="720")
@@ -114,7 +115,7 @@ def simulate(obj: CommandContext, /, **options: Any) -> None:
     try:
         state_dir(simulation_settings(cfg))
         values, result = run_simulation(cfg, plan, stop_on_signals())
-    except TimeoutError as exc:
+    except (TimeoutError, SimulationRefused) as exc:
         raise click.ClickException(str(exc)) from None
     for topic, value in sorted(values.items()):
         click.echo(f"{topic} = {value}")

@@ -81,25 +81,39 @@ def run_simulation(config: Config, plan: SimulationPlan,
         log.info("simulated %5.1f min%s: %d active pulses, power %s kW", t / 60, of, pulses, power)
 
     try:
-        result = simulation.run(stop, progress)
-        _wait_counted(writer, config.meter_id, result.epoch, result.counters, stop)
+        try:
+            result = simulation.run(stop, progress)
+            _wait_counted(writer, config.meter_id, result.epoch, result.counters, stop)
+        finally:
+            writer_stop.set()
+            thread.join(timeout=30)
         if mqtt is not None:
-            _wait_published(mqtt, stop)
+            _wait_published(writer, mqtt, stop)
     finally:
-        writer_stop.set()
-        thread.join(timeout=30)
         if mqtt:
             mqtt.stop()
     return writer.current_values(), result
 
 
-def _wait_published(mqtt: MqttPublisher, stop: threading.Event, timeout_s: float = 15.0) -> None:
-    """Fail unless the values reach the MQTT broker: a simulation that printed them is no proof they arrived."""
+def _wait_published(writer: EnergyWriter, mqtt: MqttPublisher, stop: threading.Event,
+                    timeout_s: float = 15.0) -> None:
+    """Fail unless the values reach the MQTT broker: a simulation that printed them is no proof they arrived.
+
+    Once connected, the final values are published once more (the writer's thread has stopped, and a
+    re-publication it was asked for after a late connect may not have run), then the broker must return the
+    echoes sent after them: a broker whose ACL drops the topics accepts the publishes all the same.
+    """
     deadline = time.monotonic() + timeout_s
     while mqtt.trouble() and not stop.is_set():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{mqtt.trouble()}: the simulated values never reached it")
         stop.wait(0.1)
+    if stop.is_set():
+        return
+    writer.publish_all()
+    why = mqtt.delivered()
+    if why:
+        raise TimeoutError(f"{why}: the simulated values never reached it")
 
 
 def _wait_counted(writer: EnergyWriter, meter: str, epoch: str, counters: dict[str, int],

@@ -457,3 +457,40 @@ def test_a_malformed_url_is_never_echoed_with_its_password(url: str):
 def test_pins_a_pi_does_not_have_or_shares_are_refused_with_the_setting_named(env: dict[str, str], message: str):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(env=env)
+
+
+@pytest.mark.parametrize("url", ["S3cretPw", "amqp://edge:S3cretPw/", "amqp://edge:S3cretPw:5672/%2F",
+                                 "# the edge's password is S3cretPw\namqp://edge:S3cretPw@host/",
+                                 "amqp//edge:S3cretPw@host/\n# S3cretPw"])
+def test_no_part_of_a_malformed_secret_is_ever_in_the_message_and_the_message_is_one_line(url: str, secret_file):
+    for env in ({"EMDC_AMQP_URL": url}, {"EMDC_AMQP_URL_FILE": str(secret_file(url + "\n"))}):
+        with pytest.raises(ConfigError) as info:
+            load_config(env=env)
+        message = str(info.value)
+        assert "S3cretPw" not in message and "\n" not in message and "password is" not in message, message
+        assert message.startswith(("amqp_url", "EMDC_AMQP_URL")), message
+
+
+def test_a_secret_file_of_more_than_one_line_is_refused_naming_the_file_not_its_lines(secret_file):
+    path = secret_file("# the MQTT password\nS3cretPw\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"EMDC_MQTT_PASSWORD_FILE": str(path)})
+    assert str(info.value) == (f"EMDC_MQTT_PASSWORD_FILE: secret file {path} holds 2 lines: it must hold the "
+                               "value alone, on one line, without comments")
+
+
+@pytest.mark.parametrize(("url", "shown"), [("S3cretPw", "***"), ("amqp//edge:S3cretPw@host", "***@host"),
+                                            ("# S3cretPw\namqp://e:S3cretPw@host", "***"),
+                                            ("amqp://host:5672/%2F", "amqp://host:5672/%2F")])
+def test_redact_url_masks_what_it_cannot_tell_from_a_password(url: str, shown: str):
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("[edge.gpio]\nactive = 3\n", r"edge\.gpio\.active: unknown setting 'active'"),
+    ("[a.b.c]\nd = 1\n", r"a\.b\.c\.d: unknown setting 'd'"),
+    ("[mqtt]\ntls = {on = true}\n", r"mqtt\.tls\.on: unknown setting 'on'"),
+])
+def test_a_key_in_a_nested_table_is_named_by_its_full_path(toml, text: str, path: str):
+    with pytest.raises(ConfigError, match=path):
+        load_config(toml(text), env={})

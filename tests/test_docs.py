@@ -7,6 +7,7 @@ These checks need no broker.
 
 from __future__ import annotations
 
+import ast
 import html
 import importlib.util
 import re
@@ -194,3 +195,81 @@ def test_the_inputs_tables_list_every_key_with_each_types_defaults() -> None:
     generic = hooks.render_inputs_table()
     for key, (_type, _default, description) in INPUT_KEYS.items():
         assert f"| `{key}` |" in generic and html.escape(description, quote=False) in generic
+
+
+# What a user meets: the errors commands and services stop with, doctor's failed checks, warnings and errors logged.
+USER_ERRORS = {"ConfigError", "ConfigurationError", "ClickException", "UsageError", "BadParameter", "StateError",
+               "MqttFailure", "GpioUnavailable", "DatabaseError", "SchemaError", "OutboxError", "MigrationRefused",
+               "HeartbeatStale", "TimeoutError"}
+LOGGED = {"warning", "error", "critical", "exception"}
+PERCENT = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?[sdrfg]")
+
+
+def _literal_runs(node: ast.expr) -> list[str]:
+    """The literal text of a message between its placeholders (f-string fields, %-formats)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return PERCENT.split(node.value)
+    if isinstance(node, ast.JoinedStr):
+        runs, run = [], ""
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                run += value.value
+            else:
+                runs.append(run)
+                run = ""
+        return [*runs, run]
+    return []
+
+
+def leading_phrase(node: ast.expr) -> str | None:
+    """A message's distinctive phrase: its first literal run of a few words, cut to about 30 characters.
+
+    >>> leading_phrase(ast.parse('f"{where}: GPIO{pin} is already the pin of {other}"', mode="eval").body)
+    'is already the pin of'
+    """
+    for run in _literal_runs(node):
+        run = re.sub(r"\s+", " ", run).strip(" :;,.()'\"`")
+        if len(run) >= 12 and " " in run:
+            phrase = ""
+            for word in run.split(" "):
+                if len(phrase) >= 30:
+                    break
+                phrase = f"{phrase} {word}".strip()
+            return phrase
+    return None
+
+
+def user_messages() -> list[tuple[str, str]]:
+    """(file:line, leading phrase) of every message the product's code shows a user."""
+    found = []
+    for package in ("common", "edge", "backend", "emdc"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                message = None
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+                    func = node.exc.func
+                    # A bare name or click's: sqlite3.DatabaseError and the like are caught and reworded.
+                    name = func.id if isinstance(func, ast.Name) else \
+                        func.attr if isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "click" \
+                        else ""
+                    if name in USER_ERRORS:
+                        message = node.exc.args[0]
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "bad" \
+                        and len(node.args) >= 2:
+                    message = node.args[1]  # a failed doctor check: bad(name, what, fix)
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr in LOGGED and getattr(node.func.value, "id", "") == "log" and node.args:
+                    message = node.args[0]
+                if message is not None and (phrase := leading_phrase(message)):
+                    found.append((f"{path.relative_to(ROOT)}:{node.lineno}", phrase))
+    return found
+
+
+def test_troubleshooting_lists_every_message_a_user_can_meet() -> None:
+    page = (DOCS / "troubleshooting.md").read_text()
+    assert page.startswith("# Troubleshooting\n\n## Start with `emdc doctor`")
+    text = re.sub(r"\s+", " ", page.replace("`", ""))
+    messages = user_messages()
+    assert len(messages) > 100  # the extraction still finds them
+    missing = [f"{where}: {phrase!r}" for where, phrase in messages if phrase not in text]
+    assert missing == [], "add these messages, with their fix, to docs/troubleshooting.md:\n" + "\n".join(missing)

@@ -142,3 +142,42 @@ def test_ha_remove_says_in_one_line_when_the_acl_or_the_password_stops_it(names:
         assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
         assert result.stderr.startswith(f"Error: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} ")
         assert says in result.stderr
+
+
+@pytest.mark.parametrize("setting", ["EMDC_TOPIC_PREFIX", "EMDC_DISCOVERY_PREFIX"])
+def test_simulate_fails_in_one_line_when_the_acl_drops_its_topics(tmp_path: Path, acl_mosquitto, setting: str) -> None:
+    prefix = f"elsewhere/{tmp_path.name}"  # the ACL gives emdc-writer home/energy/# and homeassistant/#
+    env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path), setting: prefix, **acl_mosquitto}
+    result = run_emdc(["simulate", "--power", "36000", "--count", "10", "--speed", "max"], env, check=False,
+                      timeout=90)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} drops what is "
+                           f"published on {prefix}/echo"), result.stderr
+    assert last.endswith("the simulated values never reached it") and f"{setting[5:].lower()} '{prefix}'" in last
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_discovery_prefix_outside_the_acl_is_an_unhealthy_check_naming_it(names: Names, acl_mosquitto,
+                                                                           spawn) -> None:
+    prefix = f"elsewhere/{names.prefix}"  # no device would ever appear in Home Assistant
+    env = writer_env(names, EMDC_TOPIC_PREFIX=f"home/energy/{names.prefix}", EMDC_DISCOVERY="device",
+                     EMDC_DISCOVERY_PREFIX=prefix, **acl_mosquitto)
+    writer = start_writer(spawn, names, env)
+
+    def unhealthy() -> subprocess.CompletedProcess[str] | None:
+        check = run_emdc(["writer", "--check", "--max-age", "1"], env, check=False)
+        return check if check.returncode == 1 and "for that user" in check.stderr else None
+
+    check = wait_until(unhealthy, 20, "the check to turn unhealthy for the ACL")
+    assert check.stderr.startswith(f"Error: unhealthy: the MQTT broker 127.0.0.1:{acl_mosquitto['EMDC_MQTT_PORT']} "
+                                   f"drops what is published on {prefix}/echo")
+    assert f"discovery_prefix '{prefix}'" in check.stderr and len(check.stderr.splitlines()) == 1
+    assert writer.stop() == 0
+
+
+def test_simulate_with_its_topics_inside_the_acl_succeeds(tmp_path: Path, acl_mosquitto) -> None:
+    env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path),
+           "EMDC_TOPIC_PREFIX": f"home/energy/{tmp_path.name}", **acl_mosquitto}
+    result = run_emdc(["simulate", "--power", "36000", "--count", "10", "--speed", "max"], env, timeout=90)
+    assert f"home/energy/{tmp_path.name}/active_energy = 0.01" in result.stdout.splitlines()

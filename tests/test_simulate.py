@@ -10,18 +10,36 @@ import time
 from pathlib import Path
 
 import pika
+import pytest
 
 from backend.writer import load_ledger
 from common.config import load_config
 from common.message import decode
-from common.topology import DB_WRITER_BINDINGS
-from tests.support import AMQP_URL, Names, declare_queue, queue_depth, run_emdc, wait_until
+from common.topology import DB_WRITER_BINDINGS, dead_letter_queue
+from tests.support import (
+    AMQP_URL,
+    Names,
+    declare_queue,
+    free_port,
+    queue_depth,
+    run_emdc,
+    saved_total_uwh,
+    start_writer,
+    wait_until,
+    writer_env,
+)
 
 
-def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path: Path) -> None:
+def test_repeated_simulations_on_one_state_count_on_and_never_stamp_a_pulse_after_it_was_made(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path)}
-    outputs = [run_emdc(["simulate", "--power", "3600", "--count", "100", "--speed", "max"], env)
-               for _ in range(3)]
+    outputs, last_stamps, ends = [], [], []
+    for _ in range(3):
+        # 36 kW: 10 pulses a second, so each run covers 10 s of simulated time.
+        outputs.append(run_emdc(["simulate", "--power", "36000", "--count", "100", "--speed", "max"], env))
+        ends.append(time.time_ns())
+        _, ledger = load_ledger(load_config(env={"EMDC_STATE_DIR": str(tmp_path)}))
+        assert ledger is not None
+        last_stamps.append(ledger.channel("main", "active").last_ts_ns)
     assert [o.stdout.splitlines()[0] for o in outputs] == [f"home/energy/active_energy = {n / 10:g}"
                                                             for n in (1, 2, 3)]
     assert all("WARNING" not in o.stderr for o in outputs[1:]), outputs[1].stderr
@@ -29,8 +47,31 @@ def test_repeated_simulations_on_one_state_count_on_with_trusted_times(tmp_path:
     assert ledger is not None
     state = ledger.channel("main", "active")
     assert state.ts_doubt == "" and state.held_back == 0
-    # Three 100 s runs end after each other, the last one at most a few minutes ahead of now.
-    assert state.last_ts_ns is not None and state.last_ts_ns < time.time_ns() + 300 * 10**9
+    # Never after now: each run's newest pulse is stamped before the run ended, and after the previous run's.
+    assert all(stamp is not None and stamp <= end for stamp, end in zip(last_stamps, ends, strict=True)), \
+        [(stamp - end) / 1e9 for stamp, end in zip(last_stamps, ends, strict=True) if stamp]
+    assert last_stamps == sorted(last_stamps)
+    # A repeat has no room before now for its 10 s: it goes on from the last pulse in real time, and says so.
+    assert all("in real time" in o.stderr for o in outputs[1:]), outputs[1].stderr
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["edge", "simulate"]])
+def test_a_repeat_that_would_run_long_in_real_time_is_refused_in_one_line_naming_the_state_dir(
+        tmp_path: Path, command: list[str]) -> None:
+    env = {"PATH": os.environ["PATH"], "EMDC_STATE_DIR": str(tmp_path)}
+    run_emdc(["simulate", "--power", "3600", "--duration", "120", "--speed", "max"], env)
+    # Two minutes more have no room before now: they would take two minutes in real time. (The refusal comes
+    # before any broker is reached.)
+    started = time.monotonic()
+    result = run_emdc([*command, "--power", "3600", "--duration", "120", "--speed", "max"],
+                      {**env, "EMDC_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"}
+                      if command[0] == "edge" else env, check=False, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"Error: state_dir {tmp_path} holds pulses up to "), result.stderr
+    assert "give it another --state-dir" in lines[-1] and "Traceback" not in result.stderr
+    assert all(" INFO " in line for line in lines[:-1]), result.stderr  # emdc simulate says what it uses first
 
 
 def sent(stdout: str) -> dict[str, str]:
@@ -86,3 +127,16 @@ def test_the_default_household_returns_solar_power_and_burns_gas() -> None:
     lines = sent(result.stdout)
     assert set(lines) == {"active", "reactive", "export", "gas", "water"}
     assert all(int(lines[channel].split()[0]) > 0 for channel in lines), lines
+
+
+def test_repeated_edge_simulations_into_a_running_writer_are_never_stamped_ahead(names: Names, spawn) -> None:
+    # A writer that allows 2 s of clock difference: a pulse stamped later than it was sent is held back.
+    writer = start_writer(spawn, names, writer_env(names, EMDC_MAX_CLOCK_AHEAD_S=2))
+    # 36 kW: 10 pulses a second, so each run covers 10 s of simulated time in much less at --speed max.
+    args = ["edge", "simulate", "--power", "36000", "--count", "100", "--speed", "max"]
+    for _ in range(2):
+        run_emdc(args, names.edge_env())
+    wait_until(lambda: saved_total_uwh(names.writer_dir) == 200_000_000, 30, "every pulse counted")
+    assert queue_depth(dead_letter_queue(names.queue)) == 0
+    assert writer.stop() == 0
+    assert "ahead of the writer's clock" not in writer.log(), writer.log()
