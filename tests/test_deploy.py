@@ -280,6 +280,21 @@ def test_purge_keeps_a_gpio_group_the_system_had(scratch_install, tmp_path):
     assert not any(c.startswith("groupdel") for c in calls), calls
 
 
+def test_install_completes_where_udev_is_installed_but_not_running(scratch_install, tmp_path):
+    """A container or a system booting: the rule is written for the next boot, the install goes on, and
+    PURGE=1 removes the rule again."""
+    (scratch_install["root"] / "etc/udev").mkdir(parents=True)
+    udevadm = tmp_path / "bin/udevadm"
+    udevadm.write_text(FAKE_TOOL.format(name="udevadm") + 'if [ "$1" = control ]; then exit 1; fi\n')
+    calls = scratch_install["run"]("install")
+    rule = scratch_install["root"] / "etc/udev/rules.d/60-emdc-gpio.rules"
+    assert 'GROUP="gpio"' in rule.read_text()
+    assert "udevadm control --reload" in calls and not any(c.startswith("udevadm trigger") for c in calls), calls
+    assert "systemctl enable emdc-edge.service" in calls, "the install went on"
+    scratch_install["run"]("uninstall", PURGE="1")
+    assert not rule.exists()
+
+
 # ====================================================================== example configuration
 
 SETTING_LINE = re.compile(r"^(?P<comment>#\s?)?(?P<key>[a-z][a-z0-9_]*) = (?P<value>.+)$")
