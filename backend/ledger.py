@@ -406,7 +406,8 @@ class Ledger:
         pulse_uwh = wh_to_uwh(state.wh) if self.fixed_wh and state.wh_fixed else wh_uwh
         credit = state.credit_ns or self._first_credit(pulse, state)
         if not readmitted:
-            self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
+            if new > 1:  # a single pulse is no jump: the credit judges it
+                self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
             credit = self._check_credit(pulse, state, credit, new * pulse_uwh, pulse_uwh, limit, doubt, now_ns)
         else:  # counted by a person's decision: the credit starts again from it
             credit = (credit[0] if doubt else pulse.ts_ns, credit[1] if now_ns is None else now_ns)
@@ -461,12 +462,16 @@ class Ledger:
         one spends the credit up to its time on both clocks (idle time before
         it cannot be drawn on later), one without leaves the reference where it was.
         """
-        spent_ns = limit_ns(uwh, max_power_w=limit)
-        edge = None if credit[0] is None else credit[0] + spent_ns
-        received = None if credit[1] is None else credit[1] + spent_ns
+        slack_ns = limit_ns(pulse_uwh, max_power_w=limit)
+        spent_ns = slack_ns if uwh == pulse_uwh else limit_ns(uwh, max_power_w=limit)
+        edge, received = credit
+        if edge is not None:
+            edge += spent_ns
+        if received is not None:
+            received += spent_ns
         too_fast = credit_doubt(edge_ahead_ns=None if doubt or edge is None else edge - pulse.ts_ns,
                                 received_ahead_ns=None if now_ns is None or received is None else received - now_ns,
-                                slack_ns=limit_ns(pulse_uwh, max_power_w=limit), max_power_w=limit,
+                                slack_ns=slack_ns, max_power_w=limit,
                                 channel=pulse.channel if pulse.channel in self.max_rates else "active")
         if too_fast:
             raise Implausible(too_fast)

@@ -113,9 +113,12 @@ def credit_doubt(*, edge_ahead_ns: int | None, received_ahead_ns: int | None, sl
     neither: nothing to judge by, accepted); ``slack_ns`` is one pulse at the
     limit, since pulses at the limit come at most one pulse early.
     """
-    known = [ahead for ahead in (edge_ahead_ns, received_ahead_ns) if ahead is not None]
-    if not known or min(known) <= slack_ns:
+    if edge_ahead_ns is None:
+        if received_ahead_ns is None or received_ahead_ns <= slack_ns:
+            return ""
+    elif edge_ahead_ns <= slack_ns or (received_ahead_ns is not None and received_ahead_ns <= slack_ns):
         return ""
+    known = [ahead for ahead in (edge_ahead_ns, received_ahead_ns) if ahead is not None]
     unit, per_unit = channel_spec(channel).rate_unit, per_rate_unit(channel)
     return (f"pulses arrive faster than the {max_power_w / per_unit:g} {unit} limit allows: at that power this "
             f"one could not come for another {(min(known) - slack_ns) / NS_PER_S:.3f} s")
