@@ -388,9 +388,9 @@ class Ledger:
             return 0
         wh_uwh = wh_to_uwh(pulse.wh)
         if self.fixed_wh and state.wh_fixed and wh_uwh != wh_to_uwh(state.wh):
-            raise OtherPulseEnergy(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the meter's "
-                              f"constant really changed, run `emdc state set-pulse-energy --meter {pulse.meter} "
-                              f"--channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
+            raise OtherPulseEnergy(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the "
+                                   f"meter's constant really changed, run `emdc state set-pulse-energy --meter "
+                                   f"{pulse.meter} --channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
         if wh_uwh == 0:
             raise Implausible(f"wh {pulse.wh:g} is below the 1 uWh the ledger counts")
         if cursor is not None and not readmitted and pulse.epoch != next(reversed(state.epochs)):
@@ -408,7 +408,7 @@ class Ledger:
         if not readmitted:
             if new > 1:  # a single pulse is no jump: the credit judges it
                 self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
-            credit = self._check_credit(pulse, state, credit, new * pulse_uwh, pulse_uwh, limit, doubt, now_ns)
+            credit = self._check_credit(pulse, credit, new * pulse_uwh, pulse_uwh, limit, doubt, now_ns)
         else:  # counted by a person's decision: the credit starts again from it
             credit = (credit[0] if doubt else pulse.ts_ns, credit[1] if now_ns is None else now_ns)
         state.credit_ns = credit
@@ -453,9 +453,8 @@ class Ledger:
             received_from = None
         return edge_from, self._admitted.get(pulse.meter) if received_from is None else received_from
 
-    def _check_credit(self, pulse: Pulse, state: ChannelState, credit: tuple[int | None, int | None],
-                      uwh: int, pulse_uwh: int, limit: float, doubt: str,
-                      now_ns: int | None) -> tuple[int | None, int | None]:
+    def _check_credit(self, pulse: Pulse, credit: tuple[int | None, int | None], uwh: int, pulse_uwh: int,
+                      limit: float, doubt: str, now_ns: int | None) -> tuple[int | None, int | None]:
         """The channel's credit with ``uwh`` more; raise :class:`Implausible` if it comes faster than ``limit``.
 
         Only a trusted timestamp says when the energy was there: a pulse with

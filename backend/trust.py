@@ -25,7 +25,6 @@ counts, as its pulses are stamped across the outage; on the writer's clock
 a backlog whose timestamps cannot be trusted counts too, as the outage's
 time is still unspent. A flood faster than the limit cannot pass either.
 Example::
-Example::
 
     >>> S = 10**9
     >>> timestamp_doubt(1000 * S, now_ns=1000 * S, previous_ns=990 * S, max_ahead_ns=600 * S, synced=None)
