@@ -459,19 +459,26 @@ class Ledger:
 
         Only a trusted timestamp says when the energy was there: a pulse with
         one spends the credit up to its time on both clocks (idle time before
-        it cannot be drawn on later), one without leaves the reference where it was.
+        it cannot be drawn on later), one without leaves the reference where it
+        was. The edge's clock is charged with every pulse, as all of them
+        happened in its time; the writer's only with those the edge's clock
+        did not vouch for, since a pulse stamped in the past took none of the
+        writer's time (a backlog's last trusted pulses leave the writer's
+        clock free for the untrusted ones after them).
         """
         slack_ns = limit_ns(pulse_uwh, max_power_w=limit)
         spent_ns = slack_ns if uwh == pulse_uwh else limit_ns(uwh, max_power_w=limit)
         edge, received = credit
         if edge is not None:
             edge += spent_ns
-        if received is not None:
+        edge_ahead = None if doubt or edge is None else edge - pulse.ts_ns
+        vouched = edge_ahead is not None and edge_ahead <= slack_ns
+        if received is not None and not vouched:
             received += spent_ns
-        too_fast = credit_doubt(edge_ahead_ns=None if doubt or edge is None else edge - pulse.ts_ns,
-                                received_ahead_ns=None if now_ns is None or received is None else received - now_ns,
-                                slack_ns=slack_ns, max_power_w=limit,
-                                channel=pulse.channel if pulse.channel in self.max_rates else "active")
+        too_fast = "" if vouched else credit_doubt(
+            edge_ahead_ns=edge_ahead, received_ahead_ns=None if now_ns is None or received is None
+            else received - now_ns, slack_ns=slack_ns, max_power_w=limit,
+            channel=pulse.channel if pulse.channel in self.max_rates else "active")
         if too_fast:
             raise Implausible(too_fast)
         if not doubt:

@@ -162,13 +162,15 @@ def test_hostile_messages_leave_the_genuine_total_exact_and_no_credit_beats_phys
 
 @settings(max_examples=200, deadline=None)
 @given(count=st.integers(2, 3000), ts_step=st.sampled_from([0, 1, 1_000_000, 10_000_000]),
-       received_step=st.sampled_from([0, 1, 1_000, 1_000_000]), synced=st.sampled_from([None, True, False]),
+       received_step=st.sampled_from([0, 1, 1_000, 1_000_000]),
+       synced=st.sampled_from([None, True, False, "alternating"]),
        quiet=st.integers(0, 60 * S), ahead=st.integers(-HOUR, 600 * S))
 def test_a_flood_of_consecutive_pulses_is_credited_no_faster_than_the_limit(
-        count: int, ts_step: int, received_step: int, synced: bool | None, quiet: int, ahead: int) -> None:
+        count: int, ts_step: int, received_step: int, synced: bool | str | None, quiet: int, ahead: int) -> None:
     """One-pulse messages, each seq+1: however they are stamped, the total grows by at most the limit over
     the time that passed (by the writer's clock, or the edge's, which may run up to max_clock_ahead ahead),
-    plus a pulse; the rest is refused with the reason, and the channel counts on once time has passed."""
+    plus a pulse; the rest is refused with the reason, and the channel counts on once time has passed.
+    "alternating" interleaves pulses the edge's clock may vouch for with ones only the writer's can judge."""
     ledger = Ledger(MAX_W, fixed_wh=True)
     ledger.admit("main", T0)
     for seq in range(1, 4):  # the genuine meter: 1 Wh a second
@@ -179,7 +181,8 @@ def test_a_flood_of_consecutive_pulses_is_credited_no_faster_than_the_limit(
         received += received_step
         ts += ts_step
         try:
-            ledger.apply(Pulse("main", "active", "e1", seq, ts, 1.0, synced), received)
+            claim = (None if seq % 2 == 0 else False) if isinstance(synced, str) else synced
+            ledger.apply(Pulse("main", "active", "e1", seq, ts, 1.0, claim), received)
         except Implausible as exc:
             refused.append(str(exc))
     credited_wh = ledger.channel("main", "active").total_uwh / 1_000_000 - 3
