@@ -457,14 +457,16 @@ class Ledger:
                       limit: float, doubt: str, now_ns: int | None) -> tuple[int | None, int | None]:
         """The channel's credit with ``uwh`` more; raise :class:`Implausible` if it comes faster than ``limit``.
 
-        Only a trusted timestamp says when the energy was there: a pulse with
-        one spends the credit up to its time on both clocks (idle time before
-        it cannot be drawn on later), one without leaves the reference where it
-        was. The edge's clock is charged with every pulse, as all of them
-        happened in its time; the writer's only with those the edge's clock
-        did not vouch for, since a pulse stamped in the past took none of the
-        writer's time (a backlog's last trusted pulses leave the writer's
-        clock free for the untrusted ones after them).
+        Only a timestamp the edge's clock vouches for (trusted, and leaving
+        room at the limit for all the energy before it) says when the energy
+        was there: such a pulse spends the credit up to its time on both
+        clocks (idle time before it cannot be drawn on later); any other
+        leaves the references where they were (a trusted timestamp stamped
+        too early, after a clock step, must not discard the writer's time).
+        The edge's clock is charged with every pulse, as all of them happened
+        in its time; the writer's only with those the edge's clock did not
+        vouch for, since a pulse stamped in the past took none of the
+        writer's time.
         """
         slack_ns = limit_ns(pulse_uwh, max_power_w=limit)
         spent_ns = slack_ns if uwh == pulse_uwh else limit_ns(uwh, max_power_w=limit)
@@ -481,9 +483,11 @@ class Ledger:
             channel=pulse.channel if pulse.channel in self.max_rates else "active")
         if too_fast:
             raise Implausible(too_fast)
+        # A trusted timestamp no energy contradicts (the edge's clock had no reference yet, or vouched for it).
+        uncontradicted = not doubt and (edge_ahead is None or vouched)
         if not doubt:
             edge = pulse.ts_ns if edge is None else max(edge, pulse.ts_ns)
-        if now_ns is not None and (not doubt or received is None):
+        if now_ns is not None and (uncontradicted or received is None):
             received = now_ns if received is None else max(received, now_ns)
         return edge, received
 

@@ -288,9 +288,10 @@ def pulse(seq: int, t_s: float | None = None, *, epoch: str = "e1", wh: float = 
 
 
 def fresh_pulses(first: int, count: int) -> list[Pulse]:
-    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 10 ms apart."""
+    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 40 ms apart
+    (90 kW at 1 Wh: within the writer's 100 kW limit, which holds back pulses that come faster)."""
     now = time.time_ns()
-    return [Pulse("main", "active", "feed", seq, now - (first + count - 1 - seq) * 10_000_000, 1.0)
+    return [Pulse("main", "active", "feed", seq, now - (first + count - 1 - seq) * 40_000_000, 1.0)
             for seq in range(first, first + count)]
 
 

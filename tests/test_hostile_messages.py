@@ -68,7 +68,7 @@ def attack(draw: st.DrawFn) -> list[tuple[int, Pulse]]:
         if draw(st.integers(0, 3)) == 0:  # consecutive one-pulse messages, faster than any meter
             received, ts = now + S, now + draw(st.integers(-S, S))
             synced = draw(st.sampled_from([None, True, False]))
-            for _ in range(draw(st.integers(1, 30))):
+            for _ in range(draw(st.integers(1, 300))):
                 flood_seq += 1
                 received += draw(st.sampled_from([0, 1, 1_000_000]))
                 ts += draw(st.sampled_from([0, 1, 1_000_000, 10_000_000]))
@@ -97,62 +97,65 @@ def hostile(draw: st.DrawFn, epoch: str, seq: int, now: int) -> Pulse:
     return Pulse(f"x{draw(st.integers(0, 3))}", "active", "bad", seq_any, ts, wh, synced, epoch_ns)
 
 
-class Reference:
-    """What a channel may be credited, kept independently of the ledger: the energy since its last counted
-    pulse with a trusted timestamp (before it: since its meter was admitted or, by the edge's word, its epoch
-    began) is at most the limit over the longer of the edge's and the writer's time since then, plus one
-    pulse. Only a trusted timestamp says when a pulse happened, so only such a pulse moves the reference."""
+class Bound:
+    """What a channel may have been credited in all, kept independently of the ledger: the limit over the time
+    from its meter's admission (or, by the edge's word, the start of its first counted epoch) to the latest
+    of the writer's clock and the trusted timestamps counted, plus a pulse of slack on each clock."""
 
     def __init__(self, admitted_ns: int) -> None:
-        self.received_ns = admitted_ns
-        self.trusted_ns: int | None = None
+        self.start_ns = admitted_ns
+        self.latest_ns = admitted_ns
+        self.trusted_ns: int | None = None  # the latest trusted timestamp (a later one is needed to be trusted)
         self.counted = False
-        self.credited_uwh = 0
-
-    def allowed_uwh(self, pulse: Pulse, now: int) -> float:
-        edge_from = self.trusted_ns if self.counted else pulse.epoch_ns
-        trusted = self.trusts(pulse, now)
-        edge = pulse.ts_ns - edge_from if trusted and edge_from is not None and edge_from < pulse.ts_ns else 0
-        return MAX_W * max(edge, now - self.received_ns) / HOUR * 1_000_000 * (1 + 1e-9) + 1
 
     def trusts(self, pulse: Pulse, now: int) -> bool:
         return (pulse.synced is not False and pulse.ts_ns <= now + 600 * S
                 and (self.trusted_ns is None or pulse.ts_ns > self.trusted_ns))
 
-    def counted_at(self, pulse: Pulse, now: int, credit_uwh: int) -> None:
-        self.credited_uwh += credit_uwh
+    def allowed_uwh(self, pulse: Pulse, now: int, pulse_uwh: int) -> float:
+        start, latest = self.start_ns, max(self.latest_ns, now)
         if self.trusts(pulse, now):
-            self.trusted_ns, self.received_ns, self.credited_uwh = pulse.ts_ns, now, 0
+            latest = max(latest, pulse.ts_ns)
+            if not self.counted and pulse.epoch_ns is not None and pulse.epoch_ns < pulse.ts_ns:
+                start = min(start, pulse.epoch_ns)
+        return MAX_W * (latest - start) / HOUR * 1_000_000 * (1 + 1e-9) + 2 * pulse_uwh + 1
+
+    def counted_at(self, pulse: Pulse, now: int) -> None:
+        if self.trusts(pulse, now):
+            self.latest_ns = max(self.latest_ns, now, pulse.ts_ns)
+            if not self.counted and pulse.epoch_ns is not None and pulse.epoch_ns < pulse.ts_ns:
+                self.start_ns = min(self.start_ns, pulse.epoch_ns)
+            self.trusted_ns = pulse.ts_ns
+        self.latest_ns = max(self.latest_ns, now)
         self.counted = True
 
 
 @settings(max_examples=300, deadline=None)
 @given(attack())
-def test_hostile_messages_leave_the_genuine_total_exact_and_no_credit_beats_physics(
+def test_hostile_messages_leave_the_genuine_total_exact_and_no_total_beats_physics(
         events: list[tuple[int, Pulse]]) -> None:
     ledger = Ledger(MAX_W, fixed_wh=True)
     for meter in ["main", "x0", "x1", "x2", "x3", "fl"]:
         ledger.admit(meter, T0)
-    references: dict[tuple[str, str], Reference] = {}
+    bounds: dict[tuple[str, str], Bound] = {}
     fixed_wh: dict[tuple[str, str], float] = {}
     genuine = 0
     for now, p in events:
         key = (p.meter, p.channel)
-        reference = references.setdefault(key, Reference(T0))
+        bound = bounds.setdefault(key, Bound(T0))
         before = ledger.channel(*key).total_uwh
         try:
             new = ledger.apply(p, now)
         except ValueError:
             continue
-        credit = ledger.channel(*key).total_uwh - before
+        total = ledger.channel(*key).total_uwh
         if p.meter == "main" and p.channel == "active" and p.wh == GENUINE_WH and p.epoch != "bad":
             genuine += new
         if new:
             wh = fixed_wh.setdefault(key, p.wh)
-            assert credit == new * wh_to_uwh(wh), "counted with another energy per pulse than the channel's"
-            since = reference.credited_uwh + credit
-            assert since <= reference.allowed_uwh(p, now) + wh_to_uwh(wh), f"{p} brings the credit to {since} uWh"
-            reference.counted_at(p, now, credit)
+            assert total - before == new * wh_to_uwh(wh), "counted with another energy per pulse than the channel's"
+            assert total <= bound.allowed_uwh(p, now, wh_to_uwh(wh)), f"{p} brings the total to {total} uWh"
+            bound.counted_at(p, now)
     genuine_sent = sum(1 for _, p in events if p.meter == "main" and p.channel == "active" and p.epoch != "bad"
                        and p.wh == GENUINE_WH and p.seq < 2**50)
     assert genuine == genuine_sent
