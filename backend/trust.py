@@ -16,8 +16,9 @@ loosen the bound but never make it refuse genuine pulses.
 A stream of single pulses is held to the same limit by a *credit* per
 channel, kept on both clocks: the time by which the energy credited so far
 would have been delivered at the limit, counted from the channel's last
-pulse with a trusted timestamp (only such a pulse says when the energy was
-there; before it, from the meter's admission or the epoch's start). A pulse
+pulse with a trusted timestamp that leaves room for the energy before it
+(only such a pulse says when the energy was there; before one, from the
+meter's admission or the epoch's start). A pulse
 may be counted if that time, with its own energy added, is not further
 ahead of the pulse's time than one pulse at the limit, by either clock: on
 the edge's clock (a trusted timestamp) an outage's backlog received at once
