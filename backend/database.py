@@ -205,6 +205,13 @@ class PulseStore:
             return conn.execute(sa.select(sa.func.max(pulses.c.ts_ns))
                                 .where(pulses.c.meter == meter, pulses.c.channel == channel)).scalar()
 
+    def pulse_energy(self, meter: str, channel: str) -> float | None:
+        """The energy per pulse of the newest stored pulse of (meter, channel), or None."""
+        with self.engine.connect() as conn:
+            wh = conn.execute(sa.select(pulses.c.wh).where(pulses.c.meter == meter, pulses.c.channel == channel)
+                              .order_by(pulses.c.ts_ns.desc()).limit(1)).scalar()
+        return None if wh is None else float(wh)
+
     # -- what reports need ------------------------------------------------------
 
     def slots(self, meter: str, start_ns: int, end_ns: int) -> Iterator[Slot]:

@@ -5,9 +5,18 @@ a transport (:class:`~backend.amqp_consumer.BatchConsumer` in production) hands 
 a batch of pulses of any channel kind (:mod:`common.channels`), it decodes
 each pulse with the shared message code, lets the shared
 :class:`~backend.ledger.Ledger` refuse what the MQTT writer would refuse
-(implausible counter jumps, time running backwards), stores the rest in one
-transaction and returns the dead letters. Only then is the batch acknowledged;
-after a crash the redelivered pulses hit the unique key and change nothing.
+(implausible counter jumps, pulses faster than the power limit, another
+energy per pulse than the channel's stored pulses, reused counters), stores
+the rest in one transaction and returns the dead letters. Only then is the
+batch acknowledged; after a crash the redelivered pulses hit the unique key
+and change nothing.
+
+It does not see the commands that change a channel's energy per pulse (they
+go to the MQTT writer): a pulse held back for another energy per pulse is
+stored once a person readmits it, and that energy is then the channel's.
+Meters count as admitted when the db-writer starts, so a channel without
+stored pulses is judged from then (or, by the edge's word, from its epoch's
+start).
 
 Example::
 
@@ -29,7 +38,7 @@ from backend.amqp_consumer import BatchConsumer
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.database import PulseStore, database_url
 from backend.heartbeat import DB_WRITER, Heartbeat
-from backend.ledger import Cursor, Implausible, Ledger, rate_limits
+from backend.ledger import Cursor, Implausible, Ledger, OtherPulseEnergy, rate_limits
 from common.config import Config
 from common.message import MessageError, Pulse
 from common.topology import DB_WRITER_BINDINGS
@@ -54,11 +63,12 @@ class DbWriter:
         self.max_power_w = max_power_w
         self.max_rates = max_rates
         self.clock = clock
+        self.started_ns = clock()
         self._forget()
 
     def _forget(self) -> None:
         """Drop what the ledger knows; it is seeded again from the database as pulses arrive."""
-        self.ledger = Ledger(self.max_power_w, max_rates=self.max_rates)
+        self.ledger = Ledger(self.max_power_w, max_rates=self.max_rates, fixed_wh=True)
         self._resumed: set[tuple[str, ...]] = set()
 
     def handle_batch(self, deliveries: Sequence[Delivery]) -> list[DeadLetter]:
@@ -72,7 +82,7 @@ class DbWriter:
                     self._resume(pulse)
                     # Its count is irrelevant here (0 for a duplicate, which the unique
                     # key absorbs); what matters is that the ledger accepts the pulse.
-                    self.ledger.apply(pulse, self.clock(), readmitted=delivery.readmitted)
+                    self._apply(pulse, self.clock(), readmitted=delivery.readmitted)
                     keep.append(pulse)
                 except (MessageError, Implausible) as exc:
                     dead.append(DeadLetter(delivery, str(exc)))
@@ -87,6 +97,16 @@ class DbWriter:
         report_held_back(dead, log)
         return dead
 
+    def _apply(self, pulse: Pulse, now_ns: int, *, readmitted: bool) -> None:
+        try:
+            self.ledger.apply(pulse, now_ns, readmitted=readmitted)
+        except OtherPulseEnergy:
+            if not readmitted:
+                raise
+            # A person readmitted it after the meter's constant changed (the command reached the MQTT writer).
+            self.ledger.set_pulse_energy(pulse.meter, pulse.channel, pulse.wh)
+            self.ledger.apply(pulse, now_ns, readmitted=True)
+
     def _resume(self, pulse: Pulse) -> None:
         """Seed the ledger from the database the first time a channel or epoch shows up."""
         channel_key = (pulse.meter, pulse.channel)
@@ -95,7 +115,11 @@ class DbWriter:
             return
         state = self.ledger.channel(pulse.meter, pulse.channel)
         if channel_key not in self._resumed:
+            self.ledger.admit(pulse.meter, self.started_ns)
             state.last_ts_ns = self.store.last_ts(pulse.meter, pulse.channel)
+            wh = self.store.pulse_energy(pulse.meter, pulse.channel)
+            if wh is not None:
+                state.wh, state.wh_fixed = wh, True
             self._resumed.add(channel_key)
         latest = self.store.latest(pulse.meter, pulse.channel, pulse.epoch)
         if latest is not None:

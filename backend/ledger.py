@@ -24,6 +24,10 @@ No single message may move a total by more than physics allows:
   is judged from when its meter was admitted (:meth:`Ledger.admit`) or,
   by the edge's word, when the epoch began. A refused pulse moves nothing,
   so a wild ``seq`` cannot freeze a channel;
+* pulses one by one are held to the same limit: a channel's credit
+  (:func:`backend.trust.credit_doubt`) refuses those that come faster than
+  ``max_power_w`` allows since its last pulse with a trusted timestamp, by
+  the edge's clock or the writer's, one pulse of slack;
 * once a newer epoch has been counted on a channel, an older one must not
   advance: two edges count under one meter id (two Pis with one
   configuration); refused;
@@ -31,7 +35,7 @@ No single message may move a total by more than physics allows:
 
 A person may readmit a refused pulse after inspection: it is then counted
 without the power bound and the epoch order (never with another energy per
-pulse).
+pulse), and the channel's credit starts again from it.
 
 Timestamps are believed only where :mod:`backend.trust` says so: a pulse
 with an untrusted timestamp (ahead of the writer's clock, behind the
@@ -80,7 +84,7 @@ from typing import Any
 
 from backend.amounts import per_rate_unit
 from backend.load_level import LoadLevel
-from backend.trust import jump_doubt, timestamp_doubt
+from backend.trust import credit_doubt, jump_doubt, limit_ns, timestamp_doubt
 from common.channels import CHANNELS
 from common.config import Config
 from common.message import MAX_WH, MIN_WH, MessageError, Pulse, validate_meter_id
@@ -97,6 +101,10 @@ class Implausible(ValueError):
 
 class Interleaved(Implausible):
     """An older epoch advanced after a newer one was counted: two edges count under one meter id."""
+
+
+class OtherPulseEnergy(Implausible):
+    """A pulse states another energy per pulse than its channel's."""
 
 
 def wh_to_uwh(wh: float) -> int:
@@ -158,6 +166,10 @@ class ChannelState:
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
+    # The credit (see backend.trust): when the energy counted so far would have been delivered at the limit,
+    # by the edge's clock and by the writer's (each None where that clock cannot tell); None as a whole until
+    # the first pulse counted by this version, which takes it from the channel's last pulse or admission.
+    credit_ns: tuple[int | None, int | None] | None = None
     # The latest calibration's reading time, and the ids of recent commands
     # (a redelivered command must not reset the total a second time).
     calibrated_at_ns: int = 0
@@ -179,7 +191,8 @@ class ChannelState:
                 "intervals_ns": list(self.intervals_ns),
                 "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
                 "received_ns": self.received_ns, "ts_doubt": self.ts_doubt, "held_back": self.held_back,
-                "held_back_reason": self.held_back_reason}
+                "held_back_reason": self.held_back_reason,
+                "credit_ns": None if self.credit_ns is None else list(self.credit_ns)}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], kind: str = "active") -> ChannelState:
@@ -195,7 +208,7 @@ class ChannelState:
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
                     received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
                     held_back=_int(doc.get("held_back", 0)), held_back_reason=str(doc.get("held_back_reason", "")),
-                    kind=kind)
+                    credit_ns=_credit(doc.get("credit_ns")), kind=kind)
         if state.total_uwh < 0 or not 0 < state.wh <= 1000:
             raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
         return state
@@ -237,6 +250,14 @@ def _int(value: Any) -> int:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else _int(value)
+
+
+def _credit(value: Any) -> tuple[int | None, int | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"a credit has two items, not {value!r:.40}")
+    return _optional_int(value[0]), _optional_int(value[1])
 
 
 class Ledger:
@@ -370,9 +391,9 @@ class Ledger:
             return 0
         wh_uwh = wh_to_uwh(pulse.wh)
         if self.fixed_wh and state.wh_fixed and wh_uwh != wh_to_uwh(state.wh):
-            raise Implausible(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the meter's "
-                              f"constant really changed, run `emdc state set-pulse-energy --meter {pulse.meter} "
-                              f"--channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
+            raise OtherPulseEnergy(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the "
+                                   f"meter's constant really changed, run `emdc state set-pulse-energy --meter "
+                                   f"{pulse.meter} --channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
         if wh_uwh == 0:
             raise Implausible(f"wh {pulse.wh:g} is below the 1 uWh the ledger counts")
         if cursor is not None and not readmitted and pulse.epoch != next(reversed(state.epochs)):
@@ -384,8 +405,16 @@ class Ledger:
         reference_ns = state.last_ts_ns if cursor is None or cursor.trusted_ns is None else cursor.trusted_ns
         doubt = timestamp_doubt(pulse.ts_ns, now_ns=now_ns, previous_ns=reference_ns,
                                 max_ahead_ns=round(self.max_ahead_s * NS_PER_S), synced=pulse.synced)
+        limit = self.max_rates.get(pulse.channel, self.max_power_w)
+        pulse_uwh = wh_to_uwh(state.wh) if self.fixed_wh and state.wh_fixed else wh_uwh
+        credit = state.credit_ns or self._first_credit(pulse, state)
         if not readmitted:
-            self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
+            if new > 1:  # a single pulse is no jump: the credit judges it
+                self._check_jump(pulse, state, cursor, new, reference_ns, doubt, now_ns)
+            credit = self._check_credit(pulse, credit, new * pulse_uwh, pulse_uwh, limit, doubt, now_ns)
+        else:  # counted by a person's decision: the credit starts again from it
+            credit = (credit[0] if doubt else pulse.ts_ns, credit[1] if now_ns is None else now_ns)
+        state.credit_ns = credit
 
         if not (self.fixed_wh and state.wh_fixed):
             state.wh, state.wh_fixed = pulse.wh, self.fixed_wh
@@ -419,6 +448,55 @@ class Ledger:
                 state.level.forget()
             state.last_ts_ns = pulse.ts_ns
         return new
+
+    def _first_credit(self, pulse: Pulse, state: ChannelState) -> tuple[int | None, int | None]:
+        """The credit of a channel that has none yet: spent up to its last counted pulse (its last trusted
+        timestamp and the writer's clock then) or, without one, up to its meter's admission and, by the edge's
+        word, the epoch's start."""
+        if state.epochs:
+            edge_from, received_from = state.last_ts_ns, state.received_ns
+        else:  # an epoch said to begin after its pulse cannot tell when the pulse's energy was there
+            edge_from = pulse.epoch_ns if pulse.epoch_ns is not None and pulse.epoch_ns < pulse.ts_ns else None
+            received_from = None
+        return edge_from, self._admitted.get(pulse.meter) if received_from is None else received_from
+
+    def _check_credit(self, pulse: Pulse, credit: tuple[int | None, int | None], uwh: int, pulse_uwh: int,
+                      limit: float, doubt: str, now_ns: int | None) -> tuple[int | None, int | None]:
+        """The channel's credit with ``uwh`` more; raise :class:`Implausible` if it comes faster than ``limit``.
+
+        Only a timestamp the edge's clock vouches for (trusted, and leaving
+        room at the limit for all the energy before it) says when the energy
+        was there: such a pulse spends the credit up to its time on both
+        clocks (idle time before it cannot be drawn on later); any other
+        leaves the references where they were (a trusted timestamp stamped
+        too early, after a clock step, must not discard the writer's time).
+        The edge's clock is charged with every pulse, as all of them happened
+        in its time; the writer's only with those the edge's clock did not
+        vouch for, since a pulse stamped in the past took none of the
+        writer's time.
+        """
+        slack_ns = limit_ns(pulse_uwh, max_power_w=limit)
+        spent_ns = slack_ns if uwh == pulse_uwh else limit_ns(uwh, max_power_w=limit)
+        edge, received = credit
+        if edge is not None:
+            edge += spent_ns
+        edge_ahead = None if doubt or edge is None else edge - pulse.ts_ns
+        vouched = edge_ahead is not None and edge_ahead <= slack_ns
+        if received is not None and not vouched:
+            received += spent_ns
+        too_fast = "" if vouched else credit_doubt(
+            edge_ahead_ns=edge_ahead, received_ahead_ns=None if now_ns is None or received is None
+            else received - now_ns, slack_ns=slack_ns, max_power_w=limit,
+            channel=pulse.channel if pulse.channel in self.max_rates else "active")
+        if too_fast:
+            raise Implausible(too_fast)
+        # A trusted timestamp no energy contradicts (the edge's clock had no reference yet, or vouched for it).
+        uncontradicted = not doubt and (edge_ahead is None or vouched)
+        if not doubt:
+            edge = pulse.ts_ns if edge is None else max(edge, pulse.ts_ns)
+        if now_ns is not None and (uncontradicted or received is None):
+            received = now_ns if received is None else max(received, now_ns)
+        return edge, received
 
     def _check_jump(self, pulse: Pulse, state: ChannelState, cursor: Cursor | None, new: int,
                     reference_ns: int | None, doubt: str, now_ns: int | None) -> None:

@@ -303,11 +303,19 @@ def pulse(seq: int, t_s: float | None = None, *, epoch: str = "e1", wh: float = 
     return Pulse(meter, channel, epoch, seq, T0 + round((seq if t_s is None else t_s) * S), wh)
 
 
+_fresh_after_ns = 0  # the latest timestamp fresh_pulses gave
+
+
 def fresh_pulses(first: int, count: int) -> list[Pulse]:
-    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 10 ms apart."""
-    now = time.time_ns()
-    return [Pulse("main", "active", "feed", seq, now - (first + count - 1 - seq) * 10_000_000, 1.0)
-            for seq in range(first, first + count)]
+    """Pulses ``first`` .. ``first + count - 1`` of epoch ``feed``, stamped just before now, 40 ms apart, and
+    after every pulse an earlier call stamped: 90 kW at 1 Wh, within the writer's 100 kW limit (which holds
+    back pulses that come faster) however quickly the calls follow each other."""
+    global _fresh_after_ns
+    start = max(time.time_ns() - (count - 1) * 40_000_000, _fresh_after_ns + 40_000_000)
+    stamped = [Pulse("main", "active", "feed", seq, start + (seq - first) * 40_000_000, 1.0)
+               for seq in range(first, first + count)]
+    _fresh_after_ns = stamped[-1].ts_ns
+    return stamped
 
 
 def deliveries(*items: Pulse | bytes) -> list[Delivery]:

@@ -156,6 +156,7 @@ def test_the_writer_tells_what_it_counted_only_once_the_batch_is_saved(tmp_path:
                                sink=MemorySink(), clock=lambda: now[0])
     told: list[list[Booked]] = []
     writer.on_saved = told.append
+    now[0] += S  # a second after the meter's admission: time for the untrusted third pulse
     writer.handle_batch(deliveries(pulse(1, 0), pulse(1, 0), pulse(2, 5), pulse(3, 10 * H)))
     assert told == [[Booked("main", "active", T0, now[0], 1, 1_000_000, True),
                      Booked("main", "active", T0 + 5 * S, now[0], 1, 1_000_000, True),

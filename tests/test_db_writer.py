@@ -7,12 +7,13 @@ MariaDB test gets a database of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pika
@@ -49,6 +50,13 @@ MARIADB_URL = os.environ.get("EMDC_TEST_MARIADB_URL", "mysql+pymysql://root@127.
 def writer_clock() -> int:
     """The writer's clock for hand-made pulses (stamped from T0): an hour after them, so their times are trusted."""
     return T0 + 3600 * S
+
+
+def ticking_clock() -> Callable[[], int]:
+    """A writer's clock from an hour after the hand-made pulses, a second later at each reading: what vouches
+    for pulses whose times cannot be trusted (the writer receives them no faster than the power limit allows)."""
+    readings = itertools.count(T0 + 3600 * S, S)
+    return lambda: next(readings)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +128,7 @@ def test_schema_is_created_once_versioned_and_required_by_readers(db_url: str) -
 
 def test_each_pulse_is_stored_once_however_often_it_arrives(store: PulseStore, db_url: str) -> None:
     writer = DbWriter(store, max_power_w=100_000, clock=writer_clock)
-    batch = [pulse(1), pulse(2), pulse(2), pulse(3, wh=0.5), pulse(1, meter="Main"), pulse(1, channel="reactive")]
+    batch = [pulse(1), pulse(2), pulse(2), pulse(3), pulse(1, meter="Main"), pulse(1, channel="reactive")]
     assert writer.handle_batch(deliveries(*batch)) == []
     assert writer.handle_batch(deliveries(*batch)) == []  # a redelivered batch
     # A restarted writer (fresh ledger) seeing them once more.
@@ -129,14 +137,14 @@ def test_each_pulse_is_stored_once_however_often_it_arrives(store: PulseStore, d
         ("Main", "active", "e1", 1, T0 + S, 1.0),  # meter ids are case-sensitive, also on MariaDB
         ("main", "active", "e1", 1, T0 + S, 1.0),
         ("main", "active", "e1", 2, T0 + 2 * S, 1.0),
-        ("main", "active", "e1", 3, T0 + 3 * S, 0.5),
+        ("main", "active", "e1", 3, T0 + 3 * S, 1.0),
         ("main", "reactive", "e1", 1, T0 + S, 1.0),
     ]
 
 
 def test_malformed_and_implausible_pulses_are_dead_lettered_with_the_reason(store: PulseStore,
                                                                            db_url: str) -> None:
-    writer = DbWriter(store, max_power_w=10_000, clock=writer_clock)
+    writer = DbWriter(store, max_power_w=10_000, clock=ticking_clock())
     huge = encode(pulse(1)).replace(b'"seq":1', b'"seq":' + str(2**70).encode())
     batch = deliveries(b"not json", pulse(1), huge, pulse(2, 10),
                        pulse(10_000, 11),  # 9998 Wh in a second: 36 MW
@@ -163,6 +171,44 @@ def test_a_restarted_writer_judges_new_pulses_against_the_stored_ones(store: Pul
     dead = restarted.handle_batch(deliveries(pulse(500, 2.5), pulse(3, 3600)))
     assert [d.delivery.tag for d in dead] == [1], "a jump of 498 Wh in 0.5 s after the stored seq 2"
     assert [r[3] for r in rows(db_url)] == [1, 2, 3]
+
+
+def test_hostile_messages_are_dead_lettered_and_the_genuine_meter_is_stored_exactly(store: PulseStore,
+                                                                                   db_url: str) -> None:
+    """What a hostile edge account sends must not reach the database: a first message at seq 2^63-1 of 1 kWh
+    pulses, another energy per pulse (also after a restart, from the stored pulses), a wild seq of a tiny
+    energy, a new epoch of 1 kWh pulses, a flood of one-pulse messages."""
+    writer = DbWriter(store, max_power_w=100_000, clock=writer_clock)
+    assert writer.handle_batch(deliveries(pulse(1), pulse(2), pulse(3))) == []
+    hostile = [Pulse("main", "reactive", "e9", 2**63 - 1, T0 + 5 * S, 1000.0), pulse(4, 3.5, wh=1000.0),
+               pulse(2**62, 3.6, wh=1e-300), pulse(116, 3.7, epoch="e2", wh=1000.0)]
+    dead = writer.handle_batch(deliveries(*hostile, pulse(4)))
+    assert [d.delivery.tag for d in dead] == [1, 2, 3, 4]
+    assert "on a channel with no history" in dead[0].reason and "kW limit" in dead[0].reason
+    assert "wh 1000 differs from the channel's 1 per pulse" in dead[1].reason
+    restarted = DbWriter(store, max_power_w=100_000, clock=writer_clock)
+    [again] = restarted.handle_batch(deliveries(pulse(5, 5, wh=1000.0)))
+    assert "wh 1000 differs from the channel's 1 per pulse" in again.reason, "the stored pulses fix it"
+    flood = [pulse(seq, 5 + (seq - 5) * 1e-6) for seq in range(5, 10_005)]  # 10 kWh in 10 ms
+    dead = restarted.handle_batch(deliveries(*flood))
+    stored = [r[3] for r in rows(db_url) if r[1] == "active"]
+    assert len(stored) == 4 + 10_000 - len(dead) and len(stored) <= 4 + 1 + 100_000 * 2 / 3600 + 1
+    assert "faster than the 100 kW limit" in dead[0].reason
+    assert {r[5] for r in rows(db_url)} == {1.0} and {r[1] for r in rows(db_url)} == {"active"}
+
+
+def test_a_readmitted_pulse_of_another_energy_per_pulse_becomes_the_channels(store: PulseStore,
+                                                                            db_url: str) -> None:
+    """The command changing a meter's constant reaches the MQTT writer only: here a person's readmission
+    decides, and the new energy per pulse then holds."""
+    writer = DbWriter(store, max_power_w=100_000, clock=writer_clock)
+    assert writer.handle_batch(deliveries(pulse(1), pulse(2))) == []
+    [dead] = writer.handle_batch(deliveries(pulse(3, wh=0.5)))
+    assert writer.handle_batch([Delivery(1, dead.delivery.routing_key, dead.delivery.body, readmitted=True)]) == []
+    [old] = writer.handle_batch(deliveries(pulse(4)))
+    assert "wh 1 differs from the channel's 0.5 per pulse" in old.reason
+    assert writer.handle_batch(deliveries(pulse(4, wh=0.5))) == []
+    assert [(r[3], r[5]) for r in rows(db_url)] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5)]
 
 
 @pytest.mark.parametrize(("url", "error"), [
@@ -330,7 +376,7 @@ def test_a_restarted_writer_takes_a_resend_across_a_clock_step_back_for_a_duplic
                                                                                     db_url: str) -> None:
     # seq 1 at t = 100 s, then the edge's clock steps back an hour: seq 2 is stamped before seq 1.
     first, stepped = pulse(1, 100), pulse(2, 100 - 3600)
-    DbWriter(store, max_power_w=10_000, clock=writer_clock).handle_batch(deliveries(first, stepped))
+    DbWriter(store, max_power_w=10_000, clock=ticking_clock()).handle_batch(deliveries(first, stepped))
     restarted = DbWriter(store, max_power_w=10_000, clock=writer_clock)
     # The edge resends seq 1 (a lost confirm): later than the highest seq's time, but a duplicate all the same.
     assert restarted.handle_batch(deliveries(first)) == []

@@ -14,7 +14,7 @@ import pika
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.ledger import EPOCHS_KEPT, Ledger, wh_to_uwh
+from backend.ledger import EPOCHS_KEPT, Implausible, Ledger, wh_to_uwh
 from backend.state_store import StateStore
 from backend.writer import UNKNOWN_REPORTED
 from common.message import ForgetMeter, Pulse, SetPulseEnergy, SetTotal, encode, encode_control
@@ -58,6 +58,7 @@ def attack(draw: st.DrawFn) -> list[tuple[int, Pulse]]:
     """A genuine Pi's pulses on main/active (with restarts) as (writer clock, pulse), hostile ones between."""
     events: list[tuple[int, Pulse]] = []
     now, epoch, seq = T0, "a0", 0
+    flood_seq = 0  # the counter of a flooding Pi, meter "fl"
     for step in range(draw(st.integers(1, 40))):
         if draw(st.integers(0, 9)) == 0:  # the Pi restarts uncleanly: a new epoch from seq 1
             epoch, seq = f"a{step + 1:x}", 0
@@ -66,6 +67,14 @@ def attack(draw: st.DrawFn) -> list[tuple[int, Pulse]]:
         events.append((now + draw(st.integers(0, S)), Pulse("main", "active", epoch, seq, now, GENUINE_WH)))
         for _ in range(draw(st.integers(0, 2))):
             events.append((now + S, draw(hostile(epoch, seq, now))))
+        if draw(st.integers(0, 3)) == 0:  # consecutive one-pulse messages, faster than any meter
+            received, ts = now + S, now + draw(st.integers(-S, S))
+            synced = draw(st.sampled_from([None, True, False]))
+            for _ in range(draw(st.integers(1, 300))):
+                flood_seq += 1
+                received += draw(st.sampled_from([0, 1, 1_000_000]))
+                ts += draw(st.sampled_from([0, 1, 1_000_000, 10_000_000]))
+                events.append((received, Pulse("fl", "active", "f", flood_seq, ts, GENUINE_WH, synced)))
     return events
 
 
@@ -90,63 +99,154 @@ def hostile(draw: st.DrawFn, epoch: str, seq: int, now: int) -> Pulse:
     return Pulse(f"x{draw(st.integers(0, 3))}", "active", "bad", seq_any, ts, wh, synced, epoch_ns)
 
 
-class Reference:
-    """The time a channel's next credit may be judged from, kept independently of the ledger."""
+class Bound:
+    """What a channel may have been credited in all, kept independently of the ledger: the limit over the time
+    from its meter's admission (or, by the edge's word, the start of its first counted epoch) to the latest
+    of the writer's clock and the trusted timestamps counted, plus a pulse of slack on each clock."""
 
     def __init__(self, admitted_ns: int) -> None:
-        self.received_ns = admitted_ns
-        self.trusted_ns: int | None = None
+        self.start_ns = admitted_ns
+        self.latest_ns = admitted_ns
+        self.trusted_ns: int | None = None  # the latest trusted timestamp (a later one is needed to be trusted)
         self.counted = False
-
-    def elapsed_ns(self, pulse: Pulse, now: int) -> int:
-        edge_from = self.trusted_ns if self.counted else pulse.epoch_ns
-        trusted = self.trusts(pulse, now)
-        edge = pulse.ts_ns - edge_from if trusted and edge_from is not None and edge_from < pulse.ts_ns else 0
-        return max(edge, now - self.received_ns)
 
     def trusts(self, pulse: Pulse, now: int) -> bool:
         return (pulse.synced is not False and pulse.ts_ns <= now + 600 * S
                 and (self.trusted_ns is None or pulse.ts_ns > self.trusted_ns))
 
+    def allowed_uwh(self, pulse: Pulse, now: int, pulse_uwh: int) -> float:
+        start, latest = self.start_ns, max(self.latest_ns, now)
+        if self.trusts(pulse, now):
+            latest = max(latest, pulse.ts_ns)
+            if not self.counted and pulse.epoch_ns is not None and pulse.epoch_ns < pulse.ts_ns:
+                start = min(start, pulse.epoch_ns)
+        return MAX_W * (latest - start) / HOUR * 1_000_000 * (1 + 1e-9) + 2 * pulse_uwh + 1
+
     def counted_at(self, pulse: Pulse, now: int) -> None:
         if self.trusts(pulse, now):
+            self.latest_ns = max(self.latest_ns, now, pulse.ts_ns)
+            if not self.counted and pulse.epoch_ns is not None and pulse.epoch_ns < pulse.ts_ns:
+                self.start_ns = min(self.start_ns, pulse.epoch_ns)
             self.trusted_ns = pulse.ts_ns
-        self.received_ns, self.counted = now, True
+        self.latest_ns = max(self.latest_ns, now)
+        self.counted = True
 
 
 @settings(max_examples=300, deadline=None)
 @given(attack())
-def test_hostile_messages_leave_the_genuine_total_exact_and_no_credit_beats_physics(
+def test_hostile_messages_leave_the_genuine_total_exact_and_no_total_beats_physics(
         events: list[tuple[int, Pulse]]) -> None:
     ledger = Ledger(MAX_W, fixed_wh=True)
-    for meter in ["main", "x0", "x1", "x2", "x3"]:
+    for meter in ["main", "x0", "x1", "x2", "x3", "fl"]:
         ledger.admit(meter, T0)
-    references: dict[tuple[str, str], Reference] = {}
+    bounds: dict[tuple[str, str], Bound] = {}
     fixed_wh: dict[tuple[str, str], float] = {}
     genuine = 0
     for now, p in events:
         key = (p.meter, p.channel)
-        reference = references.setdefault(key, Reference(T0))
+        bound = bounds.setdefault(key, Bound(T0))
         before = ledger.channel(*key).total_uwh
         try:
             new = ledger.apply(p, now)
         except ValueError:
             continue
-        credit = ledger.channel(*key).total_uwh - before
+        total = ledger.channel(*key).total_uwh
         if p.meter == "main" and p.channel == "active" and p.wh == GENUINE_WH and p.epoch != "bad":
             genuine += new
         if new:
             wh = fixed_wh.setdefault(key, p.wh)
-            assert credit == new * wh_to_uwh(wh), "counted with another energy per pulse than the channel's"
-            if new > 1:
-                elapsed = reference.elapsed_ns(p, now)
-                assert credit <= MAX_W * elapsed / HOUR * 1_000_000 * (1 + 1e-9), f"{p} credits {credit} uWh"
-            reference.counted_at(p, now)
+            assert total - before == new * wh_to_uwh(wh), "counted with another energy per pulse than the channel's"
+            assert total <= bound.allowed_uwh(p, now, wh_to_uwh(wh)), f"{p} brings the total to {total} uWh"
+            bound.counted_at(p, now)
     genuine_sent = sum(1 for _, p in events if p.meter == "main" and p.channel == "active" and p.epoch != "bad"
                        and p.wh == GENUINE_WH and p.seq < 2**50)
     assert genuine == genuine_sent
     assert ledger.channel("main", "active").total_uwh == genuine_sent * wh_to_uwh(GENUINE_WH)
     assert all(len(state.epochs) <= EPOCHS_KEPT for _, state in ledger)
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(2, 3000), ts_step=st.sampled_from([0, 1, 1_000_000, 10_000_000]),
+       received_step=st.sampled_from([0, 1, 1_000, 1_000_000]),
+       synced=st.sampled_from([None, True, False, "alternating"]),
+       quiet=st.integers(0, 60 * S), ahead=st.integers(-HOUR, 600 * S))
+def test_a_flood_of_consecutive_pulses_is_credited_no_faster_than_the_limit(
+        count: int, ts_step: int, received_step: int, synced: bool | str | None, quiet: int, ahead: int) -> None:
+    """One-pulse messages, each seq+1: however they are stamped, the total grows by at most the limit over
+    the time that passed (by the writer's clock, or the edge's, which may run up to max_clock_ahead ahead),
+    plus a pulse; the rest is refused with the reason, and the channel counts on once time has passed.
+    "alternating" interleaves pulses the edge's clock may vouch for with ones only the writer's can judge."""
+    ledger = Ledger(MAX_W, fixed_wh=True)
+    ledger.admit("main", T0)
+    for seq in range(1, 4):  # the genuine meter: 1 Wh a second
+        assert ledger.apply(Pulse("main", "active", "e1", seq, T0 + seq * S, 1.0), T0 + seq * S) == 1
+    received, ts = T0 + 3 * S + quiet, T0 + 3 * S + quiet + ahead
+    refused: list[str] = []
+    for seq in range(4, 4 + count):
+        received += received_step
+        ts += ts_step
+        try:
+            claim = (None if seq % 2 == 0 else False) if isinstance(synced, str) else synced
+            ledger.apply(Pulse("main", "active", "e1", seq, ts, 1.0, claim), received)
+        except Implausible as exc:
+            refused.append(str(exc))
+    credited_wh = ledger.channel("main", "active").total_uwh / 1_000_000 - 3
+    edge_s = max(0, ts - (T0 + 3 * S)) / S if synced is not False else 0
+    elapsed_s = min(max(edge_s, (received - (T0 + 3 * S)) / S), (received - (T0 + 3 * S)) / S + 600)
+    assert credited_wh <= MAX_W * elapsed_s / 3600 + 2, f"{credited_wh} Wh in {elapsed_s} s"
+    if refused:
+        assert "limit" in refused[0], refused[0]
+    later = received + HOUR
+    last = ledger.channel("main", "active").epochs["e1"].seq
+    assert ledger.apply(Pulse("main", "active", "e1", last + 1, max(ts, later) + 1, 1.0), later) == 1
+
+
+def test_the_probe_of_10_kwh_in_10_ms_is_held_back(tmp_path: Path) -> None:
+    """The reviewer's probe: 10,000 one-pulse messages of 1 Wh within 10 ms, a second after the last pulse."""
+    writer, _, clock = genuine_writer(tmp_path)
+    flood = [Pulse("main", "active", "e1", seq, T0 + 3 * S + (seq - 4) * 1_000, 1.0) for seq in range(4, 10_004)]
+    clock.now += S
+    dead = writer.handle_batch(deliveries(*flood))
+    credited_wh = main_total(writer) / 1_000_000 - 3
+    assert credited_wh <= MAX_W * 1.01 / 3600 + 1, f"{credited_wh} Wh credited"
+    assert len(dead) == 10_000 - credited_wh
+    assert "faster than the 100 kW limit" in dead[0].reason
+    assert writer.ledger.channel("main", "active").held_back == len(dead)
+    # A person who finds them genuine readmits them (`emdc dead-letters readmit`): counted, and the meter counts on.
+    clock.now += S
+    assert writer.handle_batch([replace(d.delivery, readmitted=True) for d in dead]) == []
+    assert main_total(writer) == 10_003_000_000
+    clock.now += S
+    assert writer.handle_batch(deliveries(pulse(10_004, 5))) == []
+
+
+def test_genuine_backlogs_and_bursts_count_exactly() -> None:
+    """What a real meter sends must all count: an outage's backlog received at once (its times trusted or not),
+    a burst at 90 % of the limit, and a backlog stamped by a clock that stepped back during the outage."""
+    ledger = Ledger(MAX_W, fixed_wh=True)
+    ledger.admit("main", T0)
+    now, seq = T0, 0
+
+    def send(count: int, interval_ns: int, *, received_at: int | None = None, ts_shift: int = 0,
+             synced: bool | None = None) -> None:
+        nonlocal now, seq
+        for _ in range(count):
+            now += interval_ns
+            seq += 1
+            at = now if received_at is None else received_at
+            assert ledger.apply(Pulse("main", "active", "e1", seq, now + ts_shift, 1.0, synced), at) == 1
+
+    send(100, 3 * S)  # 1.2 kW, live
+    send(3000, round(36 * S / 1000 / 0.9))  # 90 kW for two minutes, live
+    outage_end = now + 3600 * S  # an hour at 3.6 kW: received when the network returns
+    send(3600, S, received_at=outage_end)
+    now = outage_end
+    send(50, S)
+    untrusted_end = now + 3600 * S  # the same with the edge's clock unsynchronised
+    send(3600, S, received_at=untrusted_end, synced=False)
+    now = untrusted_end
+    send(50, S)
+    assert ledger.channel("main", "active").total_uwh == seq * 1_000_000
 
 
 # --- the writer's batch handler, the cases of a hostile edge account --------------------------------

@@ -504,14 +504,15 @@ def test_total_is_exact_across_a_save_and_restore_at_any_point(case: tuple[list[
 @given(st.lists(st.integers(-2 * 365 * 86_400 * S, 2 * 365 * 86_400 * S), min_size=1, max_size=25), st.data())
 def test_a_resent_pulse_is_a_duplicate_and_a_reused_seq_refused_however_the_clock_stepped(
         steps_ns: list[int], data: st.DataObject):
-    """The edge's clock may step either way between pulses, so times need not grow with seq."""
+    """The edge's clock may step either way between pulses, so times need not grow with seq (the writer
+    receives them a second apart: its clock vouches for those whose times it cannot trust)."""
     ledger = Ledger(max_power_w=MAX_W, fixed_wh=True)
     sent = []
     ts = T0
     for seq, step in enumerate(steps_ns, start=1):
         ts += S + step
         sent.append(Pulse("main", "active", "aa", seq, ts, 1.0))
-        ledger.apply(sent[-1], now_ns=T0)
+        ledger.apply(sent[-1], now_ns=T0 + seq * S)
     if data.draw(st.booleans(), label="saved and restored"):
         ledger = Ledger.from_json(json.loads(json.dumps(ledger.to_json())), max_power_w=MAX_W, fixed_wh=True)
     before = snapshot(ledger)

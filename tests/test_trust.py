@@ -1,10 +1,12 @@
 """The writer's trust decisions: energy from the counter whatever the timestamps say.
 
 Properties over arbitrary (valid) timestamps and writer clocks: a stream of
-consecutive pulses is always counted exactly; power is never negative and
+consecutive pulses the writer receives no faster than the power limit allows
+is always counted exactly; power is never negative and
 never comes from an untrusted timestamp; a jump is judged over the longer of
-the edge's trusted interval and the writer's receive interval, so a wrong edge
-clock can never make the guard refuse genuine pulses.
+the edge's trusted interval and the writer's receive interval, and a pulse by
+the credit of either clock, so a wrong edge clock can never make the guard
+refuse genuine pulses.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from backend.ledger import ChannelState, Implausible, Ledger
 from backend.power import displayed_power_w
-from backend.trust import jump_doubt, timestamp_doubt
+from backend.trust import credit_doubt, jump_doubt, timestamp_doubt
 from common.message import Pulse
 from tests.support import T0, S
 
@@ -25,11 +27,12 @@ MAX_W = 100_000.0
 YEAR = 365 * 24 * 3600 * S
 
 timestamps = st.integers(min_value=1, max_value=2**63 - 1)
+ONE_PULSE_AT_THE_LIMIT_NS = 36_000_000  # 1 Wh at 100 kW
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(timestamps, st.sampled_from([None, True, False])), min_size=1, max_size=40),
-       st.integers(min_value=T0 - YEAR, max_value=T0 + YEAR), st.integers(0, 10 * S))
+       st.integers(min_value=T0 - YEAR, max_value=T0 + YEAR), st.integers(ONE_PULSE_AT_THE_LIMIT_NS, 10 * S))
 def test_consecutive_pulses_are_all_counted_whatever_their_timestamps(stamps: list[tuple[int, bool | None]],
                                                                        start_ns: int, step_ns: int) -> None:
     ledger = Ledger(max_power_w=MAX_W)
@@ -63,6 +66,17 @@ def test_no_edge_clock_can_refuse_a_jump_the_writer_clock_accepts(new: int, wh: 
     assert not (by_writer == "" and with_edge != "")
     if new == 1:
         assert with_edge == ""
+
+
+@given(edge=st.none() | st.integers(-YEAR, YEAR), received=st.none() | st.integers(-YEAR, YEAR),
+       slack=st.integers(0, S))
+def test_no_edge_clock_can_refuse_a_pulse_the_writer_clock_lets_through(edge: int | None, received: int | None,
+                                                                       slack: int) -> None:
+    by_writer = credit_doubt(edge_ahead_ns=None, received_ahead_ns=received, slack_ns=slack, max_power_w=MAX_W)
+    with_edge = credit_doubt(edge_ahead_ns=edge, received_ahead_ns=received, slack_ns=slack, max_power_w=MAX_W)
+    assert not (by_writer == "" and received is not None and with_edge != "")
+    known = [ahead for ahead in (edge, received) if ahead is not None]
+    assert (with_edge == "") == (not known or min(known) <= slack)
 
 
 def test_a_big_jump_is_judged_by_the_writer_clock_when_the_edge_clock_is_ahead() -> None:
