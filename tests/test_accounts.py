@@ -35,7 +35,7 @@ from tests.test_doctor import doctor, edge_env, failures
 pytestmark = pytest.mark.brokers
 
 PULSE = json.dumps({"v": 1, "meter": "garage", "channel": "active", "epoch": "ab", "seq": 1, "ts_ns": 1, "wh": 1})
-QUEUES = ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_mqtt_writer.active",
+QUEUES = ("queue_mqtt_writer", "queue_mqtt_writer.dead", "queue_mqtt_writer.active", "queue_mqtt_writer.status",
           "queue_db_writer", "queue_db_writer.dead", "queue_db_writer.active")
 METERS = ("garage", "shed")
 
@@ -145,6 +145,8 @@ def test_each_account_publishes_only_what_it_may(clean: PrivateRabbitMQ, account
 @pytest.mark.parametrize("account", ACCOUNTS)
 def test_each_account_reads_declares_and_deletes_nothing_of_others(clean: PrivateRabbitMQ, account: str):
     own = {OWN_QUEUE[account], topology.lease_queue(OWN_QUEUE[account])} if account in OWN_QUEUE else set()
+    if account == "emdc-writer":
+        own.add(topology.status_queue(OWN_QUEUE[account]))
     with clean.connect(account) as conn:
         for q in QUEUES:
             if q in own:

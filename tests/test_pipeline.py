@@ -45,13 +45,14 @@ def test_restarting_writer_and_edge_never_loses_or_repeats_a_pulse(names: Names,
                                                                     spawn) -> None:
     topic = f"{names.prefix}/active_energy"
     writer = start_writer(spawn, names, writer_env(names))
-    run_emdc(["edge", "simulate", "--power", "3000", "--count", "150", "--speed", "max"], names.edge_env())
+    # 54 kW: 150 pulses in 10 s, so that the second run, which may not stamp ahead of now, waits 10 s at most.
+    run_emdc(["edge", "simulate", "--power", "54000", "--count", "150", "--speed", "max"], names.edge_env())
     watch.wait_for(topic, lambda v: v == "0.15")
     assert writer.stop() == 0
 
     # The edge runs again while the writer is down: pulses wait in the (durable) queue.
     # Without statuses, so that the queue holds the pulses alone.
-    run_emdc(["edge", "simulate", "--power", "3000", "--count", "150", "--speed", "max"],
+    run_emdc(["edge", "simulate", "--power", "54000", "--count", "150", "--speed", "max"],
              names.edge_env(EMDC_STATUS_INTERVAL_S=0))
     assert queue_depth(names.queue) == 150
 
