@@ -93,6 +93,10 @@ UWH_PER_WH = 1_000_000
 NS_PER_S = 1_000_000_000
 CALIBRATIONS_KEPT = 32
 EPOCHS_KEPT = 16
+# A new epoch that began this much before the current epoch's last trusted pulse ran beside it: a second
+# edge (a restarted one begins after its last pulse, by the same clock). The margin is for two Pis' clocks,
+# which agree only as well as NTP keeps them.
+SECOND_EDGE_MARGIN_NS = 5 * NS_PER_S
 
 
 class Implausible(ValueError):
@@ -115,33 +119,37 @@ def wh_to_uwh(wh: float) -> int:
 @dataclass
 class Cursor:
     """The newest counted pulse of one epoch: its ``seq`` and timestamp as sent, the epoch's last
-    trusted timestamp, the writer's clock when it was counted (None where unknown), and the latest
+    trusted timestamp, the writer's clock when it was counted (None where unknown), the latest
     timestamp of any pulse counted in the epoch, which tells a duplicate from a reused counter
-    (None: ``ts_ns``, as for cursors saved by older versions or seeded from a database)."""
+    (None: ``ts_ns``, as for cursors saved by older versions or seeded from a database), and when the
+    epoch began: as its edge said, else its first pulse's time (None: not known, older versions)."""
 
     seq: int
     ts_ns: int
     trusted_ns: int | None = None
     received_ns: int | None = None
     latest_ns: int | None = None
+    began_ns: int | None = None
 
     def latest_counted_ns(self) -> int:
         return self.ts_ns if self.latest_ns is None else self.latest_ns
 
     def to_json(self) -> list[int | None]:
-        return [self.seq, self.ts_ns, self.trusted_ns, self.received_ns, self.latest_ns]
+        return [self.seq, self.ts_ns, self.trusted_ns, self.received_ns, self.latest_ns, self.began_ns]
 
     @classmethod
     def from_json(cls, doc: list[Any]) -> Cursor:
-        """``[seq, ts_ns]`` (saved by older versions, whose timestamps were all trusted), the four-item
-        form of versions that did not keep the latest timestamp, or the full form."""
+        """``[seq, ts_ns]`` (saved by older versions, whose timestamps were all trusted), the four- and
+        five-item forms of versions that did not keep the latest timestamp or the epoch's start, or the full
+        form."""
         if len(doc) == 2:
             return cls(_int(doc[0]), _int(doc[1]), _int(doc[1]))
-        if len(doc) not in (4, 5):
-            raise ValueError(f"a cursor has 2, 4 or 5 items, not {len(doc)}")
-        seq, ts_ns, trusted_ns, received_ns, *latest = doc
+        if len(doc) not in (4, 5, 6):
+            raise ValueError(f"a cursor has 2, 4, 5 or 6 items, not {len(doc)}")
+        seq, ts_ns, trusted_ns, received_ns, *rest = doc
+        latest, began = (*rest, None, None)[:2]
         return cls(_int(seq), _int(ts_ns), _optional_int(trusted_ns), _optional_int(received_ns),
-                   _optional_int(latest[0]) if latest else None)
+                   _optional_int(latest), _optional_int(began))
 
 
 @dataclass
@@ -163,6 +171,8 @@ class ChannelState:
     # Pulses of this channel held back in the dead-letter queue so far, and the last reason.
     held_back: int = 0
     held_back_reason: str = ""
+    # Epochs found to be a second edge's under this meter id: their pulses are held back.
+    barred: list[str] = field(default_factory=list)
     # Intervals between the most recent consecutive pulses, newest last; empty
     # after a gap, since power may only come from consecutive pulses.
     intervals_ns: list[int] = field(default_factory=list)
@@ -191,7 +201,7 @@ class ChannelState:
                 "intervals_ns": list(self.intervals_ns),
                 "calibrated_at_ns": self.calibrated_at_ns, "calibrations": list(self.calibrations),
                 "received_ns": self.received_ns, "ts_doubt": self.ts_doubt, "held_back": self.held_back,
-                "held_back_reason": self.held_back_reason,
+                "held_back_reason": self.held_back_reason, "barred": list(self.barred),
                 "credit_ns": None if self.credit_ns is None else list(self.credit_ns)}
 
     @classmethod
@@ -208,10 +218,53 @@ class ChannelState:
                     calibrations=[str(c) for c in doc.get("calibrations", [])],
                     received_ns=_optional_int(doc.get("received_ns")), ts_doubt=str(doc.get("ts_doubt", "")),
                     held_back=_int(doc.get("held_back", 0)), held_back_reason=str(doc.get("held_back_reason", "")),
-                    credit_ns=_credit(doc.get("credit_ns")), kind=kind)
+                    barred=[str(e) for e in doc.get("barred", [])], credit_ns=_credit(doc.get("credit_ns")),
+                    kind=kind)
         if state.total_uwh < 0 or not 0 < state.wh <= 1000:
             raise ValueError(f"implausible channel state: total {state.total_uwh}, wh {state.wh}")
         return state
+
+
+def _began(pulse: Pulse) -> int | None:
+    """When the pulse's epoch began by its edge's word, if that word is plausible (not after the pulse)."""
+    return pulse.epoch_ns if pulse.epoch_ns is not None and pulse.epoch_ns <= pulse.ts_ns else None
+
+
+def _two_edges(pulse: Pulse, why: str) -> Interleaved:
+    return Interleaved(f"epoch {pulse.epoch} of {pulse.meter}/{pulse.channel} {why}: two edges count under meter id "
+                       f"{pulse.meter!r} (a copied configuration or SD card); give each Pi its own meter_id")
+
+
+def _second_edge(pulse: Pulse, state: ChannelState, cursor: Cursor | None) -> str:
+    """Refuse the pulses of a second edge under the channel's meter id; the edge that counted first counts on.
+    Return the epoch to bar once ``pulse`` counts ("" for none).
+
+    A Pi starts a new epoch after an unclean stop, so a new epoch alone is
+    no second edge, and its clock says so: a restarted edge's epoch begins
+    after the last pulse of its previous one. A new epoch that began
+    :data:`SECOND_EDGE_MARGIN_NS` or more before the current epoch's last
+    trusted pulse ran beside it: refused from its first pulse. Without its
+    start, the first sign is the current epoch counting on after the new one
+    appeared (a pulse later than the new epoch's start: earlier ones are the
+    backlog of an outbox sent late); the new epoch is then barred. An epoch
+    whose clock stepped back is no evidence, and judged by neither rule.
+    """
+    if pulse.epoch in state.barred:
+        raise _two_edges(pulse, "was found to run beside another epoch")
+    if not state.epochs:
+        return ""
+    newest_name = next(reversed(state.epochs))
+    newest = state.epochs[newest_name]
+    if cursor is None:
+        began = _began(pulse)
+        if (began is not None and newest.trusted_ns is not None and pulse.synced is not False
+                and pulse.ts_ns >= newest.trusted_ns and newest.trusted_ns > began + SECOND_EDGE_MARGIN_NS):
+            raise _two_edges(pulse, f"began {(newest.trusted_ns - began) / NS_PER_S:.0f} s before the last pulse "
+                                    f"of epoch {newest_name}")
+        return ""
+    if pulse.epoch == newest_name or (newest.began_ns is not None and pulse.ts_ns < newest.began_ns):
+        return ""
+    return newest_name
 
 
 def rate_limits(config: Config) -> dict[str, float]:
@@ -396,11 +449,12 @@ class Ledger:
                                    f"{pulse.meter} --channel {pulse.channel} --wh {pulse.wh:g}` and readmit")
         if wh_uwh == 0:
             raise Implausible(f"wh {pulse.wh:g} is below the 1 uWh the ledger counts")
-        if cursor is not None and not readmitted and pulse.epoch != next(reversed(state.epochs)):
-            newer = next(reversed(state.epochs))
-            raise Interleaved(f"epoch {pulse.epoch} of {pulse.meter}/{pulse.channel} advanced to seq {pulse.seq} "
-                              f"after the newer epoch {newer} was counted: two edges count under meter id "
-                              f"{pulse.meter!r} (a copied configuration or SD card); give each Pi its own meter_id")
+        to_bar = "" if readmitted else _second_edge(pulse, state, cursor)
+        # A person readmitting a barred epoch's pulse decided that this edge is the one (a replacement Pi): the
+        # epoch counting until now is barred instead.
+        unbar = readmitted and pulse.epoch in state.barred
+        if unbar and next(reversed(state.epochs)) != pulse.epoch:
+            to_bar = next(reversed(state.epochs))
         new = pulse.seq if cursor is None else pulse.seq - cursor.seq
         reference_ns = state.last_ts_ns if cursor is None or cursor.trusted_ns is None else cursor.trusted_ns
         doubt = timestamp_doubt(pulse.ts_ns, now_ns=now_ns, previous_ns=reference_ns,
@@ -416,6 +470,10 @@ class Ledger:
             credit = (credit[0] if doubt else pulse.ts_ns, credit[1] if now_ns is None else now_ns)
         state.credit_ns = credit
 
+        if to_bar or unbar:
+            state.barred = [e for e in [*state.barred, to_bar] if e and e != pulse.epoch][-EPOCHS_KEPT:]
+            if pulse.epoch in state.epochs:
+                state.epochs[pulse.epoch] = state.epochs.pop(pulse.epoch)  # the newest again: the one counting
         if not (self.fixed_wh and state.wh_fixed):
             state.wh, state.wh_fixed = pulse.wh, self.fixed_wh
         # Pulses up to a calibration's reading time are part of the reading. An untrusted timestamp cannot
@@ -428,7 +486,8 @@ class Ledger:
         else:  # the epoch's last trusted time stays the reference for its next pulse
             trusted_ns = reference_ns
         latest_ns = pulse.ts_ns if cursor is None else max(pulse.ts_ns, cursor.latest_counted_ns())
-        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns, latest_ns)
+        began_ns = (_began(pulse) or pulse.ts_ns) if cursor is None else cursor.began_ns
+        state.epochs[pulse.epoch] = Cursor(pulse.seq, pulse.ts_ns, trusted_ns, now_ns, latest_ns, began_ns)
         if cursor is None and len(state.epochs) > EPOCHS_KEPT:
             del state.epochs[min(list(state.epochs)[:-1], key=lambda e: state.epochs[e].received_ns or 0)]
         state.received_ns = now_ns

@@ -384,14 +384,29 @@ def test_two_pis_on_one_meter_id_are_refused_loudly_once_per_channel(tmp_path: P
     writer, _, clock = genuine_writer(tmp_path)
     caplog.set_level(logging.ERROR, "emdc.writer")
     clock.now += 10 * S
-    # The second Pi's first pulse is indistinguishable from a restart of the first: counted.
+    # The second Pi's first pulse is indistinguishable from a restart of the first: counted. The first Pi counts
+    # on after it, which tells: the second Pi is held back from then on, the first counts on.
     assert writer.handle_batch(deliveries(pulse(1, 3, epoch="e2"))) == []
-    dead = writer.handle_batch(deliveries(pulse(4, 4), pulse(5, 5), pulse(2, 6, epoch="e2")))
+    dead = writer.handle_batch(deliveries(pulse(4, 4), pulse(5, 5), pulse(2, 6, epoch="e2"), pulse(3, 7, epoch="e2")))
     assert len(dead) == 2
-    assert "epoch e1 of main/active advanced to seq 4 after the newer epoch e2" in dead[0].reason
+    assert "epoch e2 of main/active was found to run beside another epoch" in dead[0].reason
     assert "give each Pi its own meter_id" in dead[0].reason
     assert len([r for r in caplog.records if "two edges count under meter id 'main'" in r.getMessage()]) == 1
-    assert main_total(writer) == 5_000_000
+    assert main_total(writer) == 6_000_000  # the first Pi's five pulses and the second's first
+    assert writer.handle_batch(deliveries(pulse(6, 8))) == []
+
+
+def test_a_second_pi_that_says_when_its_epoch_began_is_refused_from_its_first_pulse(tmp_path: Path) -> None:
+    writer, _, clock = genuine_writer(tmp_path)
+    clock.now = T0 + 100 * S
+    assert writer.handle_batch(deliveries(*(pulse(seq, seq - 1) for seq in range(4, 101)))) == []
+    # EMDC's edge states when its epoch began: the second Pi's began long before the first Pi's last pulse.
+    second = [Pulse("main", "active", "e2", seq, T0 + round((99.5 + seq) * S), 1.0, epoch_ns=T0) for seq in (1, 2)]
+    clock.now = T0 + 102 * S
+    dead = writer.handle_batch(deliveries(*second, pulse(101, 100), pulse(102, 101)))
+    assert [d.delivery.routing_key for d in dead] == ["pulse.main.active"] * 2
+    assert all("began 99 s before the last pulse of epoch e1" in d.reason for d in dead)
+    assert main_total(writer) == 102_000_000, "the first Pi's pulses, exactly"
 
 
 def test_an_old_epoch_backlog_ahead_of_the_new_epoch_counts(tmp_path: Path) -> None:

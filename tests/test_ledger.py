@@ -125,16 +125,48 @@ def test_new_epoch_counts_its_seq_on_top_of_the_total(ledger: Ledger):
     assert set(ledger.channel("main", "active").epochs) == {"aa", "bb"}
 
 
-def test_late_pulse_of_an_old_epoch_is_refused_until_readmitted_then_counts_its_jump(ledger: Ledger):
-    ledger.apply(pulse(1, 0, epoch="aa"))
-    ledger.apply(pulse(1, 10, epoch="bb"))
-    before = snapshot(ledger)
-    with pytest.raises(Interleaved, match="epoch aa of main/active advanced to seq 3 after the newer epoch bb"):
-        ledger.apply(pulse(3, 5, epoch="aa"))
-    assert snapshot(ledger) == before
-    assert ledger.apply(pulse(3, 5, epoch="aa"), readmitted=True) == 2  # older than the newest pulse
+def test_a_late_pulse_of_an_old_epoch_from_before_the_newer_began_counts(ledger: Ledger):
+    # An outbox sent late: the old epoch's pulse at 5 s happened before the new epoch's first, at 10 s.
+    ledger.apply(pulse(1, 0, epoch="aa"), now_ns=T0)
+    ledger.apply(pulse(1, 10, epoch="bb"), now_ns=T0 + 10 * S)
+    assert ledger.apply(pulse(3, 5, epoch="aa"), now_ns=T0 + 60 * S) == 2
     assert total(ledger) == 4_000_000
     assert ledger.channel("main", "active").last_ts_ns == T0 + 10 * S
+    assert ledger.apply(pulse(2, 70, epoch="bb"), now_ns=T0 + 70 * S) == 1, "the new epoch counts on"
+
+
+def test_an_old_epoch_counting_on_after_a_new_one_began_bars_the_new_one(ledger: Ledger):
+    # A second Pi with a copied configuration: its first pulse looks like a restart, counted; then the first
+    # Pi's epoch goes on, and the second's is held back from then on, whatever it sends.
+    ledger.apply(pulse(1, 0, epoch="aa"))
+    ledger.apply(pulse(1, 10, epoch="bb"))
+    assert ledger.apply(pulse(2, 12, epoch="aa")) == 1
+    before = snapshot(ledger)
+    for seq, t in ((2, 13), (3, 14)):
+        with pytest.raises(Interleaved, match="epoch bb of main/active was found to run beside another epoch: "
+                                              "two edges count under meter id 'main'"):
+            ledger.apply(pulse(seq, t, epoch="bb"))
+    assert snapshot(ledger) == before
+    assert ledger.apply(pulse(3, 15, epoch="aa")) == 1
+    assert total(ledger) == 4_000_000
+    # A person may decide otherwise (the second Pi replaces the first): readmitted, it is the one counting.
+    assert ledger.apply(pulse(3, 16, epoch="bb"), readmitted=True) == 2
+    assert ledger.apply(pulse(4, 17, epoch="bb")) == 1
+    with pytest.raises(Interleaved, match="epoch aa of main/active was found to run beside another epoch"):
+        ledger.apply(pulse(4, 18, epoch="aa"))
+
+
+def test_a_new_epoch_that_began_while_the_current_one_counted_is_refused_from_its_first_pulse(ledger: Ledger):
+    for seq in range(1, 4):
+        ledger.apply(pulse(seq, 100 * seq, epoch="aa"))
+    copied = Pulse("main", "active", "bb", 1, T0 + 301 * S, 1.0, epoch_ns=T0 + 200 * S)  # began 100 s before
+    with pytest.raises(Interleaved, match="epoch bb of main/active began 100 s before the last pulse of epoch aa"):
+        ledger.apply(copied)
+    restarted = Pulse("main", "active", "cc", 1, T0 + 320 * S, 1.0, epoch_ns=T0 + 310 * S)  # after the last
+    assert ledger.apply(restarted) == 1
+    stepped_back = Pulse("main", "active", "dd", 1, T0 + 10 * S, 1.0, epoch_ns=T0 + 5 * S)  # no evidence
+    assert ledger.apply(stepped_back) == 1
+    assert total(ledger) == 5_000_000
 
 
 def test_fractional_wh_is_counted_exactly_in_micro_wh(ledger: Ledger):
@@ -335,7 +367,7 @@ def busy_ledger() -> Ledger:
 def test_to_json_is_plain_json(ledger: Ledger):
     doc = busy_ledger().to_json()
     assert json.loads(json.dumps(doc)) == doc
-    assert doc["meters"]["main"]["active"]["epochs"]["aa"] == [4, T0 + 3 * S, T0 + 3 * S, None, T0 + 3 * S]
+    assert doc["meters"]["main"]["active"]["epochs"]["aa"] == [4, T0 + 3 * S, T0 + 3 * S, None, T0 + 3 * S, T0]
 
 
 def test_json_roundtrip_preserves_state_and_behaviour():
@@ -401,7 +433,7 @@ def with_channel(changes: dict[str, Any], remove: str | None = None) -> dict[str
     with_channel({"total_uwh": True}),
     with_channel({"epochs": {"aa": [1]}}),
     with_channel({"epochs": {"aa": [1, 2, 3]}}),
-    with_channel({"epochs": {"aa": [1, 2, 2, None, 2, 2]}}),
+    with_channel({"epochs": {"aa": [1, 2, 2, None, 2, 2, 2]}}),
     with_channel({"epochs": {"aa": [1, 2, 2, None, "2"]}}),
     with_channel({"epochs": {"aa": ["1", 2]}}),
     with_channel({"epochs": {"aa": 5}}),
