@@ -331,6 +331,9 @@ class Ledger:
         self.smoothing_pulses = smoothing_pulses
         self.max_ahead_s = max_ahead_s
         self.fixed_wh = fixed_wh
+        # The energy per pulse the configuration states for a channel (with ``fixed_wh``): its first pulse is
+        # held to it instead of setting it.
+        self.pulse_energy: dict[tuple[str, str], float] = {}
         self._channels: dict[tuple[str, str], ChannelState] = {}
         # When each meter was admitted (None: known from an older state file, time unknown).
         self._admitted: dict[str, int | None] = {}
@@ -443,6 +446,9 @@ class Ledger:
             _check_duplicate(pulse, cursor)
             return 0
         wh_uwh = wh_to_uwh(pulse.wh)
+        configured = self.pulse_energy.get((pulse.meter, pulse.channel))
+        if configured is not None and self.fixed_wh and not state.wh_fixed:
+            state.wh, state.wh_fixed = configured, True
         if self.fixed_wh and state.wh_fixed and wh_uwh != wh_to_uwh(state.wh):
             raise OtherPulseEnergy(f"wh {pulse.wh:g} differs from the channel's {state.wh:g} per pulse; if the "
                                    f"meter's constant really changed, run `emdc state set-pulse-energy --meter "

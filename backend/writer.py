@@ -26,7 +26,7 @@ from backend.backfill import Booked
 from backend.batch import DeadLetter, Delivery, decode_pulse, report_held_back
 from backend.discovery import Discovery
 from backend.edge_watch import EdgeWatch
-from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits
+from backend.ledger import NS_PER_S, Changed, ChannelState, Implausible, Interleaved, Ledger, rate_limits, wh_to_uwh
 from backend.power import MIN_PUBLISH_INTERVAL_S, displayed_power_w, settled
 from backend.state_store import LedgerStore, StateError, open_store
 from backend.topics import ENERGY_KWH, QUANTITIES, availability_topic, state_topic, writer_health_topic
@@ -174,6 +174,13 @@ class EnergyWriter:
         for (meter, channel), state in ledger:
             log.info("loaded %s/%s total %s %s from %s", meter, channel, format_total(channel, state.total_uwh),
                      channel_spec(channel).total_unit, store.path)
+        ledger.pulse_energy = configured_pulse_energy(config)
+        for (meter, channel), wh in ledger.pulse_energy.items():
+            saved = ledger.get(meter, channel)
+            if saved is not None and saved.wh_fixed and wh_to_uwh(saved.wh) != wh_to_uwh(wh):
+                log.warning("%s/%s: the configuration says %g per pulse, the saved state %g; the saved one counts "
+                            "(if the meter's constant changed, run `emdc state set-pulse-energy`)", meter, channel,
+                            wh, saved.wh)
         gas_energy = (GasEnergy(config.gas_calorific_kwh_m3, config.gas_correction_factor)
                       if config.gas_calorific_kwh_m3 else None)
         health_topic = writer_health_topic(config.topic_prefix, config.partition_label())
@@ -532,6 +539,21 @@ def saved_totals(config: Config) -> list[str]:
             lines.append(f"    {st.held_back} pulse message(s) held back so far, the last: {st.held_back_reason}; "
                          "see `emdc dead-letters list`")
     return lines
+
+
+def configured_pulse_energy(config: Config) -> dict[tuple[str, str], float]:
+    """The energy per pulse of ``meter_id``'s channels, where the writer's configuration states it (``[[inputs]]``
+    or ``wh_per_pulse``): then a channel's first pulse cannot set another.
+
+    >>> from common.config import load_config
+    >>> configured_pulse_energy(load_config(env={"EMDC_WH_PER_PULSE": "0.1"}))
+    {('main', 'active'): 0.1}
+    >>> configured_pulse_energy(load_config(env={}))
+    {}
+    """
+    if not (config.configured_inputs or config.is_set("wh_per_pulse")):
+        return {}
+    return {(config.meter_id, one.channel): one.per_pulse for one in config.inputs()}
 
 
 def configured_channels(config: Config) -> set[str]:

@@ -127,7 +127,8 @@ class Config:
     reactive_pin: int = _setting(-1, "BCM pin of the reactive-energy output (-1: none; without [[inputs]])")
     pull_up: bool = _setting(True, "Enable the pull-up (S0 open collector); false for LED sensors (without "
                                    "[[inputs]])")
-    wh_per_pulse: float = _setting(1.0, "Energy per pulse in Wh (1000 imp/kWh = 1; without [[inputs]])")
+    wh_per_pulse: float = _setting(1.0, "Energy per pulse in Wh (1000 imp/kWh = 1; without [[inputs]]); set "
+                                        "for the writer, a first pulse stating another is dead-lettered")
     min_pulse_ms: float = _setting(2.0, "Pulses shorter than this are noise (without [[inputs]])")
     min_interval_ms: float = _setting(20.0, "Pulses closer than this to the previous are noise (without "
                                             "[[inputs]])")

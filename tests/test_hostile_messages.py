@@ -369,6 +369,22 @@ def test_an_energy_per_pulse_set_before_the_first_pulse_still_publishes_the_zero
     assert energy[:2] == ["0", "0.0005"], "Home Assistant takes the first value as the zero point"
 
 
+def test_a_configured_energy_per_pulse_holds_a_channels_first_pulse_to_it(tmp_path: Path, caplog) -> None:
+    clock = FakeClock(T0 + 2 * S)
+    writer, _ = make_writer(tmp_path, clock, EMDC_WH_PER_PULSE="0.1")  # the meter's 10,000 imp/kWh
+    [dead] = writer.handle_batch(deliveries(pulse(1, 0, wh=1000)))  # before, the first pulse said what counts
+    assert "wh 1000 differs from the channel's 0.1 per pulse" in dead.reason
+    assert writer.handle_batch(deliveries(pulse(1, 1, wh=0.1))) == []
+    assert main_total(writer) == 100_000
+    # Without the setting, the first pulse fixes it, as a Pi configured on its own says.
+    other, _ = make_writer(tmp_path / "unset", clock)
+    assert other.handle_batch(deliveries(pulse(1, 1, wh=0.5))) == [] and main_total(other) == 500_000
+    # A saved state that holds another is kept, with one warning.
+    caplog.set_level(logging.WARNING, "emdc.writer")
+    make_writer(tmp_path / "unset", clock, EMDC_WH_PER_PULSE="0.1")
+    assert "main/active: the configuration says 0.1 per pulse, the saved state 0.5" in caplog.text
+
+
 def test_another_energy_per_pulse_counts_once_the_command_changed_it(tmp_path: Path) -> None:
     writer, _, clock = genuine_writer(tmp_path)
     clock.now += S
