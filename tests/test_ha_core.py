@@ -85,14 +85,15 @@ class Meter:
             if writer.proc.poll() is None:
                 assert writer.stop() == 0, writer.log()
 
-    def count(self, pulses: int, channel: str = "active", per_pulse: float = 1.0) -> None:
-        """``pulses`` pulses of this meter (1 Wh or varh, or ``per_pulse`` of the channel's unit), one a second,
-        ending now."""
+    def count(self, pulses: int, channel: str = "active", per_pulse: float = 1.0, every_s: int = 1) -> None:
+        """``pulses`` pulses of this meter (1 Wh or varh, or ``per_pulse`` of the channel's unit), ``every_s``
+        apart, ending now."""
         now = time.time_ns()
         first = self.seq[channel] + 1
         self.seq[channel] += pulses
-        publish(self.names.exchange, [Pulse(self.id, channel, "ab", seq, now - (self.seq[channel] - seq) * 10**9,
-                                            per_pulse) for seq in range(first, self.seq[channel] + 1)])
+        publish(self.names.exchange, [Pulse(self.id, channel, "ab", seq,
+                                            now - (self.seq[channel] - seq) * every_s * 10**9, per_pulse)
+                                      for seq in range(first, self.seq[channel] + 1)])
 
     def topic(self, sensor: str) -> str:
         return f"{self.names.prefix}/{self.id}/{sensor}"
@@ -353,7 +354,7 @@ def test_the_energy_dashboard_takes_import_export_gas_and_water_of_one_meter(met
             device_class, unit, state_class), sensor
     meter.count(5)
     meter.count(3, channel="export")
-    meter.count(4, channel="gas", per_pulse=0.01)
+    meter.count(4, channel="gas", per_pulse=0.01, every_s=5)  # 7.2 m³/h: a second apart is above a house's
     meter.count(6, channel="water")
     meter.wait_until_shown(watch, {"active_energy": "0.005", "export_energy": "0.003", "gas_volume": "0.04",
                                    "gas_energy": "0.4266304", "water_volume": "6"}, HOUSE_SENSORS)
