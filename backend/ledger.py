@@ -243,8 +243,10 @@ def _second_edge(pulse: Pulse, state: ChannelState, cursor: Cursor | None) -> st
     no second edge, and its clock says so: a restarted edge's epoch begins
     after the last pulse of its previous one. A new epoch that began
     :data:`SECOND_EDGE_MARGIN_NS` or more before the current epoch's last
-    trusted pulse ran beside it: refused from its first pulse. Without its
-    start, the first sign is the current epoch counting on after the new one
+    trusted pulse ran beside it: refused from its first pulse, also when
+    that pulse reaches the writer after later ones of the current epoch (two
+    Pis' messages race), unless it happened before the current epoch began (an
+    old epoch's backlog). Without its start, the first sign is the current epoch counting on after the new one
     appeared (a pulse later than the new epoch's start: earlier ones are the
     backlog of an outbox sent late); the new epoch is then barred. An epoch
     whose clock stepped back is no evidence, and judged by neither rule.
@@ -257,8 +259,10 @@ def _second_edge(pulse: Pulse, state: ChannelState, cursor: Cursor | None) -> st
     newest = state.epochs[newest_name]
     if cursor is None:
         began = _began(pulse)
-        if (began is not None and newest.trusted_ns is not None and pulse.synced is not False
-                and pulse.ts_ns >= newest.trusted_ns and newest.trusted_ns > began + SECOND_EDGE_MARGIN_NS):
+        newest_began = newest.trusted_ns if newest.began_ns is None else newest.began_ns
+        if (began is not None and newest.trusted_ns is not None and newest_began is not None
+                and pulse.synced is not False and pulse.ts_ns >= newest_began
+                and newest.trusted_ns > began + SECOND_EDGE_MARGIN_NS):
             raise _two_edges(pulse, f"began {(newest.trusted_ns - began) / NS_PER_S:.0f} s before the last pulse "
                                     f"of epoch {newest_name}")
         return ""

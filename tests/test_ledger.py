@@ -162,6 +162,9 @@ def test_a_new_epoch_that_began_while_the_current_one_counted_is_refused_from_it
     copied = Pulse("main", "active", "bb", 1, T0 + 301 * S, 1.0, epoch_ns=T0 + 200 * S)  # began 100 s before
     with pytest.raises(Interleaved, match="epoch bb of main/active began 100 s before the last pulse of epoch aa"):
         ledger.apply(copied)
+    raced = Pulse("main", "active", "bb", 1, T0 + 299 * S, 1.0, epoch_ns=T0 + 200 * S)  # arrives after aa's 300 s
+    with pytest.raises(Interleaved, match="epoch bb of main/active began 100 s before the last pulse of epoch aa"):
+        ledger.apply(raced)
     restarted = Pulse("main", "active", "cc", 1, T0 + 320 * S, 1.0, epoch_ns=T0 + 310 * S)  # after the last
     assert ledger.apply(restarted) == 1
     stepped_back = Pulse("main", "active", "dd", 1, T0 + 10 * S, 1.0, epoch_ns=T0 + 5 * S)  # no evidence

@@ -33,7 +33,8 @@ def test_a_second_pi_on_the_same_meter_id_is_held_back_and_the_first_counts_exac
         wait_until(lambda: second.produced() >= 5, 30, "the second Pi's meter")
         refused = second.meter_off()
         counted = first.meter_off()
-        wait_until(lambda: saved_total_uwh(names.writer_dir) == counted * 10**6, 60, "the first Pi's pulses")
+        wait_until(lambda: saved_total_uwh(names.writer_dir) == counted * 10**6, 60,
+                   f"the first Pi's {counted} pulses, and the second's {refused} not")
         wait_until(lambda: queue_depth(dead_letter_queue(names.queue)) == refused, 30, "the second's held back")
         assert saved_total_uwh(names.writer_dir) == counted * 10**6, "nothing of the second Pi counted"
         assert writer.proc.poll() is None
