@@ -10,14 +10,18 @@ service instead of restarting it, and an uninstall that leaves nothing.
 
 The broker is reached through a proxy on one of the host's non-loopback
 addresses, as a Pi reaches its server: the IP allow-list then has to let pika's
-own loopback connection through, which is what the example drop-in says.
+own loopback connection through, which is what the example drop-in says. Once
+the broker is named instead: its DNS server, on the example's address, is then
+reachable only through the example's DNS line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -38,6 +42,7 @@ DROP_IN_DIR = f"/etc/systemd/system/{UNIT}.d"
 INSTALL = "/src/deploy/edge/install-edge.sh"
 ALLOW_LIST_EXAMPLE = ROOT / "deploy/edge/ip-allow-list.example.conf"
 EXAMPLE_BROKER, EXAMPLE_DNS = "198.51.100.10", "198.51.100.53"
+BROKER_NAME, DNS_ADDRESS = "broker.emdc.test", (f"{EXAMPLE_DNS}/32", "dev", "lo")  # not in IPAddressAllow=localhost
 MOCK_PINS = "[Service]\nEnvironment=GPIOZERO_PIN_FACTORY=mock\n"
 PROBE_DIR, PROBE_DEVICE = "/srv/emdc-probe", "/dev/emdc-probe"
 # What a minimal system holds besides files: compared before the install and after PURGE=1.
@@ -129,17 +134,65 @@ def install(box: Container, *args: str, **env: str) -> subprocess.CompletedProce
                    env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels", **env})
 
 
-def allow_list(network: dict[str, Any]) -> str:
-    """The example drop-in with this machine's broker address (an IP: no DNS server needed)."""
+def allow_list(network: dict[str, Any], *, dns: bool = False) -> str:
+    """The example drop-in with this machine's broker address; its DNS server's line only if ``dns``."""
     text = ALLOW_LIST_EXAMPLE.read_text()
     assert f"IPAddressAllow={EXAMPLE_BROKER}\n" in text and f"IPAddressAllow={EXAMPLE_DNS}\n" in text
-    return (text.replace(f"IPAddressAllow={EXAMPLE_BROKER}\n", f"IPAddressAllow={network['proxy'].host}\n")
-            .replace(f"IPAddressAllow={EXAMPLE_DNS}\n", ""))
+    text = text.replace(f"IPAddressAllow={EXAMPLE_BROKER}\n", f"IPAddressAllow={network['proxy'].host}\n")
+    return text if dns else text.replace(f"IPAddressAllow={EXAMPLE_DNS}\n", "")
 
 
-def configure(box: Container, network: dict[str, Any], **drop_ins: str) -> None:
-    """The broker's URL in the secret file, and exactly these drop-ins (name -> text) for the unit."""
-    box.write("/etc/emdc/amqp_url", f"amqp://guest:guest@{network['broker']}/%2F\n")
+class NameServer:
+    """A DNS server for one name (``A`` record) on the example's DNS address, added to this machine's loopback.
+
+    Enough of RFC 1035 for glibc's resolver: one question per query over UDP,
+    NXDOMAIN for any other name, no answer for other record types. ``queries``
+    counts what reached it.
+    """
+
+    def __init__(self, name: str, address: str) -> None:
+        self.name, self.address, self.queries = name, address, 0
+        subprocess.run(["ip", "addr", "replace", *DNS_ADDRESS], check=True)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind((EXAMPLE_DNS, 53))
+        self._socket.settimeout(0.1)  # a closed socket does not wake a thread blocked on it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, client = self._socket.recvfrom(512)
+            except TimeoutError:
+                continue
+            self.queries += 1
+            with contextlib.suppress(OSError):
+                self._socket.sendto(self.answer(query), client)
+
+    def answer(self, query: bytes) -> bytes:
+        labels, at = [], 12  # the question follows the 12-byte header: labels, the root's 0, type and class
+        while query[at]:
+            labels.append(query[at + 1:at + 1 + query[at]].decode("ascii", "replace").lower())
+            at += 1 + query[at]
+        (query_id,), (qtype,) = struct.unpack("!H", query[:2]), struct.unpack("!H", query[at + 1:at + 3])
+        found = ".".join(labels) == self.name
+        answers = 1 if found and qtype == 1 else 0
+        header = struct.pack("!HHHHHH", query_id, 0x8180 if found else 0x8183, 1, answers, 0, 0)  # 3: NXDOMAIN
+        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(self.address) if answers else b""
+        return header + query[12:at + 5] + record
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+        subprocess.run(["ip", "addr", "del", *DNS_ADDRESS], capture_output=True, check=False)
+
+
+def configure(box: Container, network: dict[str, Any], broker: str | None = None, **drop_ins: str) -> None:
+    """The broker's URL (``broker``: host:port, else the proxy's address) in the secret file, and exactly these
+    drop-ins (name -> text) for the unit."""
+    box.write("/etc/emdc/amqp_url", f"amqp://guest:guest@{broker or network['broker']}/%2F\n")
     box.run("rm", "-rf", DROP_IN_DIR)
     for name, text in drop_ins.items():
         box.write(f"{DROP_IN_DIR}/{name}.conf", text)
@@ -220,6 +273,33 @@ def test_edge_is_ready_and_publishing_through_the_example_allow_list(box, instal
                60, "the edge to reach RabbitMQ through the allow-list")
     assert network["proxy"].connections > connections, "the edge should reach the broker at its non-loopback address"
     assert edge_state(box)["MainPID"] == state["MainPID"], "the edge restarted instead of publishing"
+
+
+@pytest.fixture
+def name_server(network: dict[str, Any]) -> Iterator[NameServer]:
+    server = NameServer(BROKER_NAME, network["proxy"].host)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("dns", [True, False], ids=["dns-allowed", "dns-left-out"])
+def test_a_broker_by_name_needs_the_example_allow_lists_dns_line(box, installed, network, name_server, dns):
+    box.run("sh", "-c", f"umount /etc/resolv.conf 2>/dev/null; rm -f /etc/resolv.conf; "
+                        f"echo 'nameserver {EXAMPLE_DNS}' > /etc/resolv.conf")
+    broker = f"{BROKER_NAME}:{network['proxy'].port}"
+    configure(box, network, broker, **{"10-mock-pins": MOCK_PINS, "20-ip-allow-list": allow_list(network, dns=dns)})
+    box.run("systemctl", "restart", UNIT)
+    invocation = edge_state(box)["InvocationID"]
+    if dns:
+        wait_until(lambda: any("publishing to exchange" in line for line in program_lines(box, invocation)), 60,
+                   f"the edge to reach RabbitMQ at {broker} through the example's DNS line")
+        assert name_server.queries > 0
+    else:
+        line = wait_until(lambda: next((line for line in program_lines(box, invocation) if "cannot reach" in line),
+                                       None), 60, "the edge to say that it cannot reach RabbitMQ")
+        assert BROKER_NAME in line and "name resolution" in line, line
+        assert name_server.queries == 0, "the allow-list should drop the query"
+        assert not any("publishing to exchange" in line for line in program_lines(box, invocation))
 
 
 def test_sandbox_is_enforced(box, installed, network):
