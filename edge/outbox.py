@@ -29,9 +29,10 @@ Any other start (a power cut, kill -9, a lost ``-wal`` file, a restored
 backup, a deleted or recreated store) begins a new epoch with counters at
 zero, so no genuine new pulse can reuse a ``seq`` the writer has already
 counted. Each outbox row carries its own epoch, and when that epoch began
-(``epoch_ns``, by the Pi's clock), so rows of the previous epoch still go out
-correctly after the change, and a writer that has never seen the channel can
-judge a first ``seq`` against the time the counter has run.
+(``epoch_ns``, by the Pi's clock once it may be believed: :class:`EpochStart`),
+so rows of the previous epoch still go out correctly after the change, and a
+writer that has never seen the channel can judge a first ``seq`` against the
+time the counter has run.
 
 Example::
 
@@ -53,6 +54,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -202,6 +204,47 @@ def _open_error(path: Path, exc: sqlite3.Error, existed: bool) -> OutboxError:
                        "the files beside it")
 
 
+@dataclass(frozen=True)
+class EpochStart:
+    """When the counter epoch began (``epoch_ns``), stated only as read by a clock that may be believed.
+
+    A Pi without a real-time clock boots with the time it saved last
+    (fake-hwclock: up to an hour behind) and, after a power cut, begins its new
+    epoch before NTP steps the clock. A start noted then is early by that hour,
+    and a writer would take the restarted Pi for a second one that ran beside
+    its own last epoch. So the start is read again the first time pulses are
+    stamped by a clock not known to be unsynchronised, from the monotonic clock
+    that no step moves: the wall clock then, less the monotonic time since the
+    epoch began. Until then, and for an epoch begun by an earlier process whose
+    start was never read so, none is stated.
+
+    ``began_mono_ns`` is the monotonic time at which this process began the
+    epoch (None: an earlier process did); ``checked`` says that ``ns`` was read
+    by a clock not known to be unsynchronised.
+
+        >>> start = EpochStart(ns=1_000, began_mono_ns=50, checked=False)  # begun 1 h behind
+        >>> start.stated(synced=False, wall_ns=1_100, mono_ns=150)[0] is None
+        True
+        >>> stated, start = start.stated(synced=True, wall_ns=3_600_200, mono_ns=250)  # NTP stepped the clock
+        >>> stated, start.checked
+        (3600000, True)
+        >>> EpochStart(ns=1_000, began_mono_ns=None, checked=False).stated(synced=True, wall_ns=9, mono_ns=9)[0]
+    """
+
+    ns: int | None
+    began_mono_ns: int | None
+    checked: bool
+
+    def stated(self, *, synced: bool | None, wall_ns: int, mono_ns: int) -> tuple[int | None, EpochStart]:
+        """The ``epoch_ns`` for pulses stamped now with a clock ``synced`` or not, and the start from then on."""
+        if self.checked or synced is False:
+            return (self.ns if self.checked else None), self
+        if self.began_mono_ns is None:
+            return None, self
+        ns = wall_ns - (mono_ns - self.began_mono_ns)
+        return ns, EpochStart(ns, self.began_mono_ns, True)
+
+
 class Outbox:
     """Counter and outbox owner; :meth:`record` must be called from one thread only."""
 
@@ -238,9 +281,12 @@ class Outbox:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 self.epoch, self.started_epoch_because = self._open_epoch()
-                began = conn.execute("SELECT value FROM meta WHERE key = 'epoch_ns'").fetchone()
-                # None for an epoch begun by a version that did not note the time.
-                self.epoch_ns: int | None = int(began[0]) if began else None
+                meta = dict(conn.execute("SELECT key, value FROM meta WHERE key LIKE 'epoch_ns%'").fetchall())
+                # No time for an epoch begun by a version that did not note it; unchecked for one that did not
+                # read it again once the clock could be believed.
+                self.epoch_start = EpochStart(int(meta["epoch_ns"]) if "epoch_ns" in meta else None,
+                                              None if self.started_epoch_because == "" else time.monotonic_ns(),
+                                              meta.get("epoch_ns_checked") == "1")
             # Neither the main file nor the token file may prove a clean stop from now on, even if the -wal
             # is lost later: a restart after this session's end must begin a new epoch unless it is clean too.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -278,6 +324,7 @@ class Outbox:
         epoch = secrets.token_hex(8)
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_ns', ?)", (str(time.time_ns()),))
+        self._conn.execute("DELETE FROM meta WHERE key = 'epoch_ns_checked'")
         self._conn.execute("DELETE FROM counter")
         return epoch, why
 
@@ -307,14 +354,17 @@ class Outbox:
         if skipped:
             for channel, count in skipped.items():
                 self._seq[channel] = self._seq.get(channel, 0) + count
+        epoch_ns, start = self.epoch_start.stated(synced=synced, wall_ns=time.time_ns(), mono_ns=time.monotonic_ns())
         numbered = []
         for channel, ts_ns, wh in pulses:
             self._seq[channel] = self._seq.get(channel, 0) + 1
-            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh, synced,
-                                  self.epoch_ns))
+            numbered.append(Pulse(self.meter, channel, self.epoch, self._seq[channel], ts_ns, wh, synced, epoch_ns))
         try:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
+                if start != self.epoch_start:
+                    self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                           [("epoch_ns", str(start.ns)), ("epoch_ns_checked", "1")])
                 self._conn.executemany(
                     "INSERT INTO outbox (meter, channel, seq, ts_ns, wh, epoch, synced, epoch_ns) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -340,6 +390,7 @@ class Outbox:
             if isinstance(exc, sqlite3.Error):
                 self.health.raise_for(exc)
             raise
+        self.epoch_start = start
         self._log_trim(dropped)
         if numbered:
             self.last_ts_ns = max(self.last_ts_ns, *(p.ts_ns for p in numbered))

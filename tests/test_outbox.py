@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from backend.ledger import Ledger
 from common.message import Pulse
 from edge.outbox import FILENAME, Outbox, OutboxError, OutboxReader
 
@@ -423,3 +425,73 @@ def test_synced_is_stored_with_each_row(opened: Opened):
     box.record(active(1, start_s=1), synced=True)
     box.record(active(1, start_s=2))
     assert [p.synced for _, p in opened.reader(box).pending(0, 10)] == [False, True, None]
+
+
+# --- when the epoch began (epoch_ns) ----------------------------------------------------------------
+
+class SteppedClock:
+    """A Pi's clocks: booted an hour behind (fake-hwclock) until NTP steps the wall clock; monotonic runs on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real_ns, self.mono_ns, self.behind_ns = T0, 5 * S, 3600 * S
+        monkeypatch.setattr(time, "time_ns", lambda: self.real_ns - self.behind_ns)
+        monkeypatch.setattr(time, "monotonic_ns", lambda: self.mono_ns)
+
+    def advance(self, seconds: int) -> None:
+        self.real_ns += seconds * S
+        self.mono_ns += seconds * S
+
+    def step(self) -> None:
+        self.behind_ns = 0
+
+    def reboot(self) -> None:
+        self.mono_ns, self.behind_ns = 5 * S, 3600 * S
+
+
+def test_an_epoch_begun_before_ntp_stepped_the_clock_states_its_start_by_the_stepped_clock(
+        opened: Opened, monkeypatch: pytest.MonkeyPatch):
+    clock = SteppedClock(monkeypatch)
+    box = opened.outbox()
+    clock.advance(20)
+    assert [p.epoch_ns for p in box.record(active(1), synced=False)] == [None], "not believed yet"
+    clock.step()
+    clock.advance(10)
+    stated = box.record(active(2, start_s=30), synced=True)
+    assert [p.epoch_ns for p in stated] == [T0] * 2, "the start by the clock that now stamps the pulses"
+    assert [p.epoch_ns for _, p in opened.reader(box).pending(0, 10)] == [None, T0, T0]
+    box.close()
+    again = opened.outbox()  # a clean restart continues the epoch and keeps its start, also while unsynced
+    assert again.record(active(1, start_s=40), synced=False)[0].epoch_ns == T0
+
+
+def test_an_epoch_whose_start_no_believed_clock_read_states_none_after_a_restart(
+        opened: Opened, monkeypatch: pytest.MonkeyPatch):
+    SteppedClock(monkeypatch)
+    box = opened.outbox()
+    box.record(active(1), synced=False)
+    box.close()
+    again = opened.outbox()
+    assert again.epoch == box.epoch
+    assert again.record(active(1, start_s=1), synced=True)[0].epoch_ns is None, "its start is an hour early"
+    crashed = opened.outbox(path=copy_store(again.path, again.path.parent / "crashed", with_wal=True))
+    assert crashed.record(active(1, start_s=2))[0].epoch_ns is not None, "a new epoch, begun by this process"
+
+
+def test_a_pi_restarted_after_a_power_cut_is_not_taken_for_a_second_one(
+        opened: Opened, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    clock = SteppedClock(monkeypatch)
+    clock.step()
+    ledger = Ledger(max_power_w=100_000.0, fixed_wh=True)
+    box = opened.outbox()
+    clock.advance(1000)
+    for pulse in box.record(active(3, start_s=990), synced=True):  # the last at T0 + 992 s, then a power cut
+        ledger.apply(pulse, now_ns=pulse.ts_ns)
+    clock.advance(100)
+    clock.reboot()  # an hour behind: the new epoch begins at once
+    restarted = opened.outbox(path=copy_store(box.path, tmp_path / "restarted", with_wal=True))
+    clock.advance(30)
+    clock.step()  # NTP steps the clock before the first pulse
+    clock.advance(30)
+    [first] = restarted.record([("active", clock.real_ns, 1.0)], synced=True)
+    assert first.epoch_ns == T0 + 1100 * S
+    assert ledger.apply(first, now_ns=first.ts_ns) == 1, "a restart, not a second Pi"
