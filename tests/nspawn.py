@@ -60,7 +60,12 @@ class Container:
         self.process = process
         self.log = log
         self.leader = wait_until(self._leader, 60, "the container's init process")
-        wait_until(self._booted, 120, "the container's boot to finish (state running or degraded)")
+        self._state = ""
+        try:
+            wait_until(self._booted, 240, "the container's boot to finish (state running or degraded)")
+        except TimeoutError as exc:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False, timeout=30)
+            raise TimeoutError(f"{exc}; the state was {self._state!r}, the jobs:\n{jobs.stdout}{jobs.stderr}") from None
 
     @classmethod
     @contextlib.contextmanager
@@ -97,8 +102,8 @@ class Container:
 
     def _booted(self) -> bool:
         # Until systemd inside has its socket, systemctl says "offline".
-        state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=120).stdout.strip()
-        return state in {"running", "degraded"}
+        self._state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=120).stdout.strip()
+        return self._state in {"running", "degraded"}
 
     def run(self, *command: str, check: bool = True, timeout: float = 120, env: Mapping[str, str] | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
