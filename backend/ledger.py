@@ -245,11 +245,12 @@ def _second_edge(pulse: Pulse, state: ChannelState, cursor: Cursor | None) -> st
     :data:`SECOND_EDGE_MARGIN_NS` or more before the current epoch's last
     trusted pulse ran beside it: refused from its first pulse, also when
     that pulse reaches the writer after later ones of the current epoch (two
-    Pis' messages race), unless it happened before the current epoch began (an
-    old epoch's backlog). Without its start, the first sign is the current epoch counting on after the new one
-    appeared (a pulse later than the new epoch's start: earlier ones are the
-    backlog of an outbox sent late); the new epoch is then barred. An epoch
-    whose clock stepped back is no evidence, and judged by neither rule.
+    Pis' messages race), unless it happened before the current epoch began
+    (an old epoch's backlog). Without its start, the first sign is the
+    current epoch counting on after the new one appeared (a pulse later than
+    the new epoch's start: earlier ones are the backlog of an outbox sent
+    late); the new epoch is then barred. An epoch whose clock stepped back is
+    no evidence, and judged by neither rule.
     """
     if pulse.epoch in state.barred:
         raise _two_edges(pulse, "was found to run beside another epoch")

@@ -281,7 +281,8 @@ class Outbox:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 self.epoch, self.started_epoch_because = self._open_epoch()
-                meta = dict(conn.execute("SELECT key, value FROM meta WHERE key LIKE 'epoch_ns%'").fetchall())
+                meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('epoch_ns', 'epoch_ns_checked')")
+                            .fetchall())
                 # No time for an epoch begun by a version that did not note it; unchecked for one that did not
                 # read it again once the clock could be believed.
                 self.epoch_start = EpochStart(int(meta["epoch_ns"]) if "epoch_ns" in meta else None,
