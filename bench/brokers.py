@@ -184,8 +184,11 @@ class MqttWatcher:
             self.history.append((message.topic, payload, bool(message.retain)))
 
     def wait_for(self, topic: str, predicate: Callable[[str], bool], timeout: float = 30) -> str:
-        wait_until(lambda: topic in self.values and predicate(self.values[topic]), timeout,
-                   f"{topic} to satisfy the condition (last value {self.values.get(topic)!r})")
+        try:
+            wait_until(lambda: topic in self.values and predicate(self.values[topic]), timeout,
+                       f"{topic} to satisfy the condition")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} (last value {self.values.get(topic)!r})") from None
         return self.values[topic]
 
     def close(self) -> None:

@@ -181,7 +181,10 @@ def test_the_writer_publishes_its_rabbitmq_link_and_dead_letters_for_home_assist
         watch.wait_for(health, lambda v: json.loads(v)["rabbitmq"] == "OFF")
         assert writer.proc.poll() is None
         proxy = TcpProxy(amqp_parameters().port, port=proxy.port).start()
-        watch.wait_for(health, lambda v: json.loads(v) == {"rabbitmq": "ON", "dead_letters_hour": 1}, timeout=60)
+        # The cut may come between the dead letter and its acknowledgement: then the message comes again and is
+        # held back once more (a second copy in the dead-letter queue, counted too).
+        watch.wait_for(health, lambda v: json.loads(v)["rabbitmq"] == "ON" and json.loads(v)["dead_letters_hour"]
+                       in (1, 2), timeout=60)
     finally:
         proxy.stop()
 
