@@ -93,11 +93,14 @@ class Container:
     def _leader(self) -> int | None:
         if self.process.poll() is not None:
             raise RuntimeError(f"systemd-nspawn exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        # nspawn's first child may be a helper that forks the container's init and exits: the leader is the
+        # child running systemd (the image's init), else every nsenter would name a process that is gone.
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         with contextlib.suppress(OSError):
-            pids = children.read_text().split()
-            if pids:
-                return int(pids[0])
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                        return int(pid)
         return None
 
     def _booted(self) -> bool:
